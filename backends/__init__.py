@@ -1,0 +1,29 @@
+"""Backends: each lowers a planned recurrence to something that runs.
+
+Every backend is one module exposing the same interface, and backends never import each
+other (shared semantics live in `rnnc.interpret`):
+
+    NAME: str
+    unsupported(rec, analysis) -> str | None
+        Why this backend cannot run the recurrence (None when it can).
+    build(rec, analysis) -> Runner
+        Compile-time work; the Runner is called as
+        runner(sizes, params, inputs, state0) -> (outputs, final_state)
+        sizes:   {dim name: int}
+        params:  {name: Tensor [*shape]} in the compute dtype
+        inputs:  {name: Tensor [B, T, *shape]} in the compute dtype
+        state0:  {name: Tensor [B, *shape]} in the compute dtype
+        outputs: {name: Tensor [B, T, *shape]};  final_state: {name: Tensor [B, *shape]}
+"""
+from __future__ import annotations
+
+import importlib
+
+# Name -> module, imported on first use so that `import rnnc` stays light.
+AVAILABLE = {
+    "sequential": "rnnc.backends.sequential",
+}
+
+
+def get(name: str):
+    return importlib.import_module(AVAILABLE[name])

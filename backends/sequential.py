@@ -1,0 +1,92 @@
+"""The sequential backend: a PyTorch loop over time, and the reference semantics.
+
+Hoisted work (no state dependence) runs once over all B*T positions; the recurrent core
+runs once per step with the IR interpreter of `rnnc.interpret`.
+"""
+from __future__ import annotations
+
+import torch
+
+from rnnc import interpret, ir
+
+NAME = "sequential"
+
+
+def unsupported(rec, analysis):
+    return None  # every recurrence has a sequential meaning
+
+
+class Runner:
+    def __init__(self, rec: ir.Recurrence, analysis):
+        self.rec = rec
+        self.hoisted = [i for i in rec.order() if i in analysis.hoisted]
+        self.core = list(analysis.core)
+        self._cache = {}
+
+    def _programs(self, sizes, dtype, device):
+        key = (tuple(sorted(sizes.items())), dtype, device)
+        if key not in self._cache:
+            self._cache[key] = (
+                interpret.lower_nodes(self.rec, self.hoisted, sizes, dtype, device),
+                interpret.lower_nodes(self.rec, self.core, sizes, dtype, device))
+        return self._cache[key]
+
+    def __call__(self, sizes, params, inputs, state0):
+        rec = self.rec
+        x0 = next(iter(inputs.values()), None)
+        ref = x0 if x0 is not None else next(iter(state0.values()))
+        dtype, device = ref.dtype, ref.device
+        B = ref.shape[0]
+        T = x0.shape[1] if x0 is not None else 1
+        hoist_prog, core_prog = self._programs(sizes, dtype, device)
+
+        # Hoisted work: inputs flattened to [B*T, ...], params with a batch axis of 1.
+        env = {}
+        for d in rec.inputs:
+            env[d.node] = inputs[d.name].reshape(B * T, *inputs[d.name].shape[2:])
+        for d in rec.params:
+            env[d.node] = params[d.name].unsqueeze(0)
+        interpret.run_program(hoist_prog, env)
+
+        # Values the core reads from hoisted work: per-step slices, or as they are when
+        # they do not vary over the batch.
+        used = {a for _, _, args in core_prog for a in args if a not in self.core}
+        used |= {o.node for o in rec.outputs if o.node not in self.core}
+        per_step, fixed = {}, {}
+        for a in used:
+            v = env[a]
+            if rec.attr(a, "batched"):
+                per_step[a] = v.reshape(B, T, *v.shape[1:])
+            else:
+                fixed[a] = v
+
+        state = {s.name: state0[s.name] for s in rec.states}
+        steps = {o.name: [] for o in rec.outputs if o.node in self.core}
+        for t in range(T):
+            step_env = dict(fixed)
+            for a, v in per_step.items():
+                step_env[a] = v[:, t]
+            for s in rec.states:
+                step_env[s.read] = state[s.name]
+            interpret.run_program(core_prog, step_env)
+            for s in rec.states:
+                if s.write is not None:
+                    state[s.name] = step_env[s.write]
+            for o in rec.outputs:
+                if o.name in steps:
+                    steps[o.name].append(step_env[o.node])
+
+        outputs = {}
+        for o in rec.outputs:
+            shape = interpret.concrete(o.shape, sizes)
+            if o.name in steps:
+                seq = torch.stack(steps[o.name], dim=1) if T else ref.new_zeros(B, 0, *shape)
+            else:  # the output depends on no state: it was computed for all T at once
+                v = per_step[o.node] if o.node in per_step else fixed[o.node].unsqueeze(1)
+                seq = v.expand(B, T, *shape)
+            outputs[o.name] = seq
+        return outputs, state
+
+
+def build(rec, analysis):
+    return Runner(rec, analysis)

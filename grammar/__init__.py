@@ -1,0 +1,1 @@
+"""The .rnn grammar ships here as package data (rnn.lark)."""

@@ -1,0 +1,13 @@
+"""rnnc: a compiler for recurrent neural architectures.
+
+    m = rnnc.compile("examples/gla.rnn", backend="auto", H=4, K=16, V=16)
+
+`compile` reads as the pipeline: parse, check, analyse, plan, lower.
+"""
+from __future__ import annotations
+
+from .compiler import compile, load
+from .errors import RnncError
+
+__all__ = ["compile", "load", "RnncError"]
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""`rnnc.compile`: parse, check, analyse, plan, lower."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import analysis as analysis_mod
+from . import check as check_mod
+from . import parse as parse_mod
+from . import plan as plan_mod
+from . import syntax
+from .errors import RnncError
+
+
+def _read(spec) -> tuple:
+    """(source text, file name) for a path, or for .rnn text given directly."""
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and "\n" not in spec
+                                          and "{" not in spec):
+        path = Path(spec)
+        try:
+            return path.read_text(), str(spec)
+        except FileNotFoundError:
+            raise RnncError(f"no such file: {spec}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise RnncError(f"cannot read {spec}: {e}") from None
+    if isinstance(spec, str):
+        return spec, "<spec>"
+    raise RnncError(f"expected a path or .rnn source text, got {type(spec).__name__}")
+
+
+def load(spec, name: str | None = None):
+    """Parse and check a spec; return the `ir.Recurrence` called `name` (or the only one)."""
+    if isinstance(spec, syntax.Program):
+        program = spec
+    elif hasattr(spec, "to_program"):  # a builder spec (rnnc.builder)
+        program = spec.to_program()
+    else:
+        source, filename = _read(spec)
+        program = parse_mod.parse(source, filename)
+    recs = check_mod.check(program)
+    if name is None:
+        if len(recs) > 1:
+            names = ", ".join(r.name for r in recs)
+            raise RnncError(f"{program.filename} defines several recurrences ({names}); pass name=...",
+                            filename=program.filename)
+        return recs[0]
+    for r in recs:
+        if r.name == name:
+            return r
+    names = ", ".join(r.name for r in recs)
+    raise RnncError(f"no rnn named {name!r} (found: {names})", filename=program.filename)
+
+
+def compile(spec, name: str | None = None, backend: str = "sequential", **dims):
+    """Compile a .rnn file, .rnn source text or builder spec into an `nn.Module`.
+
+    dims: sizes of the spec's dims (`H=4, K=16`). Dims used by params must be given; the
+    others may come from the inputs at call time.
+    """
+    from .backends import AVAILABLE, get
+    from .module import RecurrentModule, dims_for_params
+
+    rec = load(spec, name)
+    try:
+        for k, v in dims.items():
+            if k not in rec.dims:
+                known = ", ".join(rec.dims) or "none"
+                raise RnncError(f"unknown dim {k!r} (rnn {rec.name} has dims: {known})")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RnncError(f"dim {k} must be a positive integer, got {v!r}")
+        dims_for_params(rec, dims)
+    except RnncError as err:
+        raise err.located(rec.source, rec.filename) from None
+    facts = analysis_mod.analyse(rec)
+    plan = plan_mod.choose(rec, facts)
+    chosen = plan_mod.pick_backend(backend, rec, facts, plan, AVAILABLE)
+    impl = get(chosen)
+    reason = impl.unsupported(rec, facts)
+    if reason is not None:
+        raise RnncError(f"backend {chosen!r} cannot run rnn {rec.name}: {reason}")
+    return RecurrentModule(rec, facts, plan, chosen, impl.build(rec, facts), dims)

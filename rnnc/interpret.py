@@ -1,0 +1,107 @@
+"""What each IR node means in PyTorch: the semantics every backend shares.
+
+`lower_nodes` turns a list of node ids into closures, once per set of dim sizes, so the
+sequential backend's time loop only calls them. Runtime values carry a leading batch axis
+(size B, B*T for hoisted work, or 1 for values that depend on no input or state) ahead of
+the node's per-sample shape.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import ir
+from .ir import Op
+
+_UNARY = {
+    Op.NEG: torch.neg, Op.EXP: torch.exp, Op.LOG: torch.log, Op.SIGMOID: torch.sigmoid,
+    Op.TANH: torch.tanh, Op.RELU: torch.relu, Op.SOFTPLUS: F.softplus, Op.SILU: F.silu,
+    Op.LOGSIGMOID: F.logsigmoid, Op.SQRT: torch.sqrt, Op.ABS: torch.abs,
+}
+_BINARY = {
+    Op.ADD: torch.add, Op.SUB: torch.sub, Op.MUL: torch.mul, Op.DIV: torch.div,
+    Op.POW: torch.pow, Op.MAX: torch.maximum, Op.MIN: torch.minimum,
+    Op.LT: torch.lt, Op.LE: torch.le, Op.GT: torch.gt, Op.GE: torch.ge,
+    Op.EQ: torch.eq, Op.NE: torch.ne,
+}
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def concrete(shape, sizes: dict) -> tuple:
+    """A symbolic per-sample shape with the dims substituted: a tuple of ints."""
+    out = []
+    for s in shape:
+        if s.is_Integer:
+            out.append(int(s))
+        else:
+            out.append(int(s.subs({sym: sizes[sym.name] for sym in s.free_symbols})))
+    return tuple(out)
+
+
+def _select(node: ir.Select):
+    """A closure for Select: integer picks, then permutation/diagonal, then new axes."""
+    picks = [(k, v) for k, v in enumerate(node.index) if isinstance(v, int)]
+    names = [v for v in node.index if not isinstance(v, int)]
+    letter = {}
+    for n in names:
+        letter.setdefault(n, _LETTERS[len(letter)])
+    src = "".join(letter[n] for n in names)
+    kept = [a for a in node.out if a is not None]
+    dst = "".join(letter[a] for a in kept)
+    equation = None if src == dst else f"...{src}->...{dst}"
+    new_axes = [k + 1 for k, a in enumerate(node.out) if a is None]
+
+    def run(x):
+        for k, v in reversed(picks):
+            x = x.select(k + 1, v)
+        if equation is not None:
+            x = torch.einsum(equation, x)
+        for k in new_axes:
+            x = x.unsqueeze(k)
+        return x
+    return run
+
+
+def lower_node(rec: ir.Recurrence, i: int, sizes: dict, dtype, device):
+    """A closure computing node `i` from its operands' values (or None for leaves)."""
+    node = rec.node(i)
+    if isinstance(node, ir.Const):
+        value = torch.full((1,), node.value, dtype=dtype, device=device)
+        return lambda: value
+    if isinstance(node, ir.Elementwise):
+        if node.op is Op.WHERE:
+            return torch.where
+        return _UNARY.get(node.op) or _BINARY[node.op]
+    if isinstance(node, ir.Contract):
+        equation = ",".join("..." + s for s in node.subscripts) + "->..." + node.out
+        return lambda *xs: torch.einsum(equation, *xs)
+    if isinstance(node, ir.Reduce):
+        dims = tuple(a + 1 for a in node.axes)
+        if node.op is Op.ADD:
+            return lambda x: x.sum(dim=dims)
+        return lambda x: x.amax(dim=dims)
+    if isinstance(node, ir.Select):
+        return _select(node)
+    if isinstance(node, ir.Broadcast):
+        shape = concrete(rec.attr(i, "shape"), sizes)
+        return lambda x: x.expand(x.shape[0], *shape)
+    if isinstance(node, (ir.StateWrite, ir.Output)):
+        return lambda x: x
+    return None  # Input, Param, StateRead: supplied by the caller
+
+
+def lower_nodes(rec: ir.Recurrence, ids, sizes: dict, dtype, device) -> list:
+    """[(node id, closure, operand ids)] for the non-leaf nodes among `ids`, in order."""
+    prog = []
+    for i in ids:
+        fn = lower_node(rec, i, sizes, dtype, device)
+        if fn is not None:
+            prog.append((i, fn, ir.operands(rec.node(i))))
+    return prog
+
+
+def run_program(prog: list, env: dict) -> dict:
+    """Evaluate a lowered program; `env` maps node ids to values and is filled in."""
+    for i, fn, args in prog:
+        env[i] = fn(*(env[a] for a in args))
+    return env

@@ -1,0 +1,305 @@
+"""The table of example specs that drives the test suite.
+
+One entry per file in examples/.  Every entry says, independently of the .rnn text
+(nothing here parses the spec), which sizes to compile with, the per-step shape and
+the distribution of every input, the shape and distribution of every param and state,
+and which functions check it:
+
+- ``reference``: the name of a hand-written loop in references.py (every example has one);
+- ``oracle``: the name of the strongest independent check, a function in oracles.py
+  (torch.nn or fla-core) where one exists, else the same as ``reference``.
+
+Distribution kinds (see ``sample``):
+  "normal"   randn
+  "unit"     randn, L2-normalized over the last axis (delta-rule keys)
+  "gate"     sigmoid(randn), in (0, 1)
+  "logdecay" logsigmoid(randn), negative
+  "positive" softplus(randn)
+  "weight"   randn / sqrt(last axis), the scale of a Linear layer's weight
+
+Sizes are small and distinct per dim so that a transposed or mixed-up axis fails loudly
+instead of broadcasting silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+Shape = tuple  # of dim names (str) or ints
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    name: str
+    dims: dict
+    # input name -> per-step shape (dim names / ints), in header order
+    shapes: dict
+    # input name -> distribution kind, in header order (same keys as shapes)
+    inputs: dict
+    # param name -> (shape, kind); params are randomized in tests so that
+    # constant default inits (zeros, ones, 0.9) cannot hide a bug
+    params: dict = field(default_factory=dict)
+    # state name -> (shape, kind); used to draw random initial states
+    states: dict = field(default_factory=dict)
+    # output name -> per-step shape, in header order
+    outputs: dict = field(default_factory=dict)
+    oracle: str = ""
+    reference: str = ""
+
+    @property
+    def path(self) -> Path:
+        return EXAMPLES / f"{self.name}.rnn"
+
+    def resolve(self, shape) -> tuple:
+        return tuple(self.dims[d] if isinstance(d, str) else int(d) for d in shape)
+
+    def input_shape(self, name) -> tuple:
+        return self.resolve(self.shapes[name])
+
+    def state_shape(self, name) -> tuple:
+        return self.resolve(self.states[name][0])
+
+    def param_shape(self, name) -> tuple:
+        return self.resolve(self.params[name][0])
+
+    def output_shape(self, name) -> tuple:
+        return self.resolve(self.outputs[name])
+
+    def __repr__(self):  # short pytest ids
+        return f"Case({self.name})"
+
+
+W, N = "weight", "normal"
+
+CASES: list[Case] = [
+    Case(
+        name="elman", dims=dict(D=3, H=4),
+        shapes={"x": ("D",)}, inputs={"x": N},
+        params={"W": (("H", "D"), W), "U": (("H", "H"), W), "b": (("H",), N)},
+        states={"h": (("H",), N)}, outputs={"h": ("H",)},
+        oracle="oracle_elman", reference="ref_elman",
+    ),
+    Case(
+        name="lstm", dims=dict(D=3, H=4),
+        shapes={"x": ("D",)}, inputs={"x": N},
+        params={
+            **{f"W{g}": (("H", "D"), W) for g in "ifgo"},
+            **{f"U{g}": (("H", "H"), W) for g in "ifgo"},
+            **{f"b{g}": (("H",), N) for g in "ifgo"},
+        },
+        states={"h": (("H",), N), "c": (("H",), N)}, outputs={"h": ("H",)},
+        oracle="oracle_lstm", reference="ref_lstm",
+    ),
+    Case(
+        name="gru", dims=dict(D=3, H=4),
+        shapes={"x": ("D",)}, inputs={"x": N},
+        params={
+            **{f"W{g}": (("H", "D"), W) for g in "rzn"},
+            **{f"U{g}": (("H", "H"), W) for g in "rzn"},
+            **{f"b{g}": (("H",), N) for g in ("r", "z", "n", "hn")},
+        },
+        states={"h": (("H",), N)}, outputs={"h": ("H",)},
+        oracle="oracle_gru", reference="ref_gru",
+    ),
+    Case(
+        name="mingru", dims=dict(D=3, H=4),
+        shapes={"x": ("D",)}, inputs={"x": N},
+        params={"Wz": (("H", "D"), W), "Wh": (("H", "D"), W)},
+        states={"h": (("H",), N)}, outputs={"h": ("H",)},
+        oracle="oracle_mingru", reference="ref_mingru",
+    ),
+    Case(
+        name="minlstm", dims=dict(D=3, H=4),
+        shapes={"x": ("D",)}, inputs={"x": N},
+        params={"Wf": (("H", "D"), W), "Wi": (("H", "D"), W), "Wh": (("H", "D"), W)},
+        states={"h": (("H",), N)}, outputs={"h": ("H",)},
+        oracle="oracle_minlstm", reference="ref_minlstm",
+    ),
+    Case(
+        name="s6", dims=dict(D=3, N=4),
+        shapes={"x": ("D",), "dt": ("D",), "B": ("N",), "C": ("N",)},
+        inputs={"x": N, "dt": "positive", "B": N, "C": N},
+        params={"A_log": (("D", "N"), N), "Dskip": (("D",), N)},
+        states={"h": (("D", "N"), N)}, outputs={"y": ("D",)},
+        oracle="oracle_s6", reference="ref_s6",
+    ),
+    Case(
+        name="s4d", dims=dict(D=3, N=4),
+        shapes={"x": ("D",)}, inputs={"x": N},
+        params={"log_dt": (("D",), N), "A_log": (("D", "N"), N), "Bp": (("D", "N"), N),
+                "Cp": (("D", "N"), N), "Dskip": (("D",), N)},
+        states={"h": (("D", "N"), N)}, outputs={"y": ("D",)},
+        oracle="oracle_s4d", reference="ref_s4d",
+    ),
+    Case(
+        name="rglru", dims=dict(D=3),
+        shapes={"x": ("D",)}, inputs={"x": N},
+        params={"Wa": (("D", "D"), W), "Wx": (("D", "D"), W), "ba": (("D",), N),
+                "bx": (("D",), N), "lam": (("D",), N)},
+        states={"h": (("D",), N)}, outputs={"h": ("D",)},
+        oracle="oracle_rglru", reference="ref_rglru",
+    ),
+    Case(
+        name="hgrn", dims=dict(D=5),
+        shapes={"x": ("D",), "g": ("D",)}, inputs={"x": N, "g": "logdecay"},
+        states={"h": (("D",), N)}, outputs={"h": ("D",)},
+        oracle="oracle_hgrn", reference="ref_hgrn",
+    ),
+    Case(
+        name="retnet", dims=dict(H=2, K=3, V=4),
+        shapes={"q": ("H", "K"), "k": ("H", "K"), "v": ("H", "V")},
+        inputs={"q": N, "k": N, "v": N},
+        params={"gamma": (("H",), "gate")},
+        states={"S": (("H", "K", "V"), N)}, outputs={"o": ("H", "V")},
+        oracle="oracle_retnet", reference="ref_retnet",
+    ),
+    Case(
+        name="gla", dims=dict(H=2, K=3, V=4),
+        shapes={"q": ("H", "K"), "k": ("H", "K"), "v": ("H", "V"), "g": ("H", "K")},
+        inputs={"q": N, "k": N, "v": N, "g": "logdecay"},
+        states={"S": (("H", "K", "V"), N)}, outputs={"o": ("H", "V")},
+        oracle="oracle_gla", reference="ref_gla",
+    ),
+    Case(
+        name="mamba2", dims=dict(H=2, P=3, N=4),
+        shapes={"x": ("H", "P"), "dt": ("H",), "B": ("H", "N"), "C": ("H", "N")},
+        inputs={"x": N, "dt": "positive", "B": N, "C": N},
+        params={"A_log": (("H",), N), "Dskip": (("H",), N)},
+        states={"S": (("H", "N", "P"), N)}, outputs={"y": ("H", "P")},
+        oracle="oracle_mamba2", reference="ref_mamba2",
+    ),
+    Case(
+        name="deltanet", dims=dict(H=2, K=3, V=4),
+        shapes={"q": ("H", "K"), "k": ("H", "K"), "v": ("H", "V"), "beta": ("H",)},
+        inputs={"q": N, "k": "unit", "v": N, "beta": "gate"},
+        states={"S": (("H", "K", "V"), N)}, outputs={"o": ("H", "V")},
+        oracle="oracle_deltanet", reference="ref_deltanet",
+    ),
+    Case(
+        name="gated_deltanet", dims=dict(H=2, K=3, V=4),
+        shapes={"q": ("H", "K"), "k": ("H", "K"), "v": ("H", "V"), "alpha": ("H",),
+                "beta": ("H",)},
+        inputs={"q": N, "k": "unit", "v": N, "alpha": "gate", "beta": "gate"},
+        states={"S": (("H", "K", "V"), N)}, outputs={"o": ("H", "V")},
+        oracle="oracle_gated_deltanet", reference="ref_gated_deltanet",
+    ),
+    Case(
+        name="mlstm", dims=dict(H=2, K=3, V=4),
+        shapes={"q": ("H", "K"), "k": ("H", "K"), "v": ("H", "V"), "ig": ("H",),
+                "fg": ("H",)},
+        inputs={"q": N, "k": N, "v": N, "ig": N, "fg": N},
+        states={"C": (("H", "K", "V"), N), "n": (("H", "K"), N), "m": (("H",), N)},
+        outputs={"o": ("H", "V")},
+        oracle="ref_mlstm", reference="ref_mlstm",
+    ),
+    Case(
+        name="slstm", dims=dict(D=3, H=4),
+        shapes={"x": ("D",)}, inputs={"x": N},
+        params={
+            **{f"W{g}": (("H", "D"), W) for g in "ifzo"},
+            **{f"R{g}": (("H", "H"), W) for g in "ifzo"},
+            **{f"b{g}": (("H",), N) for g in "ifzo"},
+        },
+        # n is a normalizer (a discounted sum of exp input gates): keep it positive
+        states={"h": (("H",), N), "c": (("H",), N), "n": (("H",), "positive"),
+                "m": (("H",), N)},
+        outputs={"h": ("H",)},
+        oracle="ref_slstm", reference="ref_slstm",
+    ),
+    Case(
+        name="rwkv6", dims=dict(H=2, K=3, V=4),
+        shapes={"r": ("H", "K"), "k": ("H", "K"), "v": ("H", "V"), "w": ("H", "K")},
+        inputs={"r": N, "k": N, "v": N, "w": "logdecay"},
+        params={"u": (("H", "K"), N)},
+        states={"S": (("H", "K", "V"), N)}, outputs={"o": ("H", "V")},
+        oracle="oracle_rwkv6", reference="ref_rwkv6",
+    ),
+]
+
+CASE_BY_NAME = {c.name: c for c in CASES}
+
+# Examples whose oracle is fla-core (need `import fla`, i.e. triton installed).  The
+# last five have no published oracle; their adapters run the recurrence with an fla scan
+# (gla for the [D, N] SSMs, hgrn for the elementwise gated RNNs).
+FLA_CASES = [c for c in CASES if c.name in
+             ("gla", "retnet", "mamba2", "deltanet", "gated_deltanet", "hgrn", "rwkv6",
+              "s6", "s4d", "mingru", "minlstm", "rglru")]
+# Examples whose oracle is torch.nn
+TORCH_NN_CASES = [c for c in CASES if c.name in ("elman", "lstm", "gru")]
+
+
+def sample(kind: str, shape, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    """Draw a tensor of the given distribution kind (always drawn in float64, then cast,
+    so float32 and float64 draws with one seed hold the same values)."""
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    if kind == "normal":
+        pass
+    elif kind == "unit":
+        x = x / x.norm(dim=-1, keepdim=True)
+    elif kind == "gate":
+        x = torch.sigmoid(x)
+    elif kind == "logdecay":
+        x = F.logsigmoid(x)
+    elif kind == "positive":
+        x = F.softplus(x)
+    elif kind == "weight":
+        x = x / (shape[-1] ** 0.5 if len(shape) else 1.0)
+    else:
+        raise ValueError(f"unknown distribution kind {kind!r}")
+    return x.to(dtype)
+
+
+def make_inputs(case: Case, B: int, T: int, dtype=torch.float64, seed: int = 0):
+    """Inputs in header order, each [B, T, *per-step shape]."""
+    gen = torch.Generator().manual_seed(seed)
+    return [sample(kind, (B, T, *case.input_shape(name)), gen, dtype)
+            for name, kind in case.inputs.items()]
+
+
+def make_params(case: Case, dtype=torch.float64, seed: int = 1000) -> dict:
+    """Random values for every param, {name: tensor of the param's shape}."""
+    gen = torch.Generator().manual_seed(seed)
+    return {name: sample(kind, case.param_shape(name), gen, dtype)
+            for name, (_, kind) in case.params.items()}
+
+
+def make_initial_state(case: Case, B: int, dtype=torch.float64, seed: int = 2000) -> dict:
+    """A random initial state, {state name: [B, *shape]}."""
+    gen = torch.Generator().manual_seed(seed)
+    return {name: sample(kind, (B, *case.state_shape(name)), gen, dtype)
+            for name, (_, kind) in case.states.items()}
+
+
+def compile_case(case: Case, dtype=torch.float64, backend: str = "sequential",
+                 params: dict | None = None, seed: int = 1000):
+    """Compile the example with rnnc and load random params into it.
+
+    Returns (module, params) where params is the dict that was loaded, so that the
+    same values can be handed to a reference loop or oracle.
+    """
+    import rnnc  # imported lazily: the table is usable without the compiler
+
+    m = rnnc.compile(str(case.path), backend=backend, **case.dims)
+    m = m.to(dtype)
+    if params is None:
+        params = make_params(case, dtype, seed)
+    load_params(m, params)
+    return m, params
+
+
+def load_params(m: torch.nn.Module, params: dict) -> None:
+    named = dict(m.named_parameters())
+    assert set(named) == set(params), (
+        f"params of the compiled module {sorted(named)} != spec params {sorted(params)}")
+    with torch.no_grad():
+        for k, v in params.items():
+            assert isinstance(named[k], torch.nn.Parameter)
+            assert tuple(named[k].shape) == tuple(v.shape), (
+                f"param {k}: module shape {tuple(named[k].shape)} != spec {tuple(v.shape)}")
+            named[k].copy_(v)
