@@ -1,0 +1,133 @@
+"""The `rnnc` command line. Errors print as FILE:LINE:COL: error: MESSAGE, never as tracebacks."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import RnncError
+
+
+def parse_dims(text: str | None) -> dict:
+    """'H=4,K=8' -> {'H': 4, 'K': 8}."""
+    dims = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise RnncError(f"--dims expects NAME=POSITIVE_INT pairs separated by commas, got {item!r}")
+        dims[key.strip()] = int(value)
+    return dims
+
+
+def _shape(shape, dims) -> str:
+    from .interpret import concrete
+    from .ir import shape_str
+    text = shape_str(shape)
+    if dims and all(s.free_symbols <= {x for x in s.free_symbols if x.name in dims} for s in shape):
+        text += "=" + str(list(concrete(shape, dims))).replace(" ", "")
+    return text
+
+
+def describe(rec, dims: dict) -> dict:
+    """The machine-readable summary of one recurrence (the `--json` record)."""
+    from .ir import shape_str
+    from . import analysis
+    facts = analysis.analyse(rec)
+    return {
+        "name": rec.name,
+        "file": rec.filename,
+        "dims": list(rec.dims),
+        "inputs": [{"name": d.name, "shape": [str(s) for s in d.shape]} for d in rec.inputs],
+        "params": [{"name": d.name, "shape": [str(s) for s in d.shape], "init": d.init.kind,
+                    "init_args": list(d.init.args)} for d in rec.params],
+        "states": [{"name": s.name, "shape": [str(x) for x in s.shape], "init": s.init}
+                   for s in rec.states],
+        "outputs": [{"name": o.name, "shape": [str(s) for s in o.shape]} for o in rec.outputs],
+        "hoisted": list(facts.hoisted_names),
+        "_text": {
+            "inputs": ", ".join(d.name + _shape(d.shape, dims) for d in rec.inputs) or "(none)",
+            "params": ", ".join(d.name + _shape(d.shape, dims) for d in rec.params) or "(none)",
+            "states": ", ".join(f"{s.name}{_shape(s.shape, dims)} = {s.init:g}" for s in rec.states) or "(none)",
+            "outputs": ", ".join(o.name + _shape(o.shape, dims) for o in rec.outputs),
+            "shape_str": shape_str,
+        },
+    }
+
+
+def cmd_check(args) -> int:
+    from . import check, parse
+    dims = parse_dims(args.dims)
+    records, failed = [], False
+    for path in args.files:
+        try:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    source = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise RnncError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+            recs = check.check(parse.parse(source, path))
+            for rec in recs:
+                unknown = [k for k in dims if k not in rec.dims]
+                if unknown and len(args.files) == 1 and len(recs) == 1:
+                    raise RnncError(f"unknown dim {unknown[0]!r} (rnn {rec.name} has dims: "
+                                    f"{', '.join(rec.dims) or 'none'})", filename=path)
+                records.append(describe(rec, dims))
+        except RnncError as err:
+            print(err, file=sys.stderr)
+            failed = True
+    if args.json:
+        out = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
+        print(json.dumps({"recurrences": out}, indent=2))
+    else:
+        for r in records:
+            t = r["_text"]
+            print(f"{r['file']}: rnn {r['name']}")
+            print(f"  inputs:  {t['inputs']}")
+            print(f"  params:  {t['params']}")
+            print(f"  states:  {t['states']}")
+            print(f"  outputs: {t['outputs']}")
+            print(f"  hoisted: {', '.join(r['hoisted']) or '(nothing)'}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rnnc", description="A compiler for recurrent neural architectures.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="parse and check specs; print what each recurrence declares")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("--dims", help="sizes, e.g. H=4,K=8 (shown next to the symbolic shapes)")
+    c.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    c.set_defaults(run=cmd_check)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except RnncError as err:
+        print(err, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `rnnc check ... | head` closed the pipe early
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except Exception as e:  # never a traceback for users; RNNC_DEBUG=1 shows it
+        if os.environ.get("RNNC_DEBUG"):
+            raise
+        print(f"rnnc: internal error: {type(e).__name__}: {e} (set RNNC_DEBUG=1 for details)",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
