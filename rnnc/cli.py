@@ -48,6 +48,12 @@ def describe(rec, dims: dict) -> dict:
                    for s in rec.states],
         "outputs": [{"name": o.name, "shape": [str(s) for s in o.shape]} for o in rec.outputs],
         "hoisted": list(facts.hoisted_names),
+        "associative": facts.associative,
+        "plan": facts.plan,
+        "plan_reason": facts.plan_reason,
+        "strata": list(facts.strata),
+        "analysis": [_state_json(f) for f in facts.states],
+        "_facts": facts,
         "_text": {
             "inputs": ", ".join(d.name + _shape(d.shape, dims) for d in rec.inputs) or "(none)",
             "params": ", ".join(d.name + _shape(d.shape, dims) for d in rec.params) or "(none)",
@@ -56,6 +62,49 @@ def describe(rec, dims: dict) -> dict:
             "shape_str": shape_str,
         },
     }
+
+
+def _state_json(f) -> dict:
+    t = f.transition
+    trans = {"kind": t.kind, "varies_over": list(t.varies_over), "data_dependent": t.data_dependent}
+    if t.mixed_axes:
+        trans["mixed_axes"] = list(t.mixed_axes)
+    if t.rank:
+        trans["rank"] = t.rank
+    out = {"name": f.name, "shape": list(f.shape), "update": f.update, "transition": trans,
+           "rescaled_by": f.rescaled_by, "input": f.input, "method": f.method,
+           "depends_on": list(f.depends_on)}
+    if f.reason:
+        out["reason"] = f.reason
+        if f.where is not None:
+            out["line"], out["col"] = f.where.line, f.where.col
+    return out
+
+
+def _state_line(f, associative: bool, plan: str) -> str:
+    t = f.transition
+    parts = [f"{f.name}[{','.join(f.shape)}]: {f.update}"]
+    if f.update == "nonlinear":
+        parts.append(f.reason or "")
+    else:
+        desc = f"transition {t.kind.replace('_', ' ')}"
+        if t.varies_over:
+            desc += f" over [{','.join(t.varies_over)}]"
+        if t.mixed_axes:
+            desc += f", mixing [{','.join(t.mixed_axes)}]"
+        if t.rank:
+            desc += f", rank {t.rank}"
+        desc += ", data-dependent" if t.data_dependent else ", fixed"
+        parts.append(desc)
+        if f.input and f.input != "none":
+            parts.append(f"input {f.input}")
+        if f.rescaled_by:
+            parts.append(f"affine after rescaling by exp({f.rescaled_by})")
+        if f.depends_on:
+            parts.append(f"reads {', '.join(f.depends_on)} (solved first)")
+        parts.append("associative" if associative else "not associative")
+        parts.append(f"method {f.method}")
+    return "; ".join(parts)
 
 
 def cmd_check(args) -> int:
@@ -80,7 +129,12 @@ def cmd_check(args) -> int:
             print(err, file=sys.stderr)
             failed = True
     if args.json:
-        out = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
+        out = []
+        for r in records:
+            rec = {k: v for k, v in r.items() if not k.startswith("_") and k != "analysis"}
+            # The declared states, merged with what the analysis found about each.
+            rec["states"] = [{**s, **a} for s, a in zip(r["states"], r["analysis"])]
+            out.append(rec)
         print(json.dumps({"recurrences": out}, indent=2))
     else:
         for r in records:
@@ -90,8 +144,39 @@ def cmd_check(args) -> int:
             print(f"  params:  {t['params']}")
             print(f"  states:  {t['states']}")
             print(f"  outputs: {t['outputs']}")
-            print(f"  hoisted: {', '.join(r['hoisted']) or '(nothing)'}")
+            print(f"  hoisted: {', '.join(r['hoisted']) or '(no whole statement)'}")
+            for f in r["_facts"].states:
+                print(f"  {_state_line(f, r['associative'], r['plan'])}")
+            print(f"  plan:    {r['plan']} ({r['plan_reason']})")
     return 1 if failed else 0
+
+
+def cmd_graph(args) -> int:
+    from . import graph
+    rec = _load_one(args.file, args.name)
+    text = graph.to_dot(rec)
+    out = args.output
+    if out is None or out.endswith(".dot"):
+        if out is None:
+            print(text)
+        else:
+            with open(out, "w") as f:
+                f.write(text)
+        return 0
+    fmt = out.rsplit(".", 1)[-1]
+    if fmt not in ("svg", "png", "pdf"):
+        raise RnncError(f"-o must end in .dot, .svg, .png or .pdf, got {out}")
+    graph.render(text, out, fmt)
+    return 0
+
+
+def _load_one(path, name):
+    from .compiler import load
+    return load(path if os.path.exists(path) else _missing(path), name)
+
+
+def _missing(path):
+    raise RnncError(f"no such file: {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dims", help="sizes, e.g. H=4,K=8 (shown next to the symbolic shapes)")
     c.add_argument("--json", action="store_true", help="print machine-readable JSON")
     c.set_defaults(run=cmd_check)
+    g = sub.add_parser("graph", help="draw the IR: hoisted work and the recurrent core apart")
+    g.add_argument("file", metavar="FILE")
+    g.add_argument("--name", help="which rnn block, when the file has several")
+    g.add_argument("-o", "--output", help="out.dot (default: print DOT), or .svg/.png/.pdf via graphviz")
+    g.set_defaults(run=cmd_graph)
     return p
 
 

@@ -73,9 +73,5 @@ def compile(spec, name: str | None = None, backend: str = "sequential", **dims):
         raise err.located(rec.source, rec.filename) from None
     facts = analysis_mod.analyse(rec)
     plan = plan_mod.choose(rec, facts)
-    chosen = plan_mod.pick_backend(backend, rec, facts, plan, AVAILABLE)
-    impl = get(chosen)
-    reason = impl.unsupported(rec, facts)
-    if reason is not None:
-        raise RnncError(f"backend {chosen!r} cannot run rnn {rec.name}: {reason}")
-    return RecurrentModule(rec, facts, plan, chosen, impl.build(rec, facts), dims)
+    chosen = plan_mod.pick_backend(backend, rec, facts, AVAILABLE, get)
+    return RecurrentModule(rec, facts, plan, chosen, get(chosen).build(rec, facts), dims)

@@ -1,24 +1,40 @@
-"""Stage 4a: choose how to run a recurrence. Entry point: `choose`."""
+"""Stage 4a: the plan, and the backend that runs it. Entry point: `choose`.
+
+The plan comes from the analysis (`Analysis.plan`): sequential, elementwise_scan, chunked,
+chunked_delta or dense_scan. The backend is the user's request, or for "auto" the best
+backend that can run the plan on the inputs' device.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import RnncError
+
 
 @dataclass(frozen=True)
 class Plan:
-    kind: str    # sequential | elementwise_scan | chunked | chunked_delta | dense_scan | maxplus
+    kind: str    # sequential | elementwise_scan | chunked | chunked_delta | dense_scan
     reason: str  # one line, for humans
 
 
 def choose(rec, analysis) -> Plan:
-    return Plan("sequential", "the reference loop over time")
+    return Plan(analysis.plan, analysis.plan_reason)
 
 
-def pick_backend(requested: str, rec, analysis, plan, available: dict) -> str:
-    """The backend to use: `requested`, or the best legal one for "auto"."""
-    from .errors import RnncError
+# Preference order for backend="auto": the first one that can run the recurrence wins.
+AUTO_ORDER = ("scan", "sequential")
+
+
+def pick_backend(requested: str, rec, analysis, available: dict, get) -> str:
+    """The backend to use: `requested`, or for "auto" the first legal one in AUTO_ORDER."""
     if requested == "auto":
+        for name in AUTO_ORDER:
+            if name in available and get(name).unsupported(rec, analysis) is None:
+                return name
         return "sequential"
     if requested not in available:
         raise RnncError(f"unknown backend {requested!r} (available: auto, {', '.join(available)})")
+    reason = get(requested).unsupported(rec, analysis)
+    if reason is not None:
+        raise RnncError(f"backend {requested!r} cannot run rnn {rec.name}: {reason}")
     return requested
