@@ -52,6 +52,7 @@ class Runner:
         # they do not vary over the batch.
         used = {a for _, _, args in core_prog for a in args if a not in self.core}
         used |= {o.node for o in rec.outputs if o.node not in self.core}
+        used |= {s.write for s in rec.states if s.write is not None and s.write not in self.core}
         per_step, fixed = {}, {}
         for a in used:
             v = env[a]
@@ -70,8 +71,8 @@ class Runner:
                 step_env[s.read] = state[s.name]
             interpret.run_program(core_prog, step_env)
             for s in rec.states:
-                if s.write is not None:
-                    state[s.name] = step_env[s.write]
+                if s.write is not None:  # a write that reads no state may be unbatched
+                    state[s.name] = step_env[s.write].expand_as(state[s.name])
             for o in rec.outputs:
                 if o.name in steps:
                     steps[o.name].append(step_env[o.node])

@@ -33,8 +33,8 @@ def _module_attrs() -> set:
     global _MODULE_ATTRS
     if _MODULE_ATTRS is None:
         import torch
-        _MODULE_ATTRS = set(dir(torch.nn.Module)) | {"step", "recurrence", "backend", "dims",
-                                                      "plan", "source"}
+        _MODULE_ATTRS = set(dir(torch.nn.Module())) | {"step", "recurrence", "backend", "dims",
+                                                      "plan", "source", "analysis"}
     return _MODULE_ATTRS
 
 
@@ -370,7 +370,9 @@ class _Checker:
         if index == out:
             return _Val(i, out)
         oshape = tuple(shape[index.index(a)] for a in out)
-        return _Val(self.add(ir.Select(i, index, out), oshape, e.pos), out)
+        # Point at the first integer index: that is what a range error will be about.
+        pos = next((ix.pos for ix in e.indices if isinstance(ix, S.IndexInt)), e.pos)
+        return _Val(self.add(ir.Select(i, index, out), oshape, pos), out)
 
     def reduce(self, e: S.Reduce, scope: dict) -> _Val:
         if e.op not in ir.REDUCTIONS:
@@ -484,6 +486,8 @@ class _Checker:
     def run(self) -> ir.Recurrence:
         b = self.block
         check_identifier(b.name, b.pos, "rnn")
+        if not b.inputs:
+            fail(f"rnn {b.name} has no inputs: the batch size and length come from the inputs", b.pos)
         for a in b.inputs:
             self.input_decl(a)
         for s in b.stmts:

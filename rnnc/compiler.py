@@ -58,7 +58,7 @@ def compile(spec, name: str | None = None, backend: str = "sequential", **dims):
     others may come from the inputs at call time.
     """
     from .backends import AVAILABLE, get
-    from .module import RecurrentModule, dims_for_params
+    from .module import RecurrentModule, check_indices, dims_for_params
 
     rec = load(spec, name)
     try:
@@ -69,6 +69,7 @@ def compile(spec, name: str | None = None, backend: str = "sequential", **dims):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise RnncError(f"dim {k} must be a positive integer, got {v!r}")
         dims_for_params(rec, dims)
+        check_indices(rec, dims)
     except RnncError as err:
         raise err.located(rec.source, rec.filename) from None
     facts = analysis_mod.analyse(rec)

@@ -44,6 +44,25 @@ def dims_for_params(rec: ir.Recurrence, given: dict) -> None:
                             f"{name}=... to rnnc.compile", line=pos.line, col=pos.col)
 
 
+def check_indices(rec: ir.Recurrence, sizes: dict) -> None:
+    """Integer indices on axes whose size is now known must be in range."""
+    for i in rec.order():
+        node = rec.node(i)
+        if not isinstance(node, ir.Select):
+            continue
+        shape = rec.attr(node.arg, "shape")
+        for k, v in enumerate(node.index):
+            if not isinstance(v, int):
+                continue
+            if not {x.name for x in shape[k].free_symbols} <= set(sizes):
+                continue
+            n = concrete((shape[k],), sizes)[0]
+            if not -n <= v < n:
+                pos = rec.attr(i, "pos")
+                raise RnncError(f"index {v} is out of range for an axis of size {shape[k]} = {n}",
+                                line=pos.line, col=pos.col).located(rec.source, rec.filename)
+
+
 def _init_param(p: ir.ParamDecl, shape: tuple) -> torch.Tensor:
     t = torch.empty(shape)
     kind, args = p.init.kind, p.init.args
@@ -71,9 +90,15 @@ class RecurrentModule(nn.Module):
         self.backend = backend
         self._runner = runner
         self._given = dict(dims)
+        self._checked = set()
         for p in rec.params:
             shape = concrete(p.shape, dims)
-            self.register_parameter(p.name, nn.Parameter(_init_param(p, shape)))
+            try:
+                value = _init_param(p, shape)
+            except (RuntimeError, MemoryError) as e:  # an absurd size: say which param
+                raise RnncError(f"cannot allocate param {p.name}{list(shape)}: {str(e).splitlines()[0]}",
+                                line=p.pos.line, col=p.pos.col).located(rec.source, rec.filename) from None
+            self.register_parameter(p.name, nn.Parameter(value))
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self._given.items())
@@ -131,6 +156,10 @@ class RecurrentModule(nn.Module):
                 want = [*lead_names, *[concrete((e,), sizes)[0] for e in d.shape]]
                 raise self._error(f"input {d.name!r} must have shape {_shape_text([*lead_names, *d.shape])} "
                                   f"= {_shape_text(want)}, got {list(xs[rec.inputs.index(d)].shape)}")
+        key = tuple(sorted(sizes.items()))
+        if key not in self._checked:
+            check_indices(rec, sizes)
+            self._checked.add(key)
         return sizes, lead_sizes, dtype, device
 
     def _compute_dtype(self, dtype):
