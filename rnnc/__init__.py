@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .compiler import compile, load
 from .errors import RnncError
+from .random_spec import random_spec
 
-__all__ = ["compile", "load", "RnncError"]
+__all__ = ["compile", "load", "RnncError", "random_spec"]
 __version__ = "0.1.0"
