@@ -22,6 +22,7 @@ import importlib
 # Name -> module, imported on first use so that `import rnnc` stays light.
 AVAILABLE = {
     "sequential": "rnnc.backends.sequential",
+    "scan": "rnnc.backends.scan",
 }
 
 

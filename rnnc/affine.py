@@ -239,15 +239,12 @@ def eval_terms(terms, values: dict, out: tuple, state_value=None, state_labels=N
         if t.scale != 1.0:
             v = v * t.scale
         # Insert size-1 axes for out labels that no operand carries.
-        shape = list(v.shape[:1]) if operands else [1]
-        it = iter(v.shape[1:]) if operands else iter(())
-        full = []
-        for c in out_letters:
-            full.append(next(it) if c in kept else 1)
-        v = v.reshape(*shape, *full)
+        lead = v.shape[:v.dim() - len(kept)]
+        sizes = iter(v.shape[v.dim() - len(kept):])
+        v = v.reshape(*lead, *[next(sizes) if c in kept else 1 for c in out_letters])
         total = v if total is None else total + v
     if total is None:
         return None
     if out_shape is not None:
-        total = total.expand(total.shape[0], *out_shape)
+        total = total.expand(*total.shape[:total.dim() - len(out)], *out_shape)
     return total

@@ -51,12 +51,18 @@ def load(spec, name: str | None = None):
     raise RnncError(f"no rnn named {name!r} (found: {names})", filename=program.filename)
 
 
-def compile(spec, name: str | None = None, backend: str = "sequential", **dims):
+def compile(spec, name: str | None = None, backend: str = "sequential", chunk_size: int | None = None,
+            **dims):
     """Compile a .rnn file, .rnn source text or builder spec into an `nn.Module`.
 
+    backend: "sequential" (the reference loop), "scan" (parallel over time), or "auto".
+    chunk_size: time steps per chunk for the scan backend (default 64).
     dims: sizes of the spec's dims (`H=4, K=16`). Dims used by params must be given; the
     others may come from the inputs at call time.
     """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise RnncError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     from .backends import AVAILABLE, get
     from .module import RecurrentModule, check_indices, dims_for_params
 
@@ -75,4 +81,6 @@ def compile(spec, name: str | None = None, backend: str = "sequential", **dims):
     facts = analysis_mod.analyse(rec)
     plan = plan_mod.choose(rec, facts)
     chosen = plan_mod.pick_backend(backend, rec, facts, AVAILABLE, get)
-    return RecurrentModule(rec, facts, plan, chosen, get(chosen).build(rec, facts), dims)
+    impl = get(chosen)
+    runner = impl.build(rec, facts, chunk_size) if chunk_size and chosen == "scan" else impl.build(rec, facts)
+    return RecurrentModule(rec, facts, plan, chosen, runner, dims)

@@ -1,0 +1,363 @@
+"""The scan backend: PyTorch lowering that is parallel over time, for associative recurrences.
+
+Time is cut into chunks of `chunk_size` steps. Per chunk:
+1. hoisted work runs once over the chunk's B*L positions (so s6's [T, D, N] decay exists
+   only chunk by chunk);
+2. states are solved in dependency order (the analysis's strata): max-plus and elementwise
+   states with a parallel scan, materialised per step; dense ones with a scan of matrix
+   products; matrix states (chunked plans) are never materialised per step: only their
+   readouts (o = q^T S) come out of the chunk form, and the state is carried between chunks;
+3. the rest of the step's graph runs vectorised over B*L with those values.
+Coefficients come from the affine normal form (`rnnc.affine`), evaluated exactly by einsum.
+"""
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+import torch
+
+from rnnc import interpret, ir
+from rnnc.affine import Factor, Term, eval_terms
+from rnnc.errors import RnncError
+from rnnc.ir import Op
+
+from . import scan_kernels as K
+
+NAME = "scan"
+DEFAULT_CHUNK = 64
+DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
+
+
+def unsupported(rec, analysis):
+    if analysis.plan == "sequential":
+        return f"the recurrence is not associative: {analysis.plan_reason}"
+    for f in analysis.states:
+        if f.method == "chunked_delta":
+            for terms in f.readouts.values():
+                if any(t.state is not None and t.state[0] == "old" for t in terms):
+                    return (f"state {f.name} is read before its delta-rule update; the chunked "
+                            "delta rule computes readouts of the new state only")
+    return None
+
+
+def _labels(k):
+    return tuple(f"s{i}" for i in range(k))
+
+
+def _coef(t: Term) -> Term:
+    """The coefficient of a state term: the same term with the state dropped."""
+    return Term(t.scale, t.factors, None, t.out)
+
+
+class _Chunked:
+    """How one matrix state maps to the chunk kernels: axis groups and term pieces."""
+
+    def __init__(self, rec, facts):
+        self.facts = facts
+        n = len(facts.shape)
+        labels = _labels(n)
+        self.labels = labels
+        self.key = facts.key_axis
+        terms = facts.terms
+        self.diag = [t for t in terms if t.state is not None and t.state[1] == labels]
+        self.low = [t for t in terms if t.state is not None and t.state[1] != labels]
+        inputs = [t for t in terms if t.state is None]
+        if len(inputs) > 1:
+            raise RnncError(f"state {facts.name}: a chunked plan needs one outer-product input term")
+        self.input = inputs[0] if inputs else None
+        key_label = labels[self.key]
+        carried = set()
+        for t in self.diag:
+            carried |= {x for f in t.factors for x in f.labels}
+        if self.input is not None:
+            for f in self.input.factors:
+                if key_label in f.labels:
+                    carried |= set(f.labels)
+        for t in self.low:
+            carried |= {x for f in t.factors for x in f.labels}
+        for terms_ in facts.readouts.values():
+            for t in terms_:
+                if t.state is not None:
+                    summed = t.state[1][self.key]
+                    for f in t.factors:  # the query's axes: key and independent, not value
+                        if summed in f.labels:
+                            carried |= {labels[t.state[1].index(x)] for x in f.labels if x in t.state[1]}
+        self.val = [k for k in range(n) if k != self.key and labels[k] not in carried]
+        self.ind = [k for k in range(n) if k != self.key and k not in self.val]
+        self.perm = self.ind + [self.key] + self.val
+
+    def sizes(self, shape):
+        ind = math.prod(shape[k] for k in self.ind)
+        return ind, shape[self.key], math.prod(shape[k] for k in self.val)
+
+    def to_kernel(self, x, shape, B, L):
+        """[B*L, *state shape (size-1 where broadcast)] -> [B, L, Hflat, K, Vflat]."""
+        x = x.expand(x.shape[0], *[shape[k] if x.shape[1 + k] != 1 else 1 for k in range(len(shape))])
+        x = x.permute(0, *[1 + k for k in self.perm])
+        h = [x.shape[1 + i] for i in range(len(self.ind))]
+        kk = x.shape[1 + len(self.ind)]
+        v = list(x.shape[2 + len(self.ind):])
+        return x.reshape(B, L, math.prod(h) if h else 1, kk, math.prod(v) if v else 1)
+
+
+class Runner:
+    def __init__(self, rec, analysis, chunk_size=DEFAULT_CHUNK):
+        self.rec, self.analysis, self.chunk = rec, analysis, chunk_size
+        g = rec.graph
+        self.hoisted = [i for i in rec.order() if i in analysis.hoisted]
+        facts = {f.name: f for f in analysis.states}
+        self.facts = facts
+        self.order = [s for s in analysis.strata]
+        decl = {s.name: s for s in rec.states}
+        self.decl = decl
+        self.layout = {n: _Chunked(rec, f) for n, f in facts.items()
+                       if f.method in ("chunked", "chunked_delta")}
+        # Values the solver supplies; nodes it must never evaluate (per-step matrix states).
+        supplied, excluded = set(), set()
+        for name, f in facts.items():
+            st = decl[name]
+            supplied.add(st.read)
+            if st.write is not None:
+                if name in self.layout:
+                    dependent = {st.read} | nx.descendants(g, st.read)
+                    down = set()
+                    for n in sorted(dependent):
+                        ops = [a for a in ir.operands(rec.node(n)) if a in dependent]
+                        if n in f.readouts or (ops and all(a in down for a in ops)):
+                            down.add(n)
+                    excluded |= dependent - down
+                    supplied |= set(f.readouts)
+                else:
+                    supplied |= {st.write, rec.node(st.write).arg}
+        self.supplied = supplied
+        index = {name: k for k, name in enumerate(self.order)}
+        reads = {decl[n].read: n for n in facts}
+        phases = [[] for _ in range(len(self.order) + 1)]
+        for n in analysis.core:
+            if n in supplied or n in excluded:
+                continue
+            deps = {reads[a] for a in nx.ancestors(g, n) | {n} if a in reads}
+            phases[max((index[d] + 1 for d in deps), default=0)].append(n)
+        self.phases = phases
+        self._cache = {}
+
+    def _programs(self, sizes, dtype, device):
+        key = (tuple(sorted(sizes.items())), dtype, device)
+        if key not in self._cache:
+            low = lambda ids: interpret.lower_nodes(self.rec, ids, sizes, dtype, device)  # noqa: E731
+            self._cache[key] = (low(self.hoisted), [low(p) for p in self.phases])
+        return self._cache[key]
+
+    def __call__(self, sizes, params, inputs, state0):
+        rec = self.rec
+        x0 = next(iter(inputs.values()))
+        B, T = x0.shape[:2]
+        dtype, device = x0.dtype, x0.device
+        hoist_prog, phase_progs = self._programs(sizes, dtype, device)
+        self._sizes = sizes
+        shapes = {s.name: interpret.concrete(s.shape, sizes) for s in rec.states}
+        carry = {}
+        for s in rec.states:
+            if s.name in self.layout:
+                lay = self.layout[s.name]
+                carry[s.name] = lay.to_kernel(state0[s.name], shapes[s.name], B, 1)[:, 0]
+            else:
+                carry[s.name] = state0[s.name]
+        outs = {o.name: [] for o in rec.outputs}
+        for t0 in range(0, T, self.chunk):
+            L = min(self.chunk, T - t0)
+            env = {}
+            for d in rec.inputs:
+                x = inputs[d.name][:, t0:t0 + L]
+                env[d.node] = x.reshape(B * L, *x.shape[2:])
+            for d in rec.params:
+                env[d.node] = params[d.name].unsqueeze(0)
+            interpret.run_program(hoist_prog, env)
+            for k, name in enumerate(self.order):
+                interpret.run_program(phase_progs[k], env)
+                self._solve(name, env, carry, shapes[name], B, L)
+            interpret.run_program(phase_progs[-1], env)
+            for o in rec.outputs:
+                v = env[o.node]
+                shape = interpret.concrete(o.shape, sizes)
+                outs[o.name].append(v.expand(B * L if v.shape[0] == 1 else v.shape[0], *shape)
+                                    .reshape(B, L, *shape))
+        final = {}
+        for s in rec.states:
+            c = carry[s.name]
+            if s.name in self.layout:
+                c = self._from_kernel(s.name, c, shapes[s.name])
+            final[s.name] = c
+        outputs = {n: (torch.cat(v, 1) if v else x0.new_zeros(B, 0)) for n, v in outs.items()}
+        return outputs, final
+
+    # --- per-state solvers -------------------------------------------------------------------
+    def _bl(self, x, shape, B, L):
+        """[B*L or 1, *broadcastable] -> [B, L, *shape]."""
+        x = x.expand(B * L if x.shape[0] == 1 else x.shape[0], *shape)
+        return x.reshape(B, L, *shape)
+
+    def _store(self, name, env, h, carry, B, L, shape):
+        st = self.decl[name]
+        prev = torch.cat([carry[name].unsqueeze(1), h[:, :-1]], 1)
+        env[st.read] = prev.reshape(B * L, *shape)
+        if st.write is not None:
+            new = h.reshape(B * L, *shape)
+            env[st.write] = new
+            env[self.rec.node(st.write).arg] = new
+        carry[name] = h[:, -1]
+
+    def _solve(self, name, env, carry, shape, B, L):
+        f = self.facts[name]
+        labels = _labels(len(shape))
+        if f.method == "constant":
+            h = carry[name].unsqueeze(1).expand(B, L, *shape)
+            self._store(name, env, h, carry, B, L, shape)
+            return
+        if f.method == "maxplus":
+            a_terms, b_nodes = f.maxplus
+            a = eval_terms(list(a_terms), env, labels) if a_terms else None
+            a = self._bl(a, shape, B, L) if a is not None else carry[name].new_zeros(B, L, *shape)
+            b = None
+            for n in b_nodes:
+                v = env[n]
+                b = v if b is None else torch.maximum(b, v)
+            h, _ = K.maxplus_scan(a, self._bl(b, shape, B, L), carry[name])
+            self._store(name, env, h, carry, B, L, shape)
+            return
+        diag = [_coef(t) for t in f.terms if t.state is not None and t.state[1] == labels]
+        inputs = [t for t in f.terms if t.state is None]
+        zeros = carry[name].new_zeros(B, L, *shape)
+        b = self._bl(eval_terms(inputs, env, labels), shape, B, L) if inputs else zeros
+        if f.method == "elementwise":
+            a = self._bl(eval_terms(diag, env, labels), shape, B, L) if diag else zeros
+            h, _ = K.linear_scan(a, b, carry[name])
+            self._store(name, env, h, carry, B, L, shape)
+            return
+        if f.method == "dense":
+            n = math.prod(shape)
+            if B * L * n * n > DENSE_LIMIT:
+                raise RnncError(f"state {name}: a dense scan over {n} elements needs {B * L * n * n} "
+                                f"transition entries per chunk (limit {DENSE_LIMIT}); use "
+                                "backend='sequential' or a smaller chunk_size")
+            eye = torch.eye(n, dtype=b.dtype, device=b.device).reshape(n, 1, *shape)
+            with_state = [t for t in f.terms if t.state is not None]
+            cols = eval_terms(with_state, env, labels, state_value=eye, out_shape=shape)
+            cols = cols.expand(n, B * L, *shape).reshape(n, B * L, n)
+            A = cols.permute(1, 2, 0).reshape(B, L, n, n)
+            h, _ = K.dense_scan(A, b.reshape(B, L, n), carry[name].reshape(B, n))
+            self._store(name, env, h.reshape(B, L, *shape), carry, B, L, shape)
+            return
+        self._solve_chunked(name, env, carry, shape, B, L)
+
+    def _log_coef(self, terms, env, labels, what):
+        """log of a positive coefficient; exact for products of exp(...) factors."""
+        if len(terms) == 1 and terms[0].scale > 0 and terms[0].factors and all(
+                isinstance(self.rec.node(fc.node), ir.Elementwise)
+                and self.rec.node(fc.node).op is Op.EXP for fc in terms[0].factors):
+            t = terms[0]
+            parts = [Term(float(fc.power), (Factor(self.rec.node(fc.node).args[0], fc.labels),),
+                          None, t.out) for fc in t.factors]
+            out = eval_terms(parts, env, labels)
+            return out + math.log(t.scale) if t.scale != 1.0 else out
+        coef = eval_terms(terms, env, labels)
+        if bool((coef <= 0).any()):
+            raise RnncError(f"state {self.facts[what].name}: the scan backend's chunked plan needs "
+                            "positive decays, and this input produced a decay <= 0; use "
+                            "backend='sequential' for it")
+        return torch.log(coef)
+
+    def _solve_chunked(self, name, env, carry, shape, B, L):
+        f, lay = self.facts[name], self.layout[name]
+        labels = lay.labels
+        key_label = labels[lay.key]
+        H, Kd, V = lay.sizes(shape)
+        S0 = carry[name]
+        ref = S0
+
+        def kern(x):  # [B*L, *state shape] -> [B, L, H, K, V]
+            x = x.expand(B * L if x.shape[0] == 1 else x.shape[0], *x.shape[1:])
+            return lay.to_kernel(x, shape, B, L)
+        # Input p ⊗ v: the factors carrying the key axis form p, the others v.
+        if lay.input is not None:
+            t = lay.input
+            kf = tuple(fc for fc in t.factors if key_label in fc.labels)
+            vf = tuple(fc for fc in t.factors if key_label not in fc.labels)
+            p = kern(eval_terms([Term(t.scale, kf, None, labels)], env, labels))[..., 0]
+            v = kern(eval_terms([Term(1.0, vf, None, labels)], env, labels))[..., 0, :] if vf else \
+                ref.new_ones(B, L, H, V)
+            p = p.expand(B, L, H, Kd)
+            v = v.expand(B, L, H, V)
+        else:
+            p = ref.new_zeros(B, L, H, Kd)
+            v = ref.new_zeros(B, L, H, V)
+        diag = [_coef(t) for t in lay.diag]
+        log_decay = self._log_coef(diag, env, labels, name) if diag else None
+        if f.method == "chunked":
+            if log_decay is None:
+                log_decay = ref.new_full((B * L, *[1] * len(shape)), -1e4)
+            ld = kern(log_decay)[..., 0]  # [B, L, H, K or 1]
+            if ld.shape[-1] != 1:
+                ld = ld.expand(B, L, H, Kd)
+            run = lambda q, include: K.chunk_linear_attention(q, p, v, ld, S0, include)  # noqa: E731
+        else:
+            low = lay.low[0]
+            x = low.state[1][lay.key]
+            out_key = labels[lay.key]
+            alpha_nodes = sorted(fc.node for t in lay.diag for fc in t.factors)
+            factors = list(low.factors)
+            cancel = len(lay.diag) == 1 and all(
+                any(fc.node == a for fc in factors) for a in alpha_nodes)
+            if cancel:  # alpha * (S - w r^T S): take alpha out of the low-rank term exactly
+                for a in alpha_nodes:
+                    factors.remove(next(fc for fc in factors if fc.node == a))
+            rf = tuple(fc for fc in factors if x in fc.labels)
+            wf = tuple(fc for fc in factors if x not in fc.labels)
+            scale = -low.scale / (lay.diag[0].scale if cancel else 1.0)
+            r_labels = tuple(x if k == lay.key else labels[k] for k in range(len(labels)))
+            r = kern(eval_terms([Term(1.0, rf, None, r_labels)], env, r_labels))[..., 0]
+            w = kern(eval_terms([Term(scale, wf, None, labels)], env, labels))[..., 0]
+            if not cancel and log_decay is not None:
+                w = w / kern(torch.exp(log_decay))[..., 0]
+            la = None if log_decay is None else kern(log_decay)[..., 0, 0]
+            r, w = r.expand(B, L, H, Kd), w.expand(B, L, H, Kd)
+            run = lambda q, include: K.chunk_delta_rule(q, r, w, p, v, la, S0)  # noqa: E731
+        S_last = None
+        for node, terms in f.readouts.items():
+            total = None
+            for t in terms:
+                if t.state is None:
+                    val = eval_terms([t], env, t.out)
+                else:
+                    summed = t.state[1][lay.key]
+                    qf = tuple(fc for fc in t.factors if summed in fc.labels)
+                    of = tuple(fc for fc in t.factors if summed not in fc.labels)
+                    q_labels = t.state[1]
+                    q = kern(eval_terms([Term(1.0, qf, None, q_labels)], env, q_labels))[..., 0]
+                    o, S_last = run(q.expand(B, L, H, Kd), t.state[0] == "new")
+                    # o: [B, L, H, V] -> [B*L, *state shape without the key axis]
+                    rest = [k for k in range(len(shape)) if k != lay.key]
+                    o = o.reshape(B * L, *[shape[k] for k in lay.ind], *[shape[k] for k in lay.val])
+                    order = lay.ind + lay.val
+                    o = o.permute(0, *[1 + order.index(k) for k in rest])
+                    st_labels = tuple(t.state[1][k] for k in rest)
+                    val = eval_terms([Term(t.scale, of, ("old", st_labels), t.out)], env, t.out,
+                                     state_value=o)
+                total = val if total is None else total + val
+            shape_n = interpret.concrete(self.rec.attr(node, "shape"), self._sizes)
+            env[node] = total.expand(total.shape[0], *shape_n)
+        if S_last is None:
+            _, S_last = run(None, True)
+        carry[name] = S_last
+
+    def _from_kernel(self, name, c, shape):
+        lay = self.layout[name]
+        B = c.shape[0]
+        c = c.reshape(B, *[shape[k] for k in lay.perm])
+        inv = [lay.perm.index(k) for k in range(len(shape))]
+        return c.permute(0, *[1 + i for i in inv]).contiguous()
+
+
+def build(rec, analysis, chunk_size=DEFAULT_CHUNK):
+    return Runner(rec, analysis, chunk_size)
