@@ -71,8 +71,11 @@ class Expander:
     def _multiplicative(self, n: int) -> bool:
         """State-free nodes worth splitting into factors (so k*v stays k and v)."""
         node = self.rec.node(n)
-        if isinstance(node, (ir.Contract, ir.Broadcast)):
+        if isinstance(node, ir.Broadcast):
             return True
+        if isinstance(node, ir.Contract):
+            # An outer product splits; a real contraction (W @ x) stays one computed value.
+            return set(node.out) == set("".join(node.subscripts))
         if isinstance(node, ir.Select):
             return not any(isinstance(i, int) for i in node.index) and len(set(node.index)) == len(node.index)
         if isinstance(node, ir.Elementwise):

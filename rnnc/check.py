@@ -87,6 +87,10 @@ def _const_value(e) -> float | None:
     return None
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _shp(shape) -> str:
     return ir.shape_str(shape)
 
@@ -155,6 +159,8 @@ class _Checker:
             return ir.Init("const", (0.0 if e.name == "zeros" else 1.0,))
         v = _const_value(e)
         if v is not None:
+            if not math.isfinite(v):
+                fail("a param's initial value must be a finite number", getattr(e, "pos", pos))
             return ir.Init("const", (v,))
         if isinstance(e, S.Call) and e.fn in ("normal", "uniform"):
             vals = [_const_value(a) for a in e.args]
@@ -238,8 +244,8 @@ class _Checker:
         if kind == "state":
             shape = self.states[s.target]["shape"]
             if len(shape) != len(names):
-                fail(f"state {s.target}{_shp(shape)} has {len(shape)} axes but "
-                     f"{len(names)} indices are given", s.pos)
+                fail(f"state {s.target}{_shp(shape)} has {_count(len(shape), 'axis', 'axes')} but "
+                     f"{_count(len(names), 'index is', 'indices are')} given", s.pos)
             for n, size in zip(names, shape):
                 scope[n] = _Cell(size, f"state {s.target}")
         v = self.expr(s.value, scope)
@@ -345,8 +351,8 @@ class _Checker:
         i = self.lookup(e.name, e.pos)
         shape = self.shape(i)
         if len(e.indices) != len(shape):
-            fail(f"{e.name}{_shp(shape)} has {len(shape)} axes but {len(e.indices)} "
-                 f"ind{'ex is' if len(e.indices) == 1 else 'ices are'} given", e.pos)
+            fail(f"{e.name}{_shp(shape)} has {_count(len(shape), 'axis', 'axes')} but "
+                 f"{_count(len(e.indices), 'index is', 'indices are')} given", e.pos)
         index, out = [], []
         for ix, size in zip(e.indices, shape):
             if isinstance(ix, S.IndexInt):
@@ -419,6 +425,8 @@ class _Checker:
         return _Val(self.add(ir.Reduce(ir.REDUCTIONS[e.op], v.id, red), shape, e.pos), keep)
 
     def call(self, e: S.Call, scope: dict) -> _Val:
+        if e.fn in ir.REDUCTIONS and e.fn not in ir.FUNCTIONS:
+            fail(f"{e.fn} over an axis is written {e.fn}[i](...), with the index to reduce", e.pos)
         if e.fn not in ir.FUNCTIONS:
             known = ", ".join(sorted(ir.FUNCTIONS))
             fail(f"unknown function {e.fn!r} (known: {known})", e.pos)

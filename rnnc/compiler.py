@@ -14,8 +14,10 @@ from .errors import RnncError
 
 def _read(spec) -> tuple:
     """(source text, file name) for a path, or for .rnn text given directly."""
-    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and "\n" not in spec
-                                          and "{" not in spec):
+    if isinstance(spec, str) and (not spec.strip() or "\n" in spec or "{" in spec
+                                  or spec.lstrip().startswith("rnn ")):
+        return spec, "<spec>"
+    if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
         try:
             return path.read_text(), str(spec)
@@ -23,8 +25,6 @@ def _read(spec) -> tuple:
             raise RnncError(f"no such file: {spec}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise RnncError(f"cannot read {spec}: {e}") from None
-    if isinstance(spec, str):
-        return spec, "<spec>"
     raise RnncError(f"expected a path or .rnn source text, got {type(spec).__name__}")
 
 

@@ -151,6 +151,9 @@ class RecurrentModule(nn.Module):
                         raise self._error(f"input {d.name!r}: axis {s} cannot have size {n}")
                     sizes[unknown[0].name] = n // int(coeff)
                     progress = True
+        for name, value in sizes.items():
+            if value < 1:
+                raise self._error(f"dim {name} would be {value} from the inputs' shapes; dims must be >= 1")
         for d, s, n in pending:
             if concrete((s,), sizes)[0] != n:
                 want = [*lead_names, *[concrete((e,), sizes)[0] for e in d.shape]]

@@ -185,6 +185,10 @@ _PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "@": 2, "**": 4}
 
 
 def _num(v: float) -> str:
+    if v != v:
+        return "(0 * inf)"  # nan has no literal; this constant expression evaluates to it
+    if v in (float("inf"), float("-inf")):
+        return "inf" if v > 0 else "-inf"
     if v == int(v) and abs(v) < 1e15:
         return str(int(v))
     return repr(float(v))
