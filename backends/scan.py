@@ -231,6 +231,8 @@ class Runner:
         zeros = carry[name].new_zeros(B, L, *shape)
         b = self._bl(eval_terms(inputs, env, labels), shape, B, L) if inputs else zeros
         if f.method == "elementwise":
+            if any(t.state is not None and t.state[1] != labels for t in f.terms):
+                raise RnncError(f"internal: state {name} has a non-diagonal term but an elementwise plan")
             a = self._bl(eval_terms(diag, env, labels), shape, B, L) if diag else zeros
             h, _ = K.linear_scan(a, b, carry[name])
             self._store(name, env, h, carry, B, L, shape)

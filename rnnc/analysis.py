@@ -202,7 +202,8 @@ def _classify(rec, st) -> StateFacts:
             for b in mp[1]:
                 deps |= _states_of(rec, b)
             deps.discard(st.name)
-            dd = any(rec.attr(f.node, "batched") for t in mp[0] for f in t.factors) or bool(mp[1])
+            dd = any(rec.attr(f.node, "batched") for t in mp[0] for f in t.factors) or any(
+                rec.attr(b, "batched") for b in mp[1])
             return StateFacts(st.name, shape, "maxplus", Transition("maxplus", data_dependent=dd),
                               "maxplus", tuple(sorted(deps)), maxplus=mp,
                               input="max-plus: m' = max(m + a, b)")
@@ -231,6 +232,8 @@ def _classify(rec, st) -> StateFacts:
         x = t.state[1][p]
         if any(x in f.labels and labels[p] in f.labels for f in t.factors):
             dense = True  # a full matrix over the mixed axis, not an outer product
+        if any(y not in labels and y != x for f in t.factors for y in f.labels):
+            dense = True  # a chain like A[i,m] B[m,l] h[l]: not an outer product either
         low_axes.add(p)
     if dense or len(low_axes) > 1:
         mixed = set(low_axes)
@@ -351,14 +354,19 @@ def _choose_method(rec, st, facts: StateFacts):
     kind = facts.transition.kind
     if facts.update != "affine" or facts.method in ("constant", "dense"):
         return
+    if kind.endswith("low_rank"):
+        # Only the chunked delta rule handles low rank; otherwise a dense scan (never the
+        # elementwise one, which would drop the low-rank terms).
+        facts.method, facts.reason = "dense", "a low-rank transition that is not read out along its mixed axis"
     if len(st.shape) < 2:
-        return  # a vector state: materialise it per step with an elementwise scan
+        return  # a vector state: materialise it per step with a scan
     found = _readouts(rec, st, facts)
     if isinstance(found, str):
         if kind.endswith("low_rank"):
-            facts.method, facts.reason = "dense", found
+            facts.reason = found
         return
     cut, key = found
+    facts.method = "dense" if kind.endswith("low_rank") else "elementwise"
     # A chunked plan pays off only with a value axis: one the decay and the keys do not
     # vary over (V in S[H,K,V]). Without one (s6's h[D,N]) an elementwise scan is cheaper.
     labels = _labels(len(st.shape))
@@ -380,9 +388,9 @@ def _choose_method(rec, st, facts: StateFacts):
         return
     if kind.endswith("low_rank"):
         if facts.key_axis != key or facts.transition.rank != 1:
-            facts.method, facts.reason = "dense", "low-rank axis differs from the readout axis"
+            facts.reason = "low-rank axis differs from the readout axis, or rank above 1"
             return
-        facts.method = "chunked_delta"
+        facts.method, facts.reason = "chunked_delta", None
     else:
         facts.method = "chunked"
     facts.readouts, facts.key_axis = cut, key
