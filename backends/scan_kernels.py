@@ -8,11 +8,13 @@ Shape letters: B batch, L chunk length (any L >= 1), H heads, K key channels, V 
 channels, S the elementwise state shape of a diagonal recurrence, n the state size of a
 dense one.
 
-Stability rule kept throughout: a decay enters only as exp(x) with x a sum of log-decays,
-hence x <= 0. Sums over a time segment are built by a masked cumulative sum (never as a
-difference of two prefix sums), so log-decays of -inf (decays of exactly 0) give
-exp(-inf) = 0 and never meet (-inf) - (-inf); and masking is done with torch.where, never
-by multiplying a possibly infinite value with 0.
+Stability rule kept throughout: a decay enters only as exp(x) with x a sum of log-decays
+over some time segment, hence x <= 0. Each such sum is accumulated from the segment's own
+terms (a masked cumulative sum, or a prefix or suffix sum inside a block), never as the
+difference of two prefix sums: that keeps float32 rounding relative to the segment rather
+than to the whole chunk, and log-decays of -inf (decays of exactly 0) give exp(-inf) = 0
+without ever meeting (-inf) - (-inf). Masks are applied with torch.where, never by
+multiplying a possibly infinite value with 0.
 """
 from __future__ import annotations
 
@@ -20,11 +22,6 @@ import torch
 
 __all__ = ["linear_scan", "maxplus_scan", "chunk_linear_attention", "chunk_delta_rule",
            "dense_scan"]
-
-# Sub-block length of the per-channel-decay path of chunk_linear_attention. Module level so
-# that tests can shrink it and reach the cross-sub-block code at tiny chunk lengths.
-SUB_BLOCK = 16
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -62,6 +59,24 @@ def _suffix_exclusive(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- 1. diagonal
 
+def _align(a, b, h0, who):
+    """a and b of a diagonal scan brought to a common shape; a stays a broadcast view.
+
+    a keeps its own size-1 axes (except time, which the tree indexes), so per-level
+    products of a cost only what a really holds; b takes the full output shape.
+    """
+    if a.dim() != b.dim() or h0.dim() != b.dim() - 1:
+        raise ValueError(f"{who}: a {tuple(a.shape)}, b {tuple(b.shape)} and state "
+                         f"{tuple(h0.shape)} need [B, L, *S], [B, L, *S] and [B, *S]")
+    shape = torch.broadcast_shapes(a.shape, b.shape, h0.unsqueeze(1).shape)
+    L = shape[1]
+    if a.shape[1] != L:
+        a = a.expand(a.shape[0], L, *a.shape[2:])
+    if b.shape != shape:
+        b = b.expand(shape)
+    return a, b
+
+
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor):
     """h_t = a_t * h_{t-1} + b_t, elementwise, over one chunk.
 
@@ -72,20 +87,18 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor):
     Hillis-Steele tree scan: log2(L) vectorized levels of products and multiply-adds, so it is
     exact for any sign of a, zeros included, and needs no logarithms.
     """
+    a, b = _align(a, b, h0, "linear_scan")
     L = b.shape[1]
-    if a.dim() < b.dim():
-        raise ValueError(f"linear_scan: a has shape {tuple(a.shape)}, b {tuple(b.shape)}; "
-                         "a needs b's number of axes")
-    if a.shape[1] != L:
-        a = a.expand(a.shape[0], L, *a.shape[2:])
     # Folding h0 into the first input turns the chunk into a scan from a zero state.
     b = torch.cat([torch.addcmul(b[:, :1], a[:, :1], h0.unsqueeze(1)), b[:, 1:]], 1)
     d = 1
     while d < L:
-        # Both updates read the previous level, so a is updated after b uses it.
-        b = torch.cat([b[:, :d], torch.addcmul(b[:, d:], a[:, d:], b[:, :-d])], 1)
+        # Level d: b_t += a_t b_{t-d} and a_t *= a_{t-d}, both from the previous level's
+        # values. Shifted copies with the identities (0 for b, 1 for a) entering at the
+        # front make each update one full-width op, with a single slice for autograd.
+        b = torch.addcmul(b, a, torch.cat([torch.zeros_like(b[:, :d]), b[:, :-d]], 1))
         if 2 * d < L:
-            a = torch.cat([a[:, :d], a[:, d:] * a[:, :-d]], 1)
+            a = a * torch.cat([torch.ones_like(a[:, :d]), a[:, :-d]], 1)
         d *= 2
     return b, b[:, -1]
 
@@ -95,19 +108,34 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor):
 def maxplus_scan(a: torch.Tensor, b: torch.Tensor, m0: torch.Tensor):
     """m_t = max(m_{t-1} + a_t, b_t), elementwise, over one chunk.
 
-    a, b: [B, L, *S] (a may be broadcastable to b); m0: [B, *S], which may be -inf.
+    a: [B, L, *S] or broadcastable to b's shape (size-1 axes, including L);
+    b: [B, L, *S]; m0: [B, *S]. Any of them may hold -inf (a = -inf is a hard reset).
     Returns (m, m_last): m [B, L, *S], m_last = m[:, -1].
 
-    Closed form m_t = A_t + max(m0, max_{s<=t}(b_s - A_s)) with A the cumulative sum of a
-    inside the chunk: one cumsum and one cummax.
+    A Hillis-Steele tree scan in the (max, +) semiring, composing
+    (a2, b2) o (a1, b1) = (a1 + a2, max(b1 + a2, b2)).
+    The closed form A_t + max(m0, cummax_s(b_s - A_s)) (A = cumsum of a) is the same maths,
+    but it adds and then removes |A_s|: in float32 at log-decays near -30 per step that loses
+    ~1e-4 relative, and a = -inf turns it into -inf + inf = NaN. The tree only ever adds
+    segment sums to values of their own size and never subtracts, so it stays at float
+    rounding and -inf passes through unchanged.
     """
-    a = torch.broadcast_to(a, b.shape) if a.shape != b.shape else a
-    A = a.cumsum(1)
-    # b - A is -inf wherever b is -inf (A is finite), and max with m0 = -inf is -inf at
-    # worst; A + (-inf) is then -inf: no inf - inf arises.
-    c = (b - A).cummax(1).values
-    m = A + torch.maximum(c, m0.unsqueeze(1))
-    return m, m[:, -1]
+    a, b = _align(a, b, m0, "maxplus_scan")
+    L = b.shape[1]
+    x = m0.unsqueeze(1) + a[:, :1]
+    b = torch.cat([torch.where(x > b[:, :1], x, b[:, :1]), b[:, 1:]], 1)
+    d = 1
+    while d < L:
+        # As in linear_scan, with -inf and 0 as the identities entering at the front.
+        # torch.where rather than torch.maximum: its backward is a single select (a tie
+        # sends the whole gradient to one side, a valid subgradient), which halved the
+        # backward time on CPU against maximum's tie-splitting backward.
+        x = torch.cat([torch.full_like(b[:, :d], float("-inf")), b[:, :-d]], 1) + a
+        b = torch.where(x > b, x, b)
+        if 2 * d < L:
+            a = a + torch.cat([torch.zeros_like(a[:, :d]), a[:, :-d]], 1)
+        d *= 2
+    return b, b[:, -1]
 
 
 # --------------------------------------------------------------------------- 3. linear attn
@@ -152,52 +180,48 @@ def _linear_attention_scalar(q, k, v, log_decay, S0, include_current):
 
 def _linear_attention_channel(q, k, v, log_decay, S0, include_current):
     B, L, H, K = k.shape
-    c = max(1, min(SUB_BLOCK, L))
-    n = -(-L // c)
-    pad = n * c - L
     kh, vh, x = (t.transpose(1, 2) for t in (k, v, log_decay))    # [B, H, L, *]
-    if pad:
-        # Zero keys, values and log-decays after the end change neither the earlier
-        # outputs nor the state at the end.
-        kh, vh, x = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (kh, vh, x))
-    Vd = vh.shape[-1]
-    xb = x.reshape(B, H, n, c, K)
-    kb = kh.reshape(B, H, n, c, K)
-    vb = vh.reshape(B, H, n, c, Vd)
-
-    # State at the end of each sub-block i: S0 decayed over sub-blocks 0..i, plus every key
-    # s of sub-blocks j <= i decayed from s to the end of sub-block i.
-    # That decay is (within-block suffix after s) + (whole sub-blocks j+1..i): both <= 0.
-    bsum = xb.sum(3)                                               # [B, H, n, K]
-    bseg = _segsum(bsum)                                           # [B, H, n(i), n(j), K]
-    within = _suffix_exclusive(xb, 3)                              # [B, H, n, c, K]
-    kdec = kb.unsqueeze(2) * torch.exp(bseg.unsqueeze(-2) + within.unsqueeze(2))
-    S_end = (torch.exp(bsum.cumsum(2)).unsqueeze(-1) * S0.unsqueeze(2)
-             + torch.einsum("bhijsk,bhjsv->bhikv", kdec, vb))      # [B, H, n, K, V]
-    S_last = S_end[:, :, -1]
+    S_last = (torch.exp(x.sum(2)).unsqueeze(-1) * S0
+              + (kh * torch.exp(_suffix_exclusive(x, 2))).transpose(-1, -2) @ vh)
     if q is None:
         return None, S_last
 
     qh = q.transpose(1, 2)
-    if pad:
-        qh = torch.nn.functional.pad(qh, (0, 0, 0, pad))
-    qb = qh.reshape(B, H, n, c, K)
     delta = 0 if include_current else 1
-    # Earlier sub-blocks and S0, read through the state at the start of the query's
-    # sub-block: the query is decayed from that reference to step t - delta (<= 0).
-    S_ref = torch.cat([S0.unsqueeze(2), S_end[:, :, :-1]], 2)
-    qexp = xb.cumsum(3)
+    # Recursive halving: pad the chunk to a power of two P; at the level of half-length h,
+    # each block of 2h steps splits into two halves around a reference point m (the last
+    # step of the first half). A query t of the second half and a key s of the first half
+    # have decay exp(seg(t - delta, m)) * exp(seg(m, s)), both exponents <= 0, so the pair
+    # costs one matmul per level. Each (t, s) with s < t falls in exactly one level (the one
+    # whose block is the smallest holding both), and s = t decays by exp(0) = 1.
+    P = 1 << (L - 1).bit_length()
+    if P != L:
+        # Zero keys, values and log-decays after the end leave the earlier outputs alone.
+        qh, kh, vh, x = (torch.nn.functional.pad(t, (0, 0, 0, P - L))
+                         for t in (qh, kh, vh, x))
+    Vd = vh.shape[-1]
+    G = x.cumsum(2)
     if delta:
-        qexp = _shift_right(qexp, 3, 0.0)
-    o = (qb * torch.exp(qexp)) @ S_ref                             # [B, H, n, c, V]
-    # Inside a sub-block, exact log-space decays seg(t - delta, s) per channel.
-    seg = _segsum(xb)                                              # [B, H, n, c, c, K]
-    if delta:
-        seg = _shift_right(seg, 3, float("-inf"))
-    scores = (qb.unsqueeze(-2) * kb.unsqueeze(-3) * torch.exp(seg)).sum(-1)
-    o = o + scores @ vb
-    o = o.reshape(B, H, n * c, Vd)[:, :, :L]
-    return o.transpose(1, 2), S_last
+        G = _shift_right(G, 2, 0.0)
+    o = (qh * torch.exp(G)) @ S0
+    if not delta:
+        o = o + (qh * kh).sum(-1, keepdim=True) * vh
+    h = 1
+    while h < P:
+        n = P // (2 * h)
+        xb = x.reshape(B, H, n, 2, h, K)
+        qexp = xb[:, :, :, 1].cumsum(3)
+        if delta:
+            qexp = _shift_right(qexp, 3, 0.0)
+        kexp = _suffix_exclusive(xb[:, :, :, 0], 3)
+        qt = qh.reshape(B, H, n, 2, h, K)[:, :, :, 1] * torch.exp(qexp)
+        kt = kh.reshape(B, H, n, 2, h, K)[:, :, :, 0] * torch.exp(kexp)
+        vb = vh.reshape(B, H, n, 2, h, Vd)[:, :, :, 0]
+        ob = o.reshape(B, H, n, 2, h, Vd)
+        o = torch.stack([ob[:, :, :, 0], ob[:, :, :, 1] + (qt @ kt.transpose(-1, -2)) @ vb],
+                        3).reshape(B, H, P, Vd)
+        h *= 2
+    return o[:, :, :L].transpose(1, 2), S_last
 
 
 # --------------------------------------------------------------------------- 4. delta rule

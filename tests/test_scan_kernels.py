@@ -1,0 +1,485 @@
+"""The scan backend's chunk primitives against step-by-step float64 loops.
+
+Each kernel works on one chunk and carries the state in and out, so every comparison
+checks the outputs and the last state, from a nonzero incoming state. Gradients are checked
+with torch.autograd.gradcheck at tiny sizes, and against the loops' own autograd at the
+extreme decays (-30 and -1e-6 per step, and exactly 0), where finite differences are
+meaningless for -inf log-decays.
+
+Run with -s to see the CPU timings that test_timings prints.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnnc.backends import scan_kernels as sk
+
+F64 = torch.float64
+F32 = torch.float32
+LENGTHS = [1, 7, 64]
+NEG_INF = float("-inf")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine the thread
+    hand-offs cost more than the work (gradcheck ran 20x slower with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- references
+
+def ref_linear(a, b, h0):
+    h, hs = h0, []
+    for t in range(b.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        hs.append(h)
+    return torch.stack(hs, 1), h
+
+
+def ref_maxplus(a, b, m0):
+    m, ms = m0, []
+    for t in range(b.shape[1]):
+        m = torch.maximum(m + a[:, t], b[:, t])
+        ms.append(m)
+    return torch.stack(ms, 1), m
+
+
+def ref_linear_attention(q, k, v, log_decay, S0, include_current=True):
+    S, os_ = S0, []
+    for t in range(k.shape[1]):
+        prev = S
+        S = (torch.exp(log_decay[:, t]).unsqueeze(-1) * S
+             + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2))
+        if q is not None:
+            os_.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S if include_current else prev))
+    return (torch.stack(os_, 1) if q is not None else None), S
+
+
+def ref_delta(q, r, w, p, v, log_alpha, S0):
+    S, os_ = S0, []
+    for t in range(r.shape[1]):
+        y = torch.einsum("bhk,bhkv->bhv", r[:, t], S)
+        alpha = 1.0 if log_alpha is None else torch.exp(log_alpha[:, t])[..., None, None]
+        S = (alpha * (S - w[:, t].unsqueeze(-1) * y.unsqueeze(-2))
+             + p[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2))
+        if q is not None:
+            os_.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return (torch.stack(os_, 1) if q is not None else None), S
+
+
+def ref_dense(A, b, h0):
+    h, hs = h0, []
+    for t in range(b.shape[1]):
+        h = (A[:, t] @ h.unsqueeze(-1)).squeeze(-1) + b[:, t]
+        hs.append(h)
+    return torch.stack(hs, 1), h
+
+
+# --------------------------------------------------------------------------- inputs
+
+def gen(seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, dtype=F64):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    def rand(*shape, dtype=F64):
+        return torch.rand(*shape, generator=g, dtype=dtype)
+    return randn, rand
+
+
+def la_inputs(L, per_channel, seed=0, B=2, H=3, K=4, V=5, decay=None):
+    """q, k, v, log_decay, S0; log-decays uniform in [-2, 0), or decay(shape) when given."""
+    randn, rand = gen(seed)
+    q, k, v = randn(B, L, H, K), randn(B, L, H, K), randn(B, L, H, V)
+    shape = (B, L, H, K if per_channel else 1)
+    ld = -2 * rand(*shape) if decay is None else decay(shape)
+    return q, k, v, ld, randn(B, H, K, V)
+
+
+def delta_inputs(L, kind, seed=0, B=2, H=3, K=4, V=5, gated=True, decay=None):
+    """DeltaNet-like inputs (normalized keys, beta in (0, 1)) so the state stays bounded.
+
+    kind 'deltanet': w = p = beta k; 'general': w = beta k and an independent small p.
+    """
+    randn, rand = gen(seed)
+    q, v = randn(B, L, H, K), randn(B, L, H, V)
+    k = F.normalize(randn(B, L, H, K), dim=-1)
+    beta = rand(B, L, H, 1)
+    w = beta * k
+    p = w if kind == "deltanet" else 0.5 * randn(B, L, H, K)
+    if not gated:
+        la = None
+    elif decay is None:
+        la = -rand(B, L, H)
+    else:
+        la = decay((B, L, H))
+    return q, k, w, p, v, la, randn(B, H, K, V)
+
+
+def dense_inputs(L, seed=0, B=2, n=4):
+    randn, _ = gen(seed)
+    # Entries of size ~0.9/sqrt(n) keep products of 64 transitions of order 1.
+    A = 0.9 * randn(B, L, n, n) / n ** 0.5
+    return A, randn(B, L, n), randn(B, n)
+
+
+def close(x, ref, rtol=1e-9):
+    """Normwise closeness: |x - ref| <= rtol * (max |ref| + 1) everywhere, no NaN/inf."""
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    assert torch.isfinite(x).all(), "non-finite values"
+    err = (x.to(F64) - ref.to(F64)).abs().max().item() if x.numel() else 0.0
+    scale = ref.abs().max().item() + 1.0 if ref.numel() else 1.0
+    assert err <= rtol * scale, f"max error {err:.3e} vs scale {scale:.3e}"
+
+
+def pair_close(got, want, rtol=1e-9):
+    for x, r in zip(got, want):
+        if r is None:
+            assert x is None
+        else:
+            close(x, r, rtol)
+
+
+# --------------------------------------------------------------------------- 1. linear_scan
+
+@pytest.mark.parametrize("L", LENGTHS)
+def test_linear_scan_matches_loop(L):
+    randn, rand = gen(L)
+    a = 2 * rand(3, L, 5, 2) - 1          # both signs
+    b, h0 = randn(3, L, 5, 2), randn(3, 5, 2)
+    pair_close(sk.linear_scan(a, b, h0), ref_linear(a, b, h0))
+
+
+@pytest.mark.parametrize("L", [7, 64])
+def test_linear_scan_broadcast_a(L):
+    randn, rand = gen(1)
+    b, h0 = randn(2, L, 4, 3), randn(2, 4, 3)
+    for a in (rand(2, L, 4, 1), rand(1, L, 1, 3), rand(2, 1, 4, 3)):
+        want = ref_linear(a.expand_as(b), b, h0)
+        pair_close(sk.linear_scan(a, b, h0), want)
+
+
+def test_linear_scan_negative_and_zero_decays():
+    randn, rand = gen(2)
+    L = 64
+    b, h0 = randn(2, L, 8), randn(2, 8)
+    # Parity-style decays of exactly -1, zeros (resets) and large negative values.
+    a = -torch.ones(2, L, 8, dtype=F64)
+    a[:, 10] = 0.0
+    a[:, 20:30, :4] = -1.5 * rand(2, 10, 4)
+    a[:, 40:, 4:] = 0.0
+    got = sk.linear_scan(a, b, h0)
+    pair_close(got, ref_linear(a, b, h0))
+    # Pure parity: a = -1, b = 0 gives h_t = (-1)^t h0 exactly.
+    h, last = sk.linear_scan(-torch.ones(1, 7, 1, dtype=F64), torch.zeros(1, 7, 1, dtype=F64),
+                             torch.ones(1, 1, dtype=F64))
+    assert h.flatten().tolist() == [(-1.0) ** t for t in range(1, 8)]
+    assert last.item() == -1.0
+
+
+def test_linear_scan_chunks_compose():
+    randn, rand = gen(3)
+    a, b, h0 = 2 * rand(2, 40, 6) - 1, randn(2, 40, 6), randn(2, 6)
+    h1, s1 = sk.linear_scan(a[:, :13], b[:, :13], h0)
+    h2, s2 = sk.linear_scan(a[:, 13:], b[:, 13:], s1)
+    pair_close((torch.cat([h1, h2], 1), s2), ref_linear(a, b, h0))
+
+
+def test_linear_scan_gradcheck():
+    randn, rand = gen(4)
+    a = (2 * rand(2, 5, 3) - 1).requires_grad_()
+    b, h0 = randn(2, 5, 3).requires_grad_(), randn(2, 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *x: sk.linear_scan(*x), (a, b, h0))
+    ab = rand(2, 5, 1).requires_grad_()     # broadcast a: gradient sums over the size-1 axis
+    assert torch.autograd.gradcheck(lambda *x: sk.linear_scan(*x), (ab, b, h0))
+
+
+def test_linear_scan_float32():
+    randn, rand = gen(5)
+    a, b, h0 = 2 * rand(4, 64, 32) - 1, randn(4, 64, 32), randn(4, 32)
+    got = sk.linear_scan(a.float(), b.float(), h0.float())
+    assert all(x.dtype == F32 for x in got)
+    pair_close(got, ref_linear(a, b, h0), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- 2. maxplus_scan
+
+@pytest.mark.parametrize("L", LENGTHS)
+def test_maxplus_matches_loop(L):
+    randn, rand = gen(10 + L)
+    a, b, m0 = -3 * rand(2, L, 4, 3), randn(2, L, 4, 3), randn(2, 4, 3)
+    pair_close(sk.maxplus_scan(a, b, m0), ref_maxplus(a, b, m0))
+
+
+def test_maxplus_infinities():
+    randn, rand = gen(11)
+    L = 64
+    a, b = -30 * rand(2, L, 6), randn(2, L, 6)
+    m0 = torch.full((2, 6), NEG_INF, dtype=F64)
+    b[:, :5, :3] = NEG_INF                   # nothing but -inf for a while
+    a[:, 30, 3:] = NEG_INF                   # a hard reset
+    a.requires_grad_()
+    b.requires_grad_()
+    want = ref_maxplus(a, b, m0)
+    got = sk.maxplus_scan(a, b, m0)
+    for x, r in zip(got, want):
+        assert not torch.isnan(x).any()
+        assert torch.equal(torch.isinf(x), torch.isinf(r))
+        fin = torch.isfinite(r)
+        close(x[fin], r[fin])
+    # Ties of -inf with -inf make the subgradient a choice, so only finiteness is checked.
+    grads = torch.autograd.grad(got[0][torch.isfinite(got[0])].sum(), (a, b))
+    assert all(torch.isfinite(g).all() for g in grads)
+    # Every input -inf: the answer is -inf, not NaN.
+    ninf = torch.full((1, 3, 2), NEG_INF, dtype=F64)
+    m, last = sk.maxplus_scan(ninf, ninf, ninf[:, 0])
+    assert torch.isneginf(m).all() and torch.isneginf(last).all()
+
+
+def test_maxplus_gradcheck():
+    randn, rand = gen(12)
+    a = (-rand(2, 5, 3)).requires_grad_()
+    b, m0 = randn(2, 5, 3).requires_grad_(), randn(2, 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *x: sk.maxplus_scan(*x), (a, b, m0))
+
+
+def test_maxplus_grad_with_neg_inf_state():
+    randn, rand = gen(13)
+    a = (-rand(2, 9, 3)).requires_grad_()
+    b = randn(2, 9, 3).requires_grad_()
+    m0 = torch.full((2, 3), NEG_INF, dtype=F64)
+    m, last = sk.maxplus_scan(a, b, m0)
+    ga, gb = torch.autograd.grad(m.sum() + last.sum(), (a, b))
+    rm, rlast = ref_maxplus(a, b, m0)
+    ra, rb = torch.autograd.grad(rm.sum() + rlast.sum(), (a, b))
+    close(ga, ra)
+    close(gb, rb)
+
+
+@pytest.mark.parametrize("scale", [30.0, 1.0, 1e-6])
+def test_maxplus_float32(scale):
+    randn, rand = gen(14)
+    a, b, m0 = -scale * rand(4, 64, 32), randn(4, 64, 32), randn(4, 32)
+    got = sk.maxplus_scan(a.float(), b.float(), m0.float())
+    pair_close(got, ref_maxplus(a, b, m0), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- 3. linear attention
+
+@pytest.mark.parametrize("include_current", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("L", LENGTHS + [50])
+def test_linear_attention_matches_loop(L, per_channel, include_current):
+    q, k, v, ld, S0 = la_inputs(L, per_channel, seed=L)
+    got = sk.chunk_linear_attention(q, k, v, ld, S0, include_current)
+    pair_close(got, ref_linear_attention(q, k, v, ld, S0, include_current))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_linear_attention_state_only(per_channel):
+    q, k, v, ld, S0 = la_inputs(64, per_channel, seed=3)
+    o, S = sk.chunk_linear_attention(None, k, v, ld, S0)
+    assert o is None
+    close(S, ref_linear_attention(None, k, v, ld, S0)[1])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_linear_attention_chunks_compose(per_channel):
+    q, k, v, ld, S0 = la_inputs(45, per_channel, seed=4)
+    o1, s1 = sk.chunk_linear_attention(q[:, :32], k[:, :32], v[:, :32], ld[:, :32], S0)
+    o2, s2 = sk.chunk_linear_attention(q[:, 32:], k[:, 32:], v[:, 32:], ld[:, 32:], s1)
+    pair_close((torch.cat([o1, o2], 1), s2), ref_linear_attention(q, k, v, ld, S0))
+
+
+def _loguniform_decay(shape, seed=98):
+    """Log-decays spread log-uniformly over [-30, -1e-6]."""
+    _, rand = gen(seed)
+    lo, hi = torch.log(torch.tensor(1e-6, dtype=F64)), torch.log(torch.tensor(30.0, dtype=F64))
+    return -torch.exp(lo + (hi - lo) * rand(*shape))
+
+
+def _decay_fn(kind):
+    if kind == "strong":
+        return lambda s: torch.full(s, -30.0, dtype=F64)
+    if kind == "weak":
+        return lambda s: torch.full(s, -1e-6, dtype=F64)
+    if kind == "loguniform":
+        return _loguniform_decay
+
+    def zero(s):            # decays of exactly 0 at some steps (and channels)
+        x = -gen(97)[1](*s)
+        x[:, 3] = NEG_INF
+        x[:, 20:23, ..., :1] = NEG_INF
+        x[:, -1] = NEG_INF
+        return x
+    return zero
+
+
+EXTREMES = ["strong", "weak", "loguniform", "zero"]
+
+
+@pytest.mark.parametrize("include_current", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("kind", EXTREMES)
+def test_linear_attention_extreme_decays(kind, per_channel, include_current):
+    args = [x.requires_grad_() for x in la_inputs(64, per_channel, seed=5,
+                                                  decay=_decay_fn(kind))]
+    got = sk.chunk_linear_attention(*args, include_current)
+    want = ref_linear_attention(*args, include_current)
+    pair_close(got, want)
+    # Gradients, the -inf log-decays included, against the loop's autograd.
+    gg = torch.autograd.grad(got[0].sum() + got[1].square().sum(), args)
+    gw = torch.autograd.grad(want[0].sum() + want[1].square().sum(), args)
+    for x, r in zip(gg, gw):
+        close(x, r)
+
+
+@pytest.mark.parametrize("include_current", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_linear_attention_gradcheck(per_channel, include_current):
+    args = [x.requires_grad_() for x in la_inputs(5, per_channel, seed=6, B=1, H=2, K=3, V=2)]
+    assert torch.autograd.gradcheck(
+        lambda *x: sk.chunk_linear_attention(*x, include_current=include_current), args)
+
+
+@pytest.mark.parametrize("kind", ["random"] + EXTREMES)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_linear_attention_float32(per_channel, kind):
+    decay = None if kind == "random" else _decay_fn(kind)
+    args = la_inputs(64, per_channel, seed=7, B=2, H=2, K=16, V=16, decay=decay)
+    for inc in (True, False):
+        got = sk.chunk_linear_attention(*(x.float() for x in args), include_current=inc)
+        assert all(x.dtype == F32 for x in got)
+        pair_close(got, ref_linear_attention(*args, include_current=inc), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- 4. delta rule
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("kind", ["deltanet", "general"])
+@pytest.mark.parametrize("L", LENGTHS)
+def test_delta_rule_matches_loop(L, kind, gated):
+    args = delta_inputs(L, kind, seed=L, gated=gated)
+    pair_close(sk.chunk_delta_rule(*args), ref_delta(*args))
+
+
+def test_delta_rule_state_only_and_chunks_compose():
+    q, r, w, p, v, la, S0 = delta_inputs(40, "general", seed=20)
+    o, S = sk.chunk_delta_rule(None, r, w, p, v, la, S0)
+    assert o is None
+    close(S, ref_delta(None, r, w, p, v, la, S0)[1])
+    o1, s1 = sk.chunk_delta_rule(*(x[:, :17] for x in (q, r, w, p, v, la)), S0)
+    o2, s2 = sk.chunk_delta_rule(*(x[:, 17:] for x in (q, r, w, p, v, la)), s1)
+    pair_close((torch.cat([o1, o2], 1), s2), ref_delta(q, r, w, p, v, la, S0))
+
+
+def test_delta_rule_negative_eigenvalues():
+    # w = (1 + beta) k with |k| = 1: the transition I - w k^T has the eigenvalue -beta.
+    q, r, w, p, v, la, S0 = delta_inputs(64, "deltanet", seed=21)
+    w2 = w + r
+    args = (q, r, w2, w2, v, la, S0)
+    pair_close(sk.chunk_delta_rule(*args), ref_delta(*args))
+
+
+@pytest.mark.parametrize("kind", EXTREMES)
+def test_delta_rule_extreme_decays(kind):
+    args = [x.requires_grad_() for x in delta_inputs(64, "general", seed=22,
+                                                     decay=_decay_fn(kind))]
+    got = sk.chunk_delta_rule(*args)
+    want = ref_delta(*args)
+    pair_close(got, want)
+    gg = torch.autograd.grad(got[0].sum() + got[1].square().sum(), args)
+    gw = torch.autograd.grad(want[0].sum() + want[1].square().sum(), args)
+    for x, r in zip(gg, gw):
+        close(x, r)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_rule_gradcheck(gated):
+    args = [x.requires_grad_() if x is not None else None
+            for x in delta_inputs(5, "general", seed=23, B=1, H=2, K=3, V=2, gated=gated)]
+    assert torch.autograd.gradcheck(lambda *x: sk.chunk_delta_rule(*x), args)
+
+
+@pytest.mark.parametrize("decay", ["random"] + EXTREMES)
+@pytest.mark.parametrize("kind", ["deltanet", "general"])
+def test_delta_rule_float32(kind, decay):
+    args = delta_inputs(64, kind, seed=24, B=2, H=2, K=16, V=16,
+                        decay=None if decay == "random" else _decay_fn(decay))
+    got = sk.chunk_delta_rule(*(x.float() for x in args))
+    assert all(x.dtype == F32 for x in got)
+    pair_close(got, ref_delta(*args), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- 5. dense_scan
+
+@pytest.mark.parametrize("L", LENGTHS)
+def test_dense_scan_matches_loop(L):
+    args = dense_inputs(L, seed=L)
+    pair_close(sk.dense_scan(*args), ref_dense(*args))
+
+
+def test_dense_scan_shared_and_singular_transitions():
+    A, b, h0 = dense_inputs(64, seed=30)
+    A = A.clone()
+    A[:, 5] = 0.0                               # a reset
+    A[:, 9] = -torch.eye(4, dtype=F64)          # a sign flip
+    pair_close(sk.dense_scan(A, b, h0), ref_dense(A, b, h0))
+    shared = A[:1]                              # one transition sequence for every batch row
+    pair_close(sk.dense_scan(shared, b, h0), ref_dense(shared.expand_as(A), b, h0))
+
+
+def test_dense_scan_gradcheck():
+    args = [x.requires_grad_() for x in dense_inputs(5, seed=31, B=2, n=3)]
+    assert torch.autograd.gradcheck(lambda *x: sk.dense_scan(*x), args)
+
+
+def test_dense_scan_float32():
+    args = dense_inputs(64, seed=32, B=4, n=6)
+    got = sk.dense_scan(*(x.float() for x in args))
+    pair_close(got, ref_dense(*args), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- timings
+
+def _ms(fn, reps=10):
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def test_timings():
+    """Prints CPU ms per chunk (best of 10) at B=4, L=64, H=4, K=V=64; asserts finiteness."""
+    B, L, H, K, V = 4, 64, 4, 64, 64
+    randn, rand = gen(40)
+    q, k, v = randn(B, L, H, K, dtype=F32), randn(B, L, H, K, dtype=F32), randn(B, L, H, V,
+                                                                                dtype=F32)
+    S0 = randn(B, H, K, V, dtype=F32)
+    kn = F.normalize(k, dim=-1)
+    w = rand(B, L, H, 1, dtype=F32) * kn
+    runs = {
+        "linear_attention scalar decay": lambda: sk.chunk_linear_attention(
+            q, k, v, -rand(B, L, H, 1, dtype=F32), S0),
+        "linear_attention per-channel decay": lambda: sk.chunk_linear_attention(
+            q, k, v, -rand(B, L, H, K, dtype=F32), S0),
+        "delta_rule gated": lambda: sk.chunk_delta_rule(
+            q, kn, w, w, v, -rand(B, L, H, dtype=F32), S0),
+    }
+    for name, fn in runs.items():
+        o, S = fn()
+        assert torch.isfinite(o).all() and torch.isfinite(S).all()
+        print(f"\n  {name}: {_ms(fn):.2f} ms per chunk (float32, forward, "
+              f"{torch.get_num_threads()} thread)", end="")
