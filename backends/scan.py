@@ -25,7 +25,8 @@ from rnnc.ir import Op
 from . import scan_kernels as K
 
 NAME = "scan"
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 64        # matrix states: the chunk forms cost O(L^2) per chunk
+ELEMENTWISE_CHUNK = 256   # only materialised states: longer blocks, fewer Python steps
 DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
 
 
@@ -361,5 +362,8 @@ class Runner:
         return c.permute(0, *[1 + i for i in inv]).contiguous()
 
 
-def build(rec, analysis, chunk_size=DEFAULT_CHUNK):
+def build(rec, analysis, chunk_size=None):
+    if chunk_size is None:
+        matrix = any(f.method in ("chunked", "chunked_delta") for f in analysis.states)
+        chunk_size = DEFAULT_CHUNK if matrix else ELEMENTWISE_CHUNK
     return Runner(rec, analysis, chunk_size)

@@ -80,7 +80,10 @@ def compile(spec, name: str | None = None, backend: str = "sequential", chunk_si
         raise err.located(rec.source, rec.filename) from None
     facts = analysis_mod.analyse(rec)
     plan = plan_mod.choose(rec, facts)
-    chosen = plan_mod.pick_backend(backend, rec, facts, AVAILABLE, get)
+    try:
+        chosen = plan_mod.pick_backend(backend, rec, facts, AVAILABLE, get)
+    except RnncError as err:
+        raise err.located(rec.source, rec.filename) from None
     impl = get(chosen)
-    runner = impl.build(rec, facts, chunk_size) if chunk_size and chosen == "scan" else impl.build(rec, facts)
+    runner = impl.build(rec, facts, chunk_size) if chosen == "scan" else impl.build(rec, facts)
     return RecurrentModule(rec, facts, plan, chosen, runner, dims)

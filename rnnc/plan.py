@@ -36,5 +36,8 @@ def pick_backend(requested: str, rec, analysis, available: dict, get) -> str:
         raise RnncError(f"unknown backend {requested!r} (available: auto, {', '.join(available)})")
     reason = get(requested).unsupported(rec, analysis)
     if reason is not None:
-        raise RnncError(f"backend {requested!r} cannot run rnn {rec.name}: {reason}")
+        # Point at the expression that blocks the plan, when the analysis found one.
+        where = next((f.where for f in analysis.states if f.where is not None), None)
+        raise RnncError(f"backend {requested!r} cannot run rnn {rec.name}: {reason}",
+                        line=getattr(where, "line", None), col=getattr(where, "col", None))
     return requested
