@@ -227,6 +227,9 @@ class Runner:
             h, _ = K.maxplus_scan(a, self._bl(b, shape, B, L), carry[name])
             self._store(name, env, h, carry, B, L, shape)
             return
+        if f.method in ("chunked", "chunked_delta"):
+            self._solve_chunked(name, env, carry, shape, B, L)
+            return
         diag = [_coef(t) for t in f.terms if t.state is not None and t.state[1] == labels]
         inputs = [t for t in f.terms if t.state is None]
         zeros = carry[name].new_zeros(B, L, *shape)
@@ -252,7 +255,7 @@ class Runner:
             h, _ = K.dense_scan(A, b.reshape(B, L, n), carry[name].reshape(B, n))
             self._store(name, env, h.reshape(B, L, *shape), carry, B, L, shape)
             return
-        self._solve_chunked(name, env, carry, shape, B, L)
+        raise RnncError(f"internal: no solver for method {f.method!r} of state {name}")
 
     def _log_coef(self, terms, env, labels, what):
         """log of a positive coefficient; exact for products of exp(...) factors."""
