@@ -268,11 +268,9 @@ class Runner:
             out = eval_terms(parts, env, labels)
             return out + math.log(t.scale) if t.scale != 1.0 else out
         coef = eval_terms(terms, env, labels)
-        if bool((coef <= 0).any()):
-            raise RnncError(f"state {self.facts[what].name}: the scan backend's chunked plan needs "
-                            "positive decays, and this input produced a decay <= 0; use "
-                            "backend='sequential' for it")
-        return torch.log(coef)
+        if bool((coef < 0).any()):
+            return None  # a negative decay: the caller solves this block exactly instead
+        return torch.log(coef)  # exact zeros give -inf, which the chunk forms handle
 
     def _solve_chunked(self, name, env, carry, shape, B, L):
         f, lay = self.facts[name], self.layout[name]
@@ -300,6 +298,12 @@ class Runner:
             v = ref.new_zeros(B, L, H, V)
         diag = [_coef(t) for t in lay.diag]
         log_decay = self._log_coef(diag, env, labels, name) if diag else None
+        if diag and log_decay is None:
+            if f.method == "chunked":
+                self._solve_materialised(name, env, carry, shape, B, L)
+                return
+            raise RnncError(f"state {name}: the chunked delta rule needs a positive decay, and this "
+                            "input produced a negative one; use backend='sequential' for it")
         if f.method == "chunked":
             if log_decay is None:
                 log_decay = ref.new_full((B * L, *[1] * len(shape)), -1e4)
@@ -356,6 +360,27 @@ class Runner:
         if S_last is None:
             _, S_last = run(None, True)
         carry[name] = S_last
+
+    def _solve_materialised(self, name, env, carry, shape, B, L):
+        """A chunked state solved by materialising it per step: exact for decays of any sign
+        (the chunk forms need logarithms), used for blocks where a decay is negative."""
+        f, lay = self.facts[name], self.layout[name]
+        labels = lay.labels
+        S0 = self._from_kernel(name, carry[name], shape)
+        diag = [_coef(t) for t in lay.diag]
+        a = self._bl(eval_terms(diag, env, labels), shape, B, L)
+        b = self._bl(eval_terms([lay.input], env, labels), shape, B, L) if lay.input else torch.zeros_like(a)
+        h, last = K.linear_scan(a, b, S0)
+        prev = torch.cat([S0.unsqueeze(1), h[:, :-1]], 1)
+        values = {"old": prev.reshape(B * L, *shape), "new": h.reshape(B * L, *shape)}
+        for node, terms in f.readouts.items():
+            total = None
+            for t in terms:
+                sv = None if t.state is None else values[t.state[0]]
+                val = eval_terms([t], env, t.out, state_value=sv)
+                total = val if total is None else total + val
+            env[node] = total.expand(total.shape[0], *interpret.concrete(self.rec.attr(node, "shape"), self._sizes))
+        carry[name] = lay.to_kernel(last, shape, B, 1)[:, 0]
 
     def _from_kernel(self, name, c, shape):
         lay = self.layout[name]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .compiler import compile, load
 from .errors import RnncError
 from .random_spec import random_spec
+from . import builder, layers  # noqa: F401  (rnnc.builder: specs from Python; rnnc.layers: composition)
 
 __all__ = ["compile", "load", "RnncError", "random_spec"]
 __version__ = "0.1.0"

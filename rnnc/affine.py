@@ -237,8 +237,11 @@ def eval_terms(terms, values: dict, out: tuple, state_value=None, state_labels=N
         kept = "".join(c for c in out_letters if c in present)
         if operands:
             v = torch.einsum(",".join(subs) + "->..." + kept, *operands)
-        else:
-            v = torch.ones((1,), dtype=torch.float64 if state_value is None else state_value.dtype)
+        else:  # a constant term: match the dtype and device of the values around it
+            like = state_value if state_value is not None else next(
+                (x for x in values.values() if isinstance(x, torch.Tensor)), None)
+            v = torch.ones((1,), dtype=like.dtype if like is not None else torch.get_default_dtype(),
+                           device=like.device if like is not None else None)
         if t.scale != 1.0:
             v = v * t.scale
         # Insert size-1 axes for out labels that no operand carries.

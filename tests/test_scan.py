@@ -549,3 +549,43 @@ def test_autograd_memory_linear_in_T():
     assert small > 0
     # linear: ~4x; quadratic would be ~16x
     assert large / small < 6, f"saved bytes T=1024: {small}, T=4096: {large} (ratio {large / small:.1f})"
+
+
+# --- regressions found while building on the scan backend ------------------------------------
+
+def test_ungated_delta_rule_in_float32():
+    """A constant decay coefficient once came out in float64 and crashed float32 inputs."""
+    case = CASE_BY_NAME["deltanet"]
+    seq = rnnc.compile(str(case.path), backend="sequential", **case.dims)
+    scan = rnnc.compile(str(case.path), backend="scan", chunk_size=4, **case.dims)
+    scan.load_state_dict(seq.state_dict())
+    xs = make_inputs(case, 2, 11, torch.float32, seed=3)
+    ref64 = seq.double()(*[x.double() for x in xs])
+    err_scan = (scan(*xs).double() - ref64).abs().max().item()
+    assert err_scan < 1e-4 * max(1.0, ref64.abs().max().item())
+
+
+SIGNED_DECAY = """rnn signed(q[H,K], k[H,K], v[H,V], g[H,K]) -> o[H,V] {
+    state S[H,K,V] = 0
+    S[h,i,j] = (2 * sigmoid(g[h,i]) - 1) * S[h,i,j] + k[h,i] * v[h,j]
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}
+"""
+
+
+def test_chunked_plan_with_negative_decays_is_exact():
+    """A decay that can be negative still gets the chunked plan; blocks where it is negative
+    are solved exactly by materialising the state, never with an error or a wrong answer."""
+    auto = rnnc.compile(SIGNED_DECAY, backend="auto", chunk_size=4).double()
+    ref = rnnc.compile(SIGNED_DECAY, backend="sequential").double()
+    assert auto.backend == "scan" and auto.analysis.plan == "chunked"
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(2, 13, 2, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    xs += [torch.randn(2, 13, 2, 4, generator=g, dtype=torch.float64),
+           torch.randn(2, 13, 2, 3, generator=g, dtype=torch.float64)]
+    xs[3][:, :4] = 5.0  # the first block has only positive decays: the chunk form runs there
+    init = {"S": torch.randn(2, 2, 3, 4, generator=g, dtype=torch.float64)}
+    ya, fa = auto(*xs, initial_state=init, output_final_state=True)
+    yr, fr = ref(*xs, initial_state=init, output_final_state=True)
+    torch.testing.assert_close(ya, yr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fa["S"], fr["S"], rtol=1e-10, atol=1e-10)
