@@ -170,6 +170,84 @@ def cmd_graph(args) -> int:
     return 0
 
 
+def _int_list(text: str | None, flag: str) -> list | None:
+    """'256,1024' -> [256, 1024]."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(t.isdigit() and int(t) > 0 for t in items):
+        raise RnncError(f"{flag} expects positive integers separated by commas, got {text!r}",
+                        filename="rnnc bench")
+    return [int(t) for t in items]
+
+
+def _dists(text: str | None) -> dict:
+    """'g=logdecay,k=unit' -> {'g': 'logdecay', 'k': 'unit'}."""
+    out = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip() or not value.strip():
+                raise RnncError(f"--dist expects NAME=KIND pairs separated by commas, got {item.strip()!r}",
+                                filename="rnnc bench")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    if not os.path.exists(args.file):
+        raise RnncError(f"no such file: {args.file}", filename=bench.WHO)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise RnncError("--plot needs matplotlib (pip install matplotlib)", filename=bench.WHO) from None
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):  # fail before the run, not after
+        if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise RnncError(f"{flag} {out}: no such directory", filename=bench.WHO)
+    kwargs = dict(name=args.name, dims=parse_dims(args.dims), B=args.B, T=_int_list(args.T, "--T"),
+                  dtype=args.dtype, device=args.device, backends=args.backend,
+                  backward=args.backward, peers=args.peers, reps=args.reps, warmup=args.warmup,
+                  dists=_dists(args.dist), seed=args.seed)
+    progress = None
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        console = Console(stderr=True)
+        if console.is_terminal:
+            progress = Progress(TextColumn("{task.description:<40}"), BarColumn(),
+                                TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                console=console, transient=True)
+    except ImportError:
+        pass
+    if progress is None:
+        records = bench.run_bench(args.file, **kwargs)
+    else:
+        with progress:
+            task = progress.add_task("starting", total=None)
+
+            def report(done, total, desc):
+                progress.update(task, completed=done, total=total, description=desc)
+            records = bench.run_bench(args.file, progress=report, **kwargs)
+    bench.render_table(records)
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=2)
+                f.write("\n")
+        except OSError as e:
+            raise RnncError(f"cannot write {args.json}: {e.strerror or e}", filename=bench.WHO) from None
+    if args.plot:
+        bench.save_plot(records, args.plot)
+    failed = sorted({r["backend"] for r in records if r["kind"] == "rnnc" and r["status"] == "failed"})
+    if failed:
+        print(f"rnnc bench: backend{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed "
+              "(not timed; see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _load_one(path, name):
     from .compiler import load
     return load(path if os.path.exists(path) else _missing(path), name)
@@ -192,6 +270,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="which rnn block, when the file has several")
     g.add_argument("-o", "--output", help="out.dot (default: print DOT), or .svg/.png/.pdf via graphviz")
     g.set_defaults(run=cmd_graph)
+    b = sub.add_parser("bench", help="check every backend against the reference, then time it",
+                       description="Check each backend (and, with --peers, known external "
+                       "implementations) against the sequential reference, then time it over T. "
+                       "A backend that disagrees is reported as failed and never timed. Exit code "
+                       "1 when an rnnc backend failed.")
+    b.add_argument("file", metavar="FILE")
+    b.add_argument("--name", help="which rnn block, when the file has several")
+    b.add_argument("--dims", help="sizes, e.g. H=4,K=64 (default per dim name: H=4 heads or 256 "
+                   "hidden, K=V=64, D=256, N=16, P=64, others 32)")
+    b.add_argument("--B", type=int, default=None, help="batch size (default 4)")
+    b.add_argument("--T", default=None, help="sequence lengths, e.g. 256,1024 (default 256,1024 on "
+                   "CPU, 256,1024,4096 on CUDA)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    b.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="default: cuda when available, else cpu")
+    b.add_argument("--backend", default="all",
+                   help="all, or a comma-separated list of backends (sequential, scan, ...)")
+    b.add_argument("--backward", action="store_true", help="also time forward+backward")
+    b.add_argument("--peers", action="store_true",
+                   help="also time installed peers (torch.nn, fla, mamba-ssm, accelerated-scan)")
+    b.add_argument("--json", metavar="OUT.json", help="write one record per measurement")
+    b.add_argument("--plot", metavar="OUT.png", help="log-log plot of time against T (matplotlib)")
+    b.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions (default: adaptive, 3-10 on CPU, 10-100 on CUDA)")
+    b.add_argument("--warmup", type=int, default=None, help="untimed calls after the first (default 1 CPU, 3 CUDA)")
+    b.add_argument("--dist", default=None, help="input distributions, e.g. g=logdecay,k=unit "
+                   "(kinds: normal, unit, gate, logdecay, positive; default: read off the spec)")
+    b.add_argument("--seed", type=int, default=0, help="seed for params and inputs (default 0)")
+    b.set_defaults(run=cmd_bench)
     return p
 
 
