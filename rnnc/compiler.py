@@ -41,7 +41,8 @@ def load(spec, name: str | None = None):
     if name is None:
         if len(recs) > 1:
             names = ", ".join(r.name for r in recs)
-            raise RnncError(f"{program.filename} defines several recurrences ({names}); pass name=...",
+            raise RnncError(f"{program.filename} defines several recurrences ({names}); pass name=... "
+                            "to rnnc.compile, or --name on the command line",
                             filename=program.filename)
         return recs[0]
     for r in recs:
