@@ -26,7 +26,8 @@ from . import scan_kernels as K
 
 NAME = "scan"
 DEFAULT_CHUNK = 64        # matrix states: the chunk forms cost O(L^2) per chunk
-ELEMENTWISE_CHUNK = 256   # only materialised states: longer blocks, fewer Python steps
+ELEMENTWISE_CHUNK = 512   # only materialised states: the block is the scan's unit
+BLOCK_CHUNKS = 16         # chunks per block: the kernels batch the chunks of a block together
 DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
 
 
@@ -103,8 +104,11 @@ class _Chunked:
 
 
 class Runner:
-    def __init__(self, rec, analysis, chunk_size=DEFAULT_CHUNK):
+    def __init__(self, rec, analysis, chunk_size=DEFAULT_CHUNK, block=None):
         self.rec, self.analysis, self.chunk = rec, analysis, chunk_size
+        # Hoisted work and materialised states exist one block at a time (bounded memory);
+        # inside a block the chunk kernels work on all its chunks at once.
+        self.block = block or chunk_size
         g = rec.graph
         self.hoisted = [i for i in rec.order() if i in analysis.hoisted]
         facts = {f.name: f for f in analysis.states}
@@ -166,8 +170,8 @@ class Runner:
             else:
                 carry[s.name] = state0[s.name]
         outs = {o.name: [] for o in rec.outputs}
-        for t0 in range(0, T, self.chunk):
-            L = min(self.chunk, T - t0)
+        for t0 in range(0, T, self.block):
+            L = min(self.block, T - t0)
             env = {}
             for d in rec.inputs:
                 x = inputs[d.name][:, t0:t0 + L]
@@ -190,7 +194,8 @@ class Runner:
             if s.name in self.layout:
                 c = self._from_kernel(s.name, c, shapes[s.name])
             final[s.name] = c
-        outputs = {n: (torch.cat(v, 1) if v else x0.new_zeros(B, 0)) for n, v in outs.items()}
+        outputs = {o.name: (torch.cat(outs[o.name], 1) if outs[o.name] else
+                            x0.new_zeros(B, 0, *interpret.concrete(o.shape, sizes))) for o in rec.outputs}
         return outputs, final
 
     # --- per-state solvers -------------------------------------------------------------------
@@ -310,7 +315,8 @@ class Runner:
             ld = kern(log_decay)[..., 0]  # [B, L, H, K or 1]
             if ld.shape[-1] != 1:
                 ld = ld.expand(B, L, H, Kd)
-            run = lambda q, include: K.chunk_linear_attention(q, p, v, ld, S0, include)  # noqa: E731
+            run = lambda q, include: K.chunk_linear_attention(q, p, v, ld, S0, include,  # noqa: E731
+                                                              chunk=self.chunk)
         else:
             low = lay.low[0]
             x = low.state[1][lay.key]
@@ -332,7 +338,8 @@ class Runner:
                 w = w / kern(torch.exp(log_decay))[..., 0]
             la = None if log_decay is None else kern(log_decay)[..., 0, 0]
             r, w = r.expand(B, L, H, Kd), w.expand(B, L, H, Kd)
-            run = lambda q, include: K.chunk_delta_rule(q, r, w, p, v, la, S0)  # noqa: E731
+            run = lambda q, include: K.chunk_delta_rule(q, r, w, p, v, la, S0,  # noqa: E731
+                                                        chunk=self.chunk)
         S_last = None
         for node, terms in f.readouts.items():
             total = None
@@ -391,7 +398,7 @@ class Runner:
 
 
 def build(rec, analysis, chunk_size=None):
+    matrix = any(f.method in ("chunked", "chunked_delta") for f in analysis.states)
     if chunk_size is None:
-        matrix = any(f.method in ("chunked", "chunked_delta") for f in analysis.states)
         chunk_size = DEFAULT_CHUNK if matrix else ELEMENTWISE_CHUNK
-    return Runner(rec, analysis, chunk_size)
+    return Runner(rec, analysis, chunk_size, block=chunk_size * BLOCK_CHUNKS if matrix else chunk_size)

@@ -146,6 +146,10 @@ class _Checker:
 
     def declare(self, name, pos, kind):
         check_identifier(name, pos, kind)
+        if name in self.env and name not in self.kind:
+            first = next((p for n, p, _ in self.statements if n == name), None)
+            where = f" at line {first.line}" if first is not None else ""
+            fail(f"{name!r} is already a variable assigned{where}; declare it before using the name", pos)
         if name in self.kind:
             prev = self.decl_pos[name]
             fail(f"{name!r} is already declared as {self.kind[name]} at line {prev.line}", pos)

@@ -22,9 +22,9 @@ def _read(spec) -> tuple:
         try:
             return path.read_text(), str(spec)
         except FileNotFoundError:
-            raise RnncError(f"no such file: {spec}") from None
+            raise RnncError("no such file", filename=str(spec)) from None
         except (OSError, UnicodeDecodeError) as e:
-            raise RnncError(f"cannot read {spec}: {e}") from None
+            raise RnncError(f"cannot read the file: {e}", filename=str(spec)) from None
     raise RnncError(f"expected a path or .rnn source text, got {type(spec).__name__}")
 
 
@@ -41,7 +41,7 @@ def load(spec, name: str | None = None):
     if name is None:
         if len(recs) > 1:
             names = ", ".join(r.name for r in recs)
-            raise RnncError(f"{program.filename} defines several recurrences ({names}); pass name=... "
+            raise RnncError(f"the file defines several recurrences ({names}); pass name=... "
                             "to rnnc.compile, or --name on the command line",
                             filename=program.filename)
         return recs[0]
@@ -61,14 +61,16 @@ def compile(spec, name: str | None = None, backend: str = "sequential", chunk_si
     dims: sizes of the spec's dims (`H=4, K=16`). Dims used by params must be given; the
     others may come from the inputs at call time.
     """
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise RnncError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    def bad_chunk():
+        return chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                           or chunk_size < 1)
     from .backends import AVAILABLE, get
     from .module import RecurrentModule, check_indices, dims_for_params
 
     rec = load(spec, name)
     try:
+        if bad_chunk():
+            raise RnncError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         for k, v in dims.items():
             if k not in rec.dims:
                 known = ", ".join(rec.dims) or "none"

@@ -26,10 +26,19 @@ def _shape_text(shape) -> str:
 
 def dims_for_params(rec: ir.Recurrence, given: dict) -> None:
     """Every dim a param uses must be given; every other dim must be inferable from inputs."""
-    from_inputs = set()
-    for d in rec.inputs:
-        for s in d.shape:
-            from_inputs |= {x.name for x in s.free_symbols}
+    # A dim comes from the inputs when some input axis leaves it as the only unknown, once the
+    # given dims and the dims solved so far are known (x[4*H] fixes H; x[H*K] alone fixes none).
+    from_inputs, known = set(), set(given)
+    progress = True
+    while progress:
+        progress = False
+        for d in rec.inputs:
+            for s in d.shape:
+                unknown = {x.name for x in s.free_symbols} - known
+                if len(unknown) == 1:
+                    known |= unknown
+                    from_inputs |= unknown
+                    progress = True
     for p in rec.params:
         for s in p.shape:
             for x in sorted(s.free_symbols, key=lambda x: x.name):
@@ -37,11 +46,14 @@ def dims_for_params(rec: ir.Recurrence, given: dict) -> None:
                     raise RnncError(f"dim {x.name} has no size: param {p.name}{ir.shape_str(p.shape)} "
                                     f"needs it; pass {x.name}=... to rnnc.compile",
                                     line=p.pos.line, col=p.pos.col)
+    in_inputs = {x.name for d in rec.inputs for s in d.shape for x in s.free_symbols}
     for name in rec.dims:
         if name not in given and name not in from_inputs:
             pos = rec.dim_pos[name]
-            raise RnncError(f"dim {name} has no size: it appears in no input, so pass "
-                            f"{name}=... to rnnc.compile", line=pos.line, col=pos.col)
+            why = ("the inputs do not fix it on its own (it appears only in products of unknown "
+                   "dims)" if name in in_inputs else "it appears in no input")
+            raise RnncError(f"dim {name} has no size: {why}, so pass {name}=... to rnnc.compile",
+                            line=pos.line, col=pos.col)
 
 
 def check_indices(rec: ir.Recurrence, sizes: dict) -> None:
@@ -101,8 +113,8 @@ class RecurrentModule(nn.Module):
             self.register_parameter(p.name, nn.Parameter(value))
 
     def extra_repr(self) -> str:
-        dims = ", ".join(f"{k}={v}" for k, v in self._given.items())
-        return f"rnn {self.recurrence.name}, backend={self.backend}, {dims}"
+        dims = "".join(f", {k}={v}" for k, v in self._given.items())
+        return f"rnn {self.recurrence.name}, backend={self.backend}{dims}"
 
     def _error(self, message: str) -> RnncError:
         return RnncError(message, filename=f"rnn {self.recurrence.name}")
@@ -211,7 +223,13 @@ class RecurrentModule(nn.Module):
         inputs = {d.name: x.to(dtype) for d, x in zip(rec.inputs, xs)}
         params = {name: p.to(dtype) for name, p in self.named_parameters()}
         state0 = self._state0(state, sizes, B, dtype, device)
-        outputs, final = self._runner(sizes, params, inputs, state0)
+        try:
+            outputs, final = self._runner(sizes, params, inputs, state0)
+        except RnncError as err:  # a backend's refusal at call time names the recurrence
+            if err.filename == "<spec>" and err.line is None:
+                err.filename = f"rnn {rec.name}"
+                err.args = (err.format(),)
+            raise
         outs = tuple(outputs[o.name].to(in_dtype) for o in rec.outputs)
         if lead == 1:
             outs = tuple(o.squeeze(1) for o in outs)

@@ -286,7 +286,6 @@ UNLOCATED = [
     ("dim_not_positive", src("y = x"), {"D": 0}, "dim D must be a positive integer, got 0"),
     ("dim_not_int", src("y = x"), {"D": 2.0}, "dim D must be a positive integer, got 2.0"),
     ("dim_bool", src("y = x"), {"D": True}, "dim D must be a positive integer, got True"),
-    ("missing_file", "no/such/file.rnn", {}, "no such file: no/such/file.rnn"),
 ]
 
 
@@ -295,6 +294,12 @@ UNLOCATED = [
 def test_unlocated_error(source, kwargs, message):
     err = raises_rnnc(rnnc.compile, source, **kwargs)
     assert_unlocated(err, message)
+
+
+def test_missing_file_names_the_file():
+    err = raises_rnnc(rnnc.compile, "no/such/file.rnn")
+    assert str(err) == "no/such/file.rnn: error: no such file"
+    assert err.filename == "no/such/file.rnn" and err.line is None
 
 
 def test_unknown_backend_is_an_rnnc_error():
