@@ -117,7 +117,8 @@ def cmd_check(args) -> int:
                 with open(path, encoding="utf-8") as f:
                     source = f.read()
             except (OSError, UnicodeDecodeError) as e:
-                raise RnncError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+                raise RnncError(f"cannot read the file: {e.strerror if isinstance(e, OSError) else e}",
+                                filename=path) from None
             recs = check.check(parse.parse(source, path))
             for rec in recs:
                 unknown = [k for k in dims if k not in rec.dims]
