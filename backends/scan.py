@@ -159,6 +159,9 @@ class Runner:
         x0 = next(iter(inputs.values()))
         B, T = x0.shape[:2]
         dtype, device = x0.dtype, x0.device
+        if B == 0 or T == 0:  # nothing to scan: empty outputs, the initial state unchanged
+            return ({o.name: x0.new_zeros(B, T, *interpret.concrete(o.shape, sizes)) for o in rec.outputs},
+                    dict(state0))
         hoist_prog, phase_progs = self._programs(sizes, dtype, device)
         self._sizes = sizes
         shapes = {s.name: interpret.concrete(s.shape, sizes) for s in rec.states}
@@ -242,8 +245,10 @@ class Runner:
         if f.method == "elementwise":
             if any(t.state is not None and t.state[1] != labels for t in f.terms):
                 raise RnncError(f"internal: state {name} has a non-diagonal term but an elementwise plan")
-            a = self._bl(eval_terms(diag, env, labels), shape, B, L) if diag else zeros
-            h, _ = K.linear_scan(a, b, carry[name])
+            if not diag:  # the new value reads no old value: no scan, and no 0 * inf
+                h = b
+            else:
+                h, _ = K.linear_scan(self._bl(eval_terms(diag, env, labels), shape, B, L), b, carry[name])
             self._store(name, env, h, carry, B, L, shape)
             return
         if f.method == "dense":
@@ -333,11 +338,16 @@ class Runner:
             scale = -low.scale / (lay.diag[0].scale if cancel else 1.0)
             r_labels = tuple(x if k == lay.key else labels[k] for k in range(len(labels)))
             r = kern(eval_terms([Term(1.0, rf, None, r_labels)], env, r_labels))[..., 0]
-            w = kern(eval_terms([Term(scale, wf, None, labels)], env, labels))[..., 0]
+            same = lay.input is not None and cancel and scale == lay.input.scale and sorted(
+                (fc.node, fc.power) for fc in wf) == sorted(
+                (fc.node, fc.power) for fc in lay.input.factors if key_label in fc.labels)
+            # w and p the same product (DeltaNet: both beta*k): one tensor, the kernel's fast path
+            w = p if same else kern(eval_terms([Term(scale, wf, None, labels)], env, labels))[..., 0]
             if not cancel and log_decay is not None:
                 w = w / kern(torch.exp(log_decay))[..., 0]
             la = None if log_decay is None else kern(log_decay)[..., 0, 0]
-            r, w = r.expand(B, L, H, Kd), w.expand(B, L, H, Kd)
+            r = r.expand(B, L, H, Kd)
+            w = w if w is p else w.expand(B, L, H, Kd)
             run = lambda q, include: K.chunk_delta_rule(q, r, w, p, v, la, S0,  # noqa: E731
                                                         chunk=self.chunk)
         S_last = None

@@ -493,12 +493,30 @@ def plan_of(a: "Analysis") -> tuple:
 
 # --- the recurrence ------------------------------------------------------------------------------
 def analyse(rec: ir.Recurrence) -> Analysis:
-    hoisted, core = partition(rec)
+    import sys
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, 20000))  # the normal form recurses along the step's graph
+    try:
+        return _analyse(rec)
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def _analyse(rec: ir.Recurrence) -> Analysis:
+    hoisted, _ = partition(rec)
+    core = tuple(i for i in rec.order() if not rec.attr(i, "hoisted"))
     names = []
     for label, _pos, node in rec.statements:
         if node in hoisted and label not in names and label not in {s.name for s in rec.states}:
             names.append(label)
-    facts = [_classify(rec, st) for st in rec.states]
+    facts = []
+    for st in rec.states:
+        try:
+            facts.append(_classify(rec, st))
+        except RecursionError:  # a step too deep to expand: solve it sequentially
+            facts.append(StateFacts(st.name, tuple(str(s) for s in st.shape), "nonlinear",
+                                    Transition("nonlinear"), "sequential",
+                                    reason="the update is too deeply nested to analyse"))
     by_name = {f.name: f for f in facts}
     dep = nx.DiGraph()
     dep.add_nodes_from(by_name)

@@ -25,6 +25,7 @@ _IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 # symbols or the language's functions.
 _RESERVED = (set(keyword.kwlist) | set(keyword.softkwlist) | set(dir(builtins))
              | {"torch", "tl", "triton", "math", "self", "F", "nn", "np", "rnnc", "inf",
+                "os", "sys", "subprocess", "importlib", "builtins", "functools", "operator",
                 "nan", "rnn", "param", "state", "sum", "max", "min"} | set(ir.FUNCTIONS))
 _MODULE_ATTRS: set | None = None
 
@@ -221,7 +222,7 @@ class _Checker:
             fail(f"state {name!r} is assigned twice in one step (first at line {first.line})", s.pos)
         if s.indices is None:
             self.index_form = False
-            v = self.expr(s.value, {})
+            v = self.deep(lambda: self.expr(s.value, {}), s.pos)
             value = v.id
             if kind == "state":
                 value = self.coerce(value, self.states[name]["shape"], s.pos, f"state {name}")
@@ -252,7 +253,7 @@ class _Checker:
                      f"{_count(len(names), 'index is', 'indices are')} given", s.pos)
             for n, size in zip(names, shape):
                 scope[n] = _Cell(size, f"state {s.target}")
-        v = self.expr(s.value, scope)
+        v = self.deep(lambda: self.expr(s.value, scope), s.pos)
         for ix in s.indices:
             if scope[ix.name].size is None:
                 fail(f"index {ix.name!r} on the left-hand side has no size: it indexes no "
@@ -260,6 +261,19 @@ class _Checker:
         target = tuple(scope[n].size for n in names)
         out = self.align(v, tuple(names))
         return self.broadcast_to(out, target, s.pos)
+
+    @staticmethod
+    def deep(fn, pos):
+        """Run fn with room for deeply nested expressions; beyond that, a clear error."""
+        import sys
+        old = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(old, 20000))
+        try:
+            return fn()
+        except RecursionError:
+            fail("this expression is nested too deeply (more than a few thousand levels)", pos)
+        finally:
+            sys.setrecursionlimit(old)
 
     # --- shape helpers ----------------------------------------------------------------------------
     def align(self, v: _Val, axes: tuple) -> int:
@@ -326,9 +340,9 @@ class _Checker:
         if isinstance(e, (S.Num, S.Inf)):
             return self.const(_const_value(e), e.pos)
         if isinstance(e, S.Neg):
-            c = _const_value(e)
-            if c is not None:
-                return self.const(c, e.pos)
+            # Fold only -number / -inf: folding deeper chains here would be quadratic.
+            if isinstance(e.operand, (S.Num, S.Inf)):
+                return self.const(-_const_value(e.operand), e.pos)
             return self.elementwise(Op.NEG, [self.expr(e.operand, scope)], e.pos, "-")
         if isinstance(e, S.Name):
             i = self.lookup(e.name, e.pos)

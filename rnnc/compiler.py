@@ -23,7 +23,7 @@ def _read(spec) -> tuple:
             return path.read_text(), str(spec)
         except FileNotFoundError:
             raise RnncError("no such file", filename=str(spec)) from None
-        except (OSError, UnicodeDecodeError) as e:
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL in the path
             raise RnncError(f"cannot read the file: {e}", filename=str(spec)) from None
     raise RnncError(f"expected a path or .rnn source text, got {type(spec).__name__}")
 
@@ -77,6 +77,8 @@ def compile(spec, name: str | None = None, backend: str = "sequential", chunk_si
                 raise RnncError(f"unknown dim {k!r} (rnn {rec.name} has dims: {known})")
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise RnncError(f"dim {k} must be a positive integer, got {v!r}")
+            if v > 2 ** 40:
+                raise RnncError(f"dim {k}={v} is too large (at most 2**40)")
         dims_for_params(rec, dims)
         check_indices(rec, dims)
     except RnncError as err:

@@ -34,10 +34,10 @@ class RnncError(Exception):
         head = f"{self.filename}:{self.line}:{col}: error: {self.message}"
         if not self.source:
             return head
-        lines = self.source.splitlines()
+        lines = self.source.split("\n")  # as the lexer counts lines (not str.splitlines)
         if not 1 <= self.line <= len(lines):
             return head
-        text = lines[self.line - 1].replace("\t", " ")
+        text = lines[self.line - 1].rstrip("\r").replace("\t", " ")
         return f"{head}\n    {text}\n    {' ' * (col - 1)}^"
 
     def __str__(self) -> str:

@@ -66,7 +66,8 @@ def lower_node(rec: ir.Recurrence, i: int, sizes: dict, dtype, device):
     """A closure computing node `i` from its operands' values (or None for leaves)."""
     node = rec.node(i)
     if isinstance(node, ir.Const):
-        value = torch.full((1,), node.value, dtype=dtype, device=device)
+        # Through float64, so a constant beyond the dtype's range rounds to inf as IEEE says.
+        value = torch.full((1,), node.value, dtype=torch.float64, device=device).to(dtype)
         return lambda: value
     if isinstance(node, ir.Elementwise):
         if node.op is Op.WHERE:

@@ -20,6 +20,9 @@ from .errors import RnncError
 from .interpret import concrete
 
 
+_MAX_ELEMENTS = 2 ** 40  # far beyond any machine: a size this large is a mistake
+
+
 def _shape_text(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
@@ -197,7 +200,10 @@ class RecurrentModule(nn.Module):
             shape = (B, *concrete(s.shape, sizes))
             v = state.get(s.name)
             if v is None:
-                out[s.name] = torch.full(shape, s.init, dtype=dtype, device=device)
+                init = s.init
+                if abs(init) != float("inf") and abs(init) > torch.finfo(dtype).max:
+                    init = float("inf") if init > 0 else float("-inf")  # IEEE rounding
+                out[s.name] = torch.full(shape, init, dtype=dtype, device=device)
                 continue
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
                 got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -218,17 +224,31 @@ class RecurrentModule(nn.Module):
                 raise self._error(f"param {name!r} is on {p.device} but the inputs are on {device}; "
                                   "move the module with .to(device)")
         B = lead_sizes[0]
+        for what, decl in [("state", s) for s in rec.states] + [("output", o) for o in rec.outputs]:
+            n = B * (lead_sizes[1] if lead == 2 and what == "output" else 1)
+            for size in concrete(decl.shape, sizes):
+                n *= size
+            if n > _MAX_ELEMENTS:
+                raise self._error(f"{what} {decl.name!r} would hold {n:.3g} elements "
+                                  f"(shape {list(concrete(decl.shape, sizes))}); that is beyond any memory")
         if lead == 1:
             xs = [x.unsqueeze(1) for x in xs]
         inputs = {d.name: x.to(dtype) for d, x in zip(rec.inputs, xs)}
         params = {name: p.to(dtype) for name, p in self.named_parameters()}
-        state0 = self._state0(state, sizes, B, dtype, device)
         try:
+            state0 = self._state0(state, sizes, B, dtype, device)
             outputs, final = self._runner(sizes, params, inputs, state0)
         except RnncError as err:  # a backend's refusal at call time names the recurrence
             if err.filename == "<spec>" and err.line is None:
                 err.filename = f"rnn {rec.name}"
                 err.args = (err.format(),)
+            raise
+        except (RuntimeError, MemoryError, TypeError) as e:
+            text = str(e)
+            if isinstance(e, MemoryError) or any(w in text for w in (
+                    "allocate", "out of memory", "Overflow when unpacking", "DefaultCPUAllocator")):
+                raise self._error(f"out of memory running this step at these sizes "
+                                  f"({text.splitlines()[0][:160] if text else type(e).__name__})") from None
             raise
         outs = tuple(outputs[o.name].to(in_dtype) for o in rec.outputs)
         if lead == 1:

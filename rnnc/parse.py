@@ -5,7 +5,8 @@ from functools import lru_cache
 from importlib import resources
 
 import lark
-from lark import Token, Transformer, v_args
+from lark import Token, v_args
+from lark.visitors import Transformer_NonRecursive
 
 from . import syntax as S
 from .errors import RnncError
@@ -49,14 +50,26 @@ def _pos(x) -> S.Pos:
     return S.Pos(getattr(x, "line", 0) or 0, getattr(x, "column", 0) or 0)
 
 
+_MAX_INT_DIGITS = 18  # an int64 holds 18 digits safely; longer ones are no size or index
+
+
+def _int(tok) -> int:
+    text = str(tok)
+    if len(text) > _MAX_INT_DIGITS:
+        raise RnncError(f"integer {text[:12]}... is too large ({len(text)} digits)",
+                        line=tok.line, col=tok.column)
+    return int(text)
+
+
+# Non-recursive: deeply nested expressions must not exhaust Python's stack.
 @v_args(meta=True)
-class _ToAst(Transformer):
+class _ToAst(Transformer_NonRecursive):
     # dims
     def dim_name(self, meta, c):
         return S.DimName(str(c[0]), _pos(c[0]))
 
     def dim_int(self, meta, c):
-        return S.DimInt(int(c[0]), _pos(c[0]))
+        return S.DimInt(_int(c[0]), _pos(c[0]))
 
     def dim_product(self, meta, c):
         factors = []
@@ -72,10 +85,10 @@ class _ToAst(Transformer):
         return S.IndexName(str(c[0]), _pos(c[0]))
 
     def index_int(self, meta, c):
-        return S.IndexInt(int(c[0]), _pos(c[0]))
+        return S.IndexInt(_int(c[0]), _pos(c[0]))
 
     def index_negint(self, meta, c):
-        return S.IndexInt(-int(c[0]), _pos(meta))
+        return S.IndexInt(-_int(c[0]), _pos(meta))
 
     # expressions
     def number(self, meta, c):
@@ -191,6 +204,8 @@ def parse(source: str, filename: str = "<spec>") -> S.Program:
     """Parse .rnn source text into a `syntax.Program`, or raise `RnncError` at the bad token."""
     if not isinstance(source, str):
         raise RnncError("spec source must be text", filename=filename)
+    # CR LF line ends count as one line end (a lone CR is not a line end; lark sees it).
+    source = source.replace("\r\n", "\n")
     try:
         tree = _parser().parse(source)
     except lark.UnexpectedCharacters as e:
@@ -199,19 +214,21 @@ def parse(source: str, filename: str = "<spec>") -> S.Program:
                         source=source, filename=filename) from None
     except lark.UnexpectedToken as e:
         if e.token.type == "$END":
-            lines = source.splitlines() or [""]
+            lines = source.rstrip("\n").split("\n")
             raise RnncError("unexpected end of file (is a '}' missing?)", line=len(lines),
                             col=len(lines[-1]) + 1, source=source, filename=filename) from None
         raise RnncError(f"syntax error: unexpected {_describe(e.token)}{_expected(e.expected)}",
                         line=e.line, col=e.column, source=source, filename=filename) from None
     except lark.UnexpectedEOF:
-        lines = source.splitlines() or [""]
+        lines = source.rstrip("\n").split("\n")
         raise RnncError("unexpected end of file (is a '}' missing?)", line=len(lines),
                         col=len(lines[-1]) + 1, source=source, filename=filename) from None
     except lark.LarkError as e:  # anything else lark can raise is still a syntax error
         raise RnncError(f"syntax error: {e}", filename=filename, source=source) from None
     try:
         blocks = _ToAst().transform(tree)
-    except lark.exceptions.VisitError as e:  # pragma: no cover - a bug in the transformer
+    except lark.exceptions.VisitError as e:
+        if isinstance(e.orig_exc, RnncError):
+            raise e.orig_exc.located(source, filename) from None
         raise RnncError(f"internal parser error: {e.orig_exc}", filename=filename) from None
     return S.Program(blocks, source, filename)
