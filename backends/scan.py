@@ -26,7 +26,7 @@ from . import scan_kernels as K
 
 NAME = "scan"
 DEFAULT_CHUNK = 64        # matrix states: the chunk forms cost O(L^2) per chunk
-ELEMENTWISE_CHUNK = 512   # only materialised states: the block is the scan's unit
+ELEMENTWISE_CHUNK = 64    # only materialised states: a block this size stays in cache (measured best on CPU)
 BLOCK_CHUNKS = 16         # chunks per block: the kernels batch the chunks of a block together
 DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
 
@@ -145,6 +145,27 @@ class Runner:
             deps = {reads[a] for a in nx.ancestors(g, n) | {n} if a in reads}
             phases[max((index[d] + 1 for d in deps), default=0)].append(n)
         self.phases = phases
+        # Hoisted work that something reads: the phases, the outputs, and the factors of the
+        # normal forms (never the materialised k ⊗ v that a chunked state only has in factors).
+        want = {a for p in phases for n in p for a in ir.operands(rec.node(n))}
+        want |= {o.node for o in rec.outputs}
+        for name, f in facts.items():
+            terms = list(f.terms) + [t for ts in f.readouts.values() for t in ts]
+            if f.maxplus is not None:
+                terms += list(f.maxplus[0])
+                want |= set(f.maxplus[1])
+            for t in terms:
+                for fc in t.factors:
+                    want.add(fc.node)
+                    node = rec.node(fc.node)
+                    if isinstance(node, ir.Elementwise) and node.op is Op.EXP:
+                        want.add(node.args[0])  # _log_coef reads the exponent itself
+        needed = set()
+        for n in want:
+            if n in analysis.hoisted:
+                needed.add(n)
+                needed |= nx.ancestors(g, n)
+        self.hoisted = [i for i in self.hoisted if i in needed]
         self._cache = {}
 
     def _programs(self, sizes, dtype, device):
