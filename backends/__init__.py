@@ -6,8 +6,9 @@ other (shared semantics live in `rnnc.interpret`):
     NAME: str
     unsupported(rec, analysis) -> str | None
         Why this backend cannot run the recurrence (None when it can).
-    build(rec, analysis) -> Runner
-        Compile-time work; the Runner is called as
+    build(rec, analysis, chunk_size=None) -> Runner
+        Compile-time work (chunk_size: time steps per chunk, for backends that chunk); the
+        Runner is called as
         runner(sizes, params, inputs, state0) -> (outputs, final_state)
         sizes:   {dim name: int}
         params:  {name: Tensor [*shape]} in the compute dtype

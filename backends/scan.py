@@ -18,7 +18,7 @@ import networkx as nx
 import torch
 
 from rnnc import interpret, ir
-from rnnc.affine import Factor, Term, eval_terms
+from rnnc.affine import Factor, Term, eval_terms, state_labels as _labels
 from rnnc.errors import RnncError
 from rnnc.ir import Op
 
@@ -43,10 +43,6 @@ def unsupported(rec, analysis):
     return None
 
 
-def _labels(k):
-    return tuple(f"s{i}" for i in range(k))
-
-
 def _coef(t: Term) -> Term:
     """The coefficient of a state term: the same term with the state dropped."""
     return Term(t.scale, t.factors, None, t.out)
@@ -68,24 +64,7 @@ class _Chunked:
         if len(inputs) > 1:
             raise RnncError(f"state {facts.name}: a chunked plan needs one outer-product input term")
         self.input = inputs[0] if inputs else None
-        key_label = labels[self.key]
-        carried = set()
-        for t in self.diag:
-            carried |= {x for f in t.factors for x in f.labels}
-        if self.input is not None:
-            for f in self.input.factors:
-                if key_label in f.labels:
-                    carried |= set(f.labels)
-        for t in self.low:
-            carried |= {x for f in t.factors for x in f.labels}
-        for terms_ in facts.readouts.values():
-            for t in terms_:
-                if t.state is not None:
-                    summed = t.state[1][self.key]
-                    for f in t.factors:  # the query's axes: key and independent, not value
-                        if summed in f.labels:
-                            carried |= {labels[t.state[1].index(x)] for x in f.labels if x in t.state[1]}
-        self.val = [k for k in range(n) if k != self.key and labels[k] not in carried]
+        self.val = list(facts.value_axes)  # decided by the analysis
         self.ind = [k for k in range(n) if k != self.key and k not in self.val]
         self.perm = self.ind + [self.key] + self.val
 
@@ -126,12 +105,7 @@ class Runner:
             if st.write is not None:
                 if name in self.layout:
                     dependent = {st.read} | nx.descendants(g, st.read)
-                    down = set()
-                    for n in sorted(dependent):
-                        ops = [a for a in ir.operands(rec.node(n)) if a in dependent]
-                        if n in f.readouts or (ops and all(a in down for a in ops)):
-                            down.add(n)
-                    excluded |= dependent - down
+                    excluded |= dependent - f.downstream - set(f.readouts)
                     supplied |= set(f.readouts)
                 else:
                     supplied |= {st.write, rec.node(st.write).arg}

@@ -89,5 +89,5 @@ class Runner:
         return outputs, state
 
 
-def build(rec, analysis):
-    return Runner(rec, analysis)
+def build(rec, analysis, chunk_size=None):
+    return Runner(rec, analysis)  # chunk_size: the loop has no chunks

@@ -33,6 +33,11 @@ class Term:
     out: tuple              # one label per axis of the value
 
 
+def state_labels(k: int) -> tuple:
+    """The canonical labels of a state's k axes in its normal form: s0, s1, ..."""
+    return tuple(f"s{i}" for i in range(k))
+
+
 class NotAffine(Exception):
     """The value is not affine in the state; `node` is the first operation that breaks it."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from . import ir
-from .affine import Expander, NotAffine, Term
+from .affine import Expander, NotAffine, Term, state_labels as _labels
 from .ir import Op
 
 
@@ -46,6 +46,8 @@ class StateFacts:
     maxplus: tuple | None = None   # (a terms, b node ids) for m' = max(m + a, b)
     readouts: dict = field(default_factory=dict)  # cut node id -> terms (chunked methods)
     key_axis: int | None = None
+    value_axes: tuple = ()         # chunked methods: axes neither the decay nor k nor q vary over
+    downstream: frozenset = frozenset()  # nodes that read the state only through readouts
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,6 @@ def partition(rec: ir.Recurrence) -> tuple:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-def _labels(k: int) -> tuple:
-    return tuple(f"s{i}" for i in range(k))
-
-
 def canonical(ex: Expander, terms: list, out: tuple) -> list:
     return [ex._rename(t, dict(zip(t.out, out))) for t in terms]
 
@@ -147,7 +145,8 @@ def _to_sympy(rec, n, symbols):
     node = rec.node(n)
     if isinstance(node, ir.Const):
         return sp.Float(node.value) if node.value != int(node.value) else sp.Integer(int(node.value))
-    if isinstance(node, (ir.Select, ir.Broadcast)) and not isinstance(node, ir.Select) or (
+    # Rearrangements that keep every element (no integer picks) are transparent elementwise.
+    if isinstance(node, ir.Broadcast) or (
             isinstance(node, ir.Select) and not any(isinstance(i, int) for i in node.index)):
         return _to_sympy(rec, node.arg, symbols)
     if isinstance(node, ir.Elementwise):
@@ -332,7 +331,7 @@ def _readouts(rec, st, facts: StateFacts):
             return f"{st.name} is used whole by {_name(rec, next(iter(outside)))}"
     if key is None:
         return f"no readout of {st.name} found"
-    return cut, key
+    return cut, key, frozenset(down)
 
 
 def _readout_form(terms):
@@ -365,25 +364,11 @@ def _choose_method(rec, st, facts: StateFacts):
         if kind.endswith("low_rank"):
             facts.reason = found
         return
-    cut, key = found
+    cut, key, down = found
     facts.method = "dense" if kind.endswith("low_rank") else "elementwise"
     # A chunked plan pays off only with a value axis: one the decay and the keys do not
     # vary over (V in S[H,K,V]). Without one (s6's h[D,N]) an elementwise scan is cheaper.
-    labels = _labels(len(st.shape))
-    carried = set()
-    for t in facts.terms:
-        if t.state is None:
-            carried |= {labels.index(x) for f in t.factors if labels[key] in f.labels
-                        for x in f.labels if x in labels}
-        else:
-            carried |= _carried(t, labels)
-    for terms in cut.values():
-        for t in terms:
-            if t.state is not None:
-                summed = t.state[1][key]
-                carried |= {t.out.index(x) if x in t.out else key for f in t.factors
-                            if summed in f.labels for x in f.labels if x in t.out}
-    value_axes = [k for k in range(len(labels)) if k != key and k not in carried]
+    value_axes = _value_axes(facts.terms, cut, key, _labels(len(st.shape)))
     if not value_axes:
         return
     if kind.endswith("low_rank"):
@@ -394,6 +379,25 @@ def _choose_method(rec, st, facts: StateFacts):
     else:
         facts.method = "chunked"
     facts.readouts, facts.key_axis = cut, key
+    facts.value_axes, facts.downstream = tuple(value_axes), down
+
+
+def _value_axes(terms, readouts, key, labels) -> list:
+    """State axes that no decay or low-rank factor, no key (an input factor on the key axis)
+    and no query (a readout factor on the key axis) varies over."""
+    carried = set()
+    for t in terms:
+        if t.state is None:  # the input: only its key side counts
+            carried |= {x for f in t.factors if labels[key] in f.labels for x in f.labels}
+        else:
+            carried |= {x for f in t.factors for x in f.labels}
+    for ts in readouts.values():
+        for t in ts:
+            if t.state is not None:
+                summed = t.state[1][key]
+                carried |= {labels[t.state[1].index(x)] for f in t.factors if summed in f.labels
+                            for x in f.labels if x in t.state[1]}
+    return [k for k in range(len(labels)) if k != key and labels[k] not in carried]
 
 
 # --- associativity (sympy) ------------------------------------------------------------------------

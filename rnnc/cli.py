@@ -251,11 +251,9 @@ def cmd_bench(args) -> int:
 
 def _load_one(path, name):
     from .compiler import load
-    return load(path if os.path.exists(path) else _missing(path), name)
-
-
-def _missing(path):
-    raise RnncError(f"no such file: {path}")
+    if not os.path.isfile(path):  # a CLI argument is always a path, never spec text
+        raise RnncError("no such file", filename=path)
+    return load(path, name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -89,6 +89,5 @@ def compile(spec, name: str | None = None, backend: str = "sequential", chunk_si
         chosen = plan_mod.pick_backend(backend, rec, facts, AVAILABLE, get)
     except RnncError as err:
         raise err.located(rec.source, rec.filename) from None
-    impl = get(chosen)
-    runner = impl.build(rec, facts, chunk_size) if chosen == "scan" else impl.build(rec, facts)
+    runner = get(chosen).build(rec, facts, chunk_size)
     return RecurrentModule(rec, facts, plan, chosen, runner, dims)

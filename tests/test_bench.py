@@ -92,7 +92,7 @@ def _fake_backend(name: str, mode: str) -> types.ModuleType:
     mod.NAME = name
     mod.unsupported = lambda rec, facts: "fake backend declines everything" if mode == "unable" else None
 
-    def build(rec, facts):
+    def build(rec, facts, chunk_size=None):
         inner = sequential.build(rec, facts)
 
         def runner(sizes, params, inputs, state0):
