@@ -24,6 +24,7 @@ import importlib
 AVAILABLE = {
     "sequential": "rnnc.backends.sequential",
     "scan": "rnnc.backends.scan",
+    "triton": "rnnc.backends.triton_backend",
 }
 
 

@@ -249,6 +249,54 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    dims = parse_dims(args.dims)
+    if args.emit:
+        if args.backend not in (None, "triton"):
+            print(RnncError("--emit shows generated Triton source; use --backend triton",
+                            filename="rnnc compile"), file=sys.stderr)
+            return 2
+        sys.stdout.write(_emit_triton(args.file, args.name, dims))
+        return 0
+    from .compiler import compile as compile_spec
+    if not os.path.isfile(args.file):
+        raise RnncError("no such file", filename=args.file)
+    try:
+        module = compile_spec(args.file, name=args.name, backend=args.backend or "auto", **dims)
+    except ImportError as e:  # a registered backend whose dependencies are missing
+        raise RnncError(f"backend {args.backend!r} cannot be loaded: {e}", filename=args.file) from None
+    count = sum(p.numel() for p in module.parameters())
+    rec = module.recurrence
+    given = ", ".join(f"{k}={v}" for k, v in dims.items())
+    print(f"{rec.filename}: rnn {rec.name}" + (f" ({given})" if given else ""))
+    print(f"  plan:    {module.plan.kind} ({module.plan.reason})")
+    print(f"  backend: {module.backend}")
+    print(f"  params:  {count:,} in {len(rec.params)} tensor{'s' if len(rec.params) != 1 else ''}")
+    return 0
+
+
+def _emit_triton(path, name, dims) -> str:
+    """The Triton backend's generated source for one recurrence (`rnnc compile --emit`)."""
+    from . import analysis, backends
+    rec = _load_one(path, name)
+    unknown = [k for k in dims if k not in rec.dims]
+    if unknown:
+        raise RnncError(f"unknown dim {unknown[0]!r} (rnn {rec.name} has dims: "
+                        f"{', '.join(rec.dims) or 'none'})", filename=rec.filename)
+    facts = analysis.analyse(rec)
+    try:
+        # Only emit: no `unsupported` check, which may ask for a GPU that printing does not need.
+        if "triton" not in backends.AVAILABLE:
+            raise RnncError("unknown backend 'triton' (available: auto, "
+                            f"{', '.join(backends.AVAILABLE)}); --emit needs the triton backend")
+        text = backends.get("triton").emit(rec, facts)
+    except RnncError as err:
+        raise err.located(rec.source, rec.filename) from None
+    except ImportError as e:
+        raise RnncError(f"backend 'triton' cannot be loaded: {e}", filename=rec.filename) from None
+    return text if text.endswith("\n") else text + "\n"
+
+
 def _load_one(path, name):
     from .compiler import load
     if not os.path.isfile(path):  # a CLI argument is always a path, never spec text
@@ -269,6 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="which rnn block, when the file has several")
     g.add_argument("-o", "--output", help="out.dot (default: print DOT), or .svg/.png/.pdf via graphviz")
     g.set_defaults(run=cmd_graph)
+    m = sub.add_parser("compile", help="compile a spec and summarise the result, or print "
+                       "the generated Triton source (--emit)",
+                       description="Compile one rnn block as rnnc.compile would and print its "
+                       "plan, the backend chosen and the parameter count. With --emit, print the "
+                       "Python+Triton source the triton backend generates for it instead. Exit "
+                       "code 1 on spec or compile errors, 2 on misused options.")
+    m.add_argument("file", metavar="FILE")
+    m.add_argument("--name", help="which rnn block, when the file has several")
+    m.add_argument("--backend", choices=["auto", "sequential", "scan", "triton"], default=None,
+                   help="default: auto, or triton with --emit")
+    m.add_argument("--dims", help="sizes, e.g. H=4,K=8 (dims used by params are required)")
+    m.add_argument("--emit", action="store_true",
+                   help="print the generated Triton source (only with --backend triton)")
+    m.set_defaults(run=cmd_compile)
     b = sub.add_parser("bench", help="check every backend against the reference, then time it",
                        description="Check each backend (and, with --peers, known external "
                        "implementations) against the sequential reference, then time it over T. "
