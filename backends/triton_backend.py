@@ -23,6 +23,9 @@ from rnnc.errors import RnncError
 
 NAME = "triton"
 HISTORY_LIMIT = 2 ** 31  # elements of the stored states that training keeps
+PROGRAMS_WANTED = 512    # about four programs per SM of an H100 (132 SMs)
+REGISTER_LIMIT = 32768   # values one program may hold (64K 32-bit registers per SM)
+NUM_STAGES = 3           # software pipelining of the per-step loads
 
 
 def _interpreting() -> bool:
@@ -92,10 +95,31 @@ class Runner:
             cap = max(1, _pow2(max(1, 4096 // others)))
             blk[c] = min(blk[c], cap, 1024)
         bb = min(16, _pow2(B)) if lay.batch_kept else 1
-        ng = {c: (math.ceil(sz[c] / blk[c]) if c in blk else sz[c]) for c in self.gen.grid}
-        nb = math.ceil(B / bb)
-        return {"sz": sz, "blk": blk, "bb": bb, "ng": ng, "nb": nb,
-                "programs": nb * math.prod(ng.values())}
+
+        def count():
+            ng = {c: (math.ceil(sz[c] / blk[c]) if c in blk else sz[c]) for c in self.gen.grid}
+            return ng, math.ceil(B / bb) * math.prod(ng.values())
+        ng, programs = count()
+        if lay.kept_parallel is not None:  # enough programs to fill the GPU's SMs
+            while programs < PROGRAMS_WANTED and blk[lay.kept_parallel] > 16:
+                blk[lay.kept_parallel] //= 2
+                ng, programs = count()
+        # Registers hold the params and states of a program for the whole loop.
+        held = 0
+        for n in list(lay.params) + [s.read for s in lay.states]:
+            elems = bb if n in lay._batched else 1
+            for e in self.gen.layout.entries(n):
+                if e != "b":
+                    elems *= blk.get(e[1], 1)
+            held += elems
+        if held > REGISTER_LIMIT:
+            raise RnncError(
+                f"the fused kernel would hold {held} values per program in registers (params and "
+                f"states at these sizes; limit {REGISTER_LIMIT}): a dense recurrence this wide needs a "
+                "tiled matrix-vector product that the Triton backend does not generate yet; use "
+                "backend='sequential' (or 'scan' if the plan allows), or split the state into heads")
+        return {"sz": sz, "blk": blk, "bb": bb, "ng": ng, "nb": math.ceil(B / bb),
+                "programs": programs, "warps": 4 if held <= 8192 else 8}
 
     def constexprs(self, geo) -> dict:
         kw = {f"SZ{c}": v for c, v in geo["sz"].items()}
@@ -104,6 +128,8 @@ class Runner:
             kw["BLK_B"] = geo["bb"]
         tf32 = torch.backends.cuda.matmul.allow_tf32
         kw["DOT_PREC"] = "tf32" if tf32 else "ieee"
+        kw["num_warps"] = geo["warps"]
+        kw["NUM_STAGES"] = NUM_STAGES
         return kw
 
     def split_count(self, name, geo) -> int:
