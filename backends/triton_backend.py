@@ -23,9 +23,10 @@ from rnnc.errors import RnncError
 
 NAME = "triton"
 HISTORY_LIMIT = 2 ** 31  # elements of the stored states that training keeps
-PROGRAMS_WANTED = 512    # about four programs per SM of an H100 (132 SMs)
+PROGRAMS_WANTED = int(os.environ.get("RNNC_TRITON_PROGRAMS", 512))  # ~4 programs per SM of an H100
 REGISTER_LIMIT = 32768   # values one program may hold (64K 32-bit registers per SM)
 NUM_STAGES = 3           # software pipelining of the per-step loads
+DEEP_STAGES = int(os.environ.get("RNNC_TRITON_STAGES", 8))  # ... when the per-step work is a few loads
 
 
 def _interpreting() -> bool:
@@ -119,7 +120,9 @@ class Runner:
                 "tiled matrix-vector product that the Triton backend does not generate yet; use "
                 "backend='sequential' (or 'scan' if the plan allows), or split the state into heads")
         return {"sz": sz, "blk": blk, "bb": bb, "ng": ng, "nb": math.ceil(B / bb),
-                "programs": programs, "warps": 4 if held <= 8192 else 8}
+                "programs": programs, "warps": 4 if held <= 8192 else 8,
+                # Small per-program tiles leave latency to hide: prefetch more steps ahead.
+                "stages": DEEP_STAGES if held <= 4096 and not lay.batch_kept else NUM_STAGES}
 
     def constexprs(self, geo) -> dict:
         kw = {f"SZ{c}": v for c, v in geo["sz"].items()}
@@ -129,7 +132,7 @@ class Runner:
         tf32 = torch.backends.cuda.matmul.allow_tf32
         kw["DOT_PREC"] = "tf32" if tf32 else "ieee"
         kw["num_warps"] = geo["warps"]
-        kw["NUM_STAGES"] = NUM_STAGES
+        kw["NUM_STAGES"] = geo["stages"]
         return kw
 
     def split_count(self, name, geo) -> int:

@@ -6,7 +6,7 @@
     python benchmarks/numerics.py --only gla,s6 --device cuda --dtypes float32,bfloat16
 
 For every example (tests/cases.py: small dims, the input distributions and random params)
-and every backend that can run it (`sequential`, `scan`):
+and every backend that can run it (`sequential`, `scan`, and `triton` on CUDA):
 
 1. **Accuracy.** max |y - y_ref| / max |y_ref| over all outputs and steps (the norm-wise
    relative error, as `rnnc bench` uses), at B=2, T=4096, against the sequential backend in
@@ -340,7 +340,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    args.backends = [b for b in ("sequential", "scan") if b in rnnc.backends.AVAILABLE]
+    wanted = ("sequential", "scan") + (("triton",) if args.device == "cuda" else ())
+    args.backends = [b for b in wanted if b in rnnc.backends.AVAILABLE]
     only = set(args.only.split(",")) if args.only else None
     cases = [c for c in CASES if only is None or c.name in only]
     t0 = time.perf_counter()

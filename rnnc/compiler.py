@@ -56,7 +56,9 @@ def compile(spec, name: str | None = None, backend: str = "sequential", chunk_si
             **dims):
     """Compile a .rnn file, .rnn source text or builder spec into an `nn.Module`.
 
-    backend: "sequential" (the reference loop), "scan" (parallel over time), or "auto".
+    backend: "sequential" (the reference loop), "scan" (parallel over time), "triton"
+    (generated fused GPU kernels), or "auto" (triton for CUDA float32 inputs where it applies,
+    else scan where the plan allows, else sequential).
     chunk_size: time steps per chunk for the scan backend (default 64).
     dims: sizes of the spec's dims (`H=4, K=16`). Dims used by params must be given; the
     others may come from the inputs at call time.
@@ -90,4 +92,10 @@ def compile(spec, name: str | None = None, backend: str = "sequential", chunk_si
     except RnncError as err:
         raise err.located(rec.source, rec.filename) from None
     runner = get(chosen).build(rec, facts, chunk_size)
-    return RecurrentModule(rec, facts, plan, chosen, runner, dims)
+    module = RecurrentModule(rec, facts, plan, chosen, runner, dims)
+    if backend == "auto" and "triton" in AVAILABLE:
+        triton = get("triton")
+        if triton.available() is None and triton.unsupported(rec, facts) is None:
+            module._runner = plan_mod.DeviceDispatch(runner, lambda: triton.build(rec, facts))
+            module.gpu_backend = "triton"  # used for CUDA float32 inputs
+    return module

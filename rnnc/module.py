@@ -103,6 +103,7 @@ class RecurrentModule(nn.Module):
         self.analysis = analysis
         self.plan = plan
         self.backend = backend
+        self.gpu_backend = None  # backend="auto": the backend CUDA inputs use, when another
         self._runner = runner
         self._given = dict(dims)
         self._checked = set()

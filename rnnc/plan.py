@@ -41,3 +41,25 @@ def pick_backend(requested: str, rec, analysis, available: dict, get) -> str:
         raise RnncError(f"backend {requested!r} cannot run rnn {rec.name}: {reason}",
                         line=getattr(where, "line", None), col=getattr(where, "col", None))
     return requested
+
+
+class DeviceDispatch:
+    """backend="auto": the Triton runner for CUDA inputs when Triton applies, the CPU choice
+    (scan or sequential) otherwise. The Triton runner is built on first CUDA use; a call it
+    cannot take (float64, or a state too wide for its registers) runs on the CPU choice."""
+
+    def __init__(self, fallback, build_gpu):
+        self.fallback, self._build_gpu, self._gpu = fallback, build_gpu, None
+
+    def __call__(self, sizes, params, inputs, state0):
+        from .errors import RnncError
+        ref = next(iter(inputs.values()), None)
+        import torch
+        if ref is None or ref.device.type != "cuda" or ref.dtype != torch.float32:
+            return self.fallback(sizes, params, inputs, state0)
+        if self._gpu is None:
+            self._gpu = self._build_gpu()
+        try:
+            return self._gpu(sizes, params, inputs, state0)
+        except RnncError:  # not applicable at these sizes: the reference path still is
+            return self.fallback(sizes, params, inputs, state0)

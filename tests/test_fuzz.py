@@ -1156,16 +1156,21 @@ def test_nothing_reaches_eval_or_exec(monkeypatch):
 
 
 def test_rnnc_source_has_no_eval_or_exec():
-    """No module of rnnc or its backends calls eval, exec or compile() on text at all."""
+    """No module of rnnc or its backends calls eval, exec or compile() on text, except the one
+    place that runs generated kernel source (built from the IR, never from spec text):
+    rnnc/cache.py, after checking the cached file against the text the generator produced."""
     RAN.add("no_eval_source")
-    offenders = []
+    offenders, allowed = [], []
     for path in list((ROOT / "rnnc").glob("*.py")) + list((ROOT / "backends").glob("*.py")):
         for k, line in enumerate(path.read_text().split("\n"), 1):
             code = line.split("#")[0]
             if re.search(r"(?<![\w.])(eval|exec|__import__)\s*\(", code) or \
-                    re.search(r"(?<![\w.])compile\s*\(\s*(src|source|text|code)", code):
-                offenders.append(f"{path.name}:{k}: {line.strip()}")
+                    re.search(r"(?<![\w.])compile\s*\(\s*(src|source|text|code|self\.text)", code):
+                where = f"{path.name}:{k}: {line.strip()}"
+                (allowed if path.name == "cache.py" and "exec(compile(self.text" in code
+                 else offenders).append(where)
     assert not offenders, offenders
+    assert len(allowed) == 1, allowed  # the cache's loader, and nothing else
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

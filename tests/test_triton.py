@@ -11,10 +11,10 @@ relative to the float32 sequential backend's own error (no hand-tuned atol).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any generated kernel is decorated
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
@@ -29,7 +29,21 @@ from cases import CASES, load_params, make_initial_state, make_inputs, make_para
 triton = pytest.importorskip("triton")
 F64, F32 = torch.float64, torch.float32
 GOLDEN = Path(__file__).resolve().parent / "golden"
+EX = Path(__file__).resolve().parent.parent / "examples"
 ids = lambda c: c.name  # noqa: E731
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    """Triton's CPU interpreter for this module only: Triton reads the variable when a kernel
+    is decorated, that is when rnnc loads a generated module."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -92,3 +106,167 @@ def test_forward(case, T):
 @pytest.mark.parametrize("case", CASES, ids=ids)
 def test_backward(case, T):
     _compare(case, T, grad=True)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("lstm", "gla", "mlstm", "s6")], ids=ids)
+def test_step_matches_sequence(case):
+    """Decoding one step at a time (the fused kernel at T=1) gives the full sequence's outputs
+    and final state."""
+    m = rnnc.compile(str(case.path), backend="triton", **case.dims)
+    load_params(m, {k: v.float() for k, v in make_params(case, F64).items()})
+    xs = [x.float() for x in make_inputs(case, 2, 6, F64)]
+    h0 = {k: v.float() for k, v in make_initial_state(case, 2, F64).items()}
+    full, final = m(*xs, initial_state=h0, output_final_state=True)
+    full = full if isinstance(full, tuple) else (full,)
+    state, steps = h0, []
+    for t in range(6):
+        y, state = m.step(*[x[:, t] for x in xs], state=state)
+        steps.append(y if isinstance(y, tuple) else (y,))
+    for j, f in enumerate(full):
+        torch.testing.assert_close(torch.stack([s[j] for s in steps], 1), f, rtol=1e-5, atol=1e-6)
+    for k in final:
+        torch.testing.assert_close(state[k], final[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "chunked", "delta", "dense", "maxplus", "nonlinear"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_specs(kind, seed):
+    """Randomly built specs of every analysis class: forward and gradients match the float64
+    sequential backend (computed in float32 by the kernels)."""
+    src, dims = rnnc.random_spec(seed, kind)
+    ref = rnnc.compile(src, backend="sequential", **dims).double()
+    tri = rnnc.compile(src, backend="triton", **dims)
+    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    gen = torch.Generator().manual_seed(seed)
+    rec = ref.recurrence
+    from rnnc.interpret import concrete
+    xs = [torch.randn(2, 9, *concrete(d.shape, dims), generator=gen, dtype=F64) for d in rec.inputs]
+    x32 = [x.float().requires_grad_() for x in xs]
+    x64 = [x.clone().requires_grad_() for x in xs]
+    y64, y32 = ref(*x64), tri(*x32)
+    y64 = y64 if isinstance(y64, tuple) else (y64,)
+    y32 = y32 if isinstance(y32, tuple) else (y32,)
+    for a, b in zip(y32, y64):
+        assert _err(a.detach(), b.detach()) < 1e-4
+    w = [torch.randn(y.shape, generator=gen, dtype=F64) for y in y64]
+    g64 = torch.autograd.grad(sum((y * v).sum() for y, v in zip(y64, w)), x64 + list(ref.parameters()),
+                              allow_unused=True)
+    g32 = torch.autograd.grad(sum((y.double() * v).sum() for y, v in zip(y32, w)), x32 + list(tri.parameters()),
+                              allow_unused=True)
+    for a, b in zip(g32, g64):
+        if b is None:
+            assert a is None or not a.abs().any()
+            continue
+        assert _err(a, b) < 1e-3
+
+
+# --- generated source --------------------------------------------------------------------------
+def _source(name):
+    rec = rnnc.load(str(Path(rnnc.__file__).resolve().parent.parent / "examples" / f"{name}.rnn"))
+    return get("triton").emit(rec, rnnc.analysis.analyse(rec))
+
+
+@pytest.mark.parametrize("name", ["elman", "gla", "s6"])
+def test_golden_source(name):
+    """The generated source is deterministic and matches its golden file (regenerate with
+    RNNC_UPDATE_GOLDEN=1 after an intended change; the numbers are checked separately)."""
+    text = _source(name)
+    assert text == _source(name)
+    path = GOLDEN / f"{name}.py.txt"
+    if os.environ.get("RNNC_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.read_text() == text, f"generated source for {name} changed; see {path}"
+
+
+_VOCAB = re.compile(r"^(v|g|ga|gs|n|c|dy|o|m|pid|NG|SZ|BLK|X|Y|P|H0_|HT|HS|DY|DHT|DX|DP|DH0_|base_|off_|msk_)"
+                    r"[A-Za-z0-9_]*$")
+_FIXED = {"import", "triton", "tl", "jit", "def", "return", "for", "in", "range", "if", "else", "and",
+          "pass", "float", "x", "y", "c", "e", "r", "odd", "whole", "zeros", "pid", "pid_b", "rest",
+          "ob", "mb", "t", "tt", "T", "B", "NB", "forward", "backward", "STORE_HIST", "DOT_PREC",
+          "NUM_STAGES", "BLK_B", "not", "or", "True", "False", "None", "as",
+          "axis", "mask", "other", "input_precision", "num_stages", "propagate_nan",
+          "a", "x2", "small", "u", "d", "z"}
+_TL = set(dir(__import__("triton.language", fromlist=["x"])))
+
+
+def _names(text):
+    import io
+    import tokenize
+    out, prev = set(), None
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.NAME and prev != ".":  # attributes belong to triton's modules
+            out.add(tok.string)
+        prev = tok.string
+        if tok.type == tokenize.STRING:
+            assert tok.string in ('"nan"', '"inf"', '"-inf"'), f"unexpected string {tok.string}"
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_source_carries_no_spec_text(case):
+    """Outside comments, every identifier in the generated source comes from the generator's
+    own vocabulary (node numbers, class numbers, fixed names), never from the spec."""
+    rec = rnnc.load(str(case.path))
+    text = get("triton").emit(rec, rnnc.analysis.analyse(rec))
+    bad = {n for n in _names(text) if not (_VOCAB.match(n) or n in _FIXED or n in _TL or n.startswith("_"))}
+    assert not bad, f"unexpected identifiers in generated source: {sorted(bad)}"
+    for line in text.splitlines():
+        if "#" in line:
+            assert "\\n" not in line and len(line) < 400
+
+
+def test_hostile_names_stay_in_comments():
+    """Spec names that look like Python or like the generator's own names are not emitted as
+    code: the source is the same as for a renamed spec, except in comments."""
+    src = ("rnn evil(pid[D]) -> v1[H] {\n    param ob[H,D], g2[H]\n    state v1[H] = 0\n"
+           "    v1 = tanh(ob @ pid + g2 * v1)\n}\n")
+    plain = ("rnn plain(x[D]) -> h[H] {\n    param W[H,D], b[H]\n    state h[H] = 0\n"
+             "    h = tanh(W @ x + b * h)\n}\n")
+    a = rnnc.load(src)
+    b = rnnc.load(plain)
+    strip = lambda t: "\n".join(line.split("#")[0].rstrip() for line in t.splitlines())  # noqa: E731
+    ta = get("triton").emit(a, rnnc.analysis.analyse(a))
+    tb = get("triton").emit(b, rnnc.analysis.analyse(b))
+    assert strip(ta) == strip(tb)
+
+
+def test_compiles_for_gpu_without_one():
+    """The generated kernels of three examples compile down to an sm_90 cubin (Triton runs
+    its whole pipeline on the CPU), in a process without the interpreter."""
+    import subprocess
+    code = ("import rnnc, rnnc.analysis, sys\n"
+            "from rnnc.backends import triton_backend as tb\n"
+            "for name, dims in [('elman', dict(D=8, H=32)), ('gla', dict()), ('s6', dict())]:\n"
+            "    rec = rnnc.load(f'examples/{name}.rnn')\n"
+            "    sizes = {d: dims.get(d, 16) for d in rec.dims}\n"
+            "    out = tb.compile_for(rec, rnnc.analysis.analyse(rec), sizes)\n"
+            "    assert out['forward'] > 0 and out['backward'] > 0, out\n"
+            "print('compiled')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["RNNC_CACHE_DIR"] = str(Path(os.environ.get("RNNC_CACHE_DIR", "/tmp")) / "rnnc-sm90-test")
+    root = Path(rnnc.__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode != 0 and ("ptxas" in r.stderr or "No such file" in r.stderr):
+        pytest.skip("this Triton install has no CUDA toolchain: " + r.stderr.splitlines()[-1])
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-2000:]
+
+
+def test_errors_are_clear():
+    """float64 and states too wide for registers are refused with a clear RnncError."""
+    m = rnnc.compile(str(EX / "elman.rnn"), backend="triton", D=4, H=8).double()
+    with pytest.raises(rnnc.RnncError, match="float32"):
+        m(torch.randn(1, 2, 4, dtype=F64))
+    wide = rnnc.compile(str(EX / "elman.rnn"), backend="triton", D=4, H=1024)
+    with pytest.raises(rnnc.RnncError, match="registers"):
+        wide(torch.randn(1, 2, 4))
+
+
+def test_auto_uses_triton_only_on_cuda():
+    m = rnnc.compile(str(EX / "gla.rnn"), backend="auto")
+    assert m.backend == "scan" and m.gpu_backend == "triton"
+    xs = [torch.randn(2, 5, 4, 64) for _ in range(4)]
+    ref = rnnc.compile(str(EX / "gla.rnn"), backend="sequential")
+    torch.testing.assert_close(m(*xs), ref(*xs), rtol=1e-4, atol=1e-5)  # CPU: the scan backend
