@@ -70,7 +70,9 @@ class Runner:
         from . import triton_codegen as cg
         self.rec = rec
         self.gen = cg.generate(rec, analysis)
-        self.kernels = cache.load_module(self.gen.source, "fused")
+        # Triton decides at decoration time whether a kernel is compiled or interpreted, so
+        # the two kinds of module are cached apart.
+        self.kernels = cache.load_module(self.gen.source, "fused_interp" if _interpreting() else "fused")
         lay = self.gen.layout
         need = set()
         for n in lay.pre:

@@ -188,8 +188,9 @@ def test_two_processes_at_once(fresh):
     assert [p.name for p in fresh.iterdir()] == [Path(path).name]  # no temp files left
 
 
-def test_triton_jit_accepts_cached_source():
+def test_triton_jit_accepts_cached_source(monkeypatch):
     triton = pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a compiled kernel, not interpreted
     src = ("import triton\nimport triton.language as tl\n\n@triton.jit\n"
            "def kernel(x_ptr, n: tl.constexpr):\n    tl.store(x_ptr, tl.load(x_ptr) + n)\n")
     m = cache.load_module(src, tag="jit")

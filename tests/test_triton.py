@@ -1,6 +1,7 @@
 """The Triton backend's generated kernels against the sequential reference.
 
-Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1), at small sizes: every
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before
+triton is imported), at small sizes: every
 example forward and backward at T in {1, 5, 33} with a random initial state; .step();
 deterministic generated source, with golden files; generated kernels also compile for an
 sm_90 GPU target (no GPU needed: Triton compiles to a cubin on the CPU).
@@ -31,19 +32,6 @@ F64, F32 = torch.float64, torch.float32
 GOLDEN = Path(__file__).resolve().parent / "golden"
 EX = Path(__file__).resolve().parent.parent / "examples"
 ids = lambda c: c.name  # noqa: E731
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    """Triton's CPU interpreter for this module only: Triton reads the variable when a kernel
-    is decorated, that is when rnnc loads a generated module."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
 
 
 @pytest.fixture(autouse=True, scope="module")
