@@ -876,7 +876,8 @@ def generate(rec, analysis) -> Generated:
         be += K.access(t, expr) + [K.store(t, f"ga{t.node}")]
 
     fragments = {
-        "SOURCE": comment(Path(rec.filename).name),  # no directory: the text must not depend on where the spec lives "NAME": comment(rec.name),
+        # the file name without its directory: the text must not depend on where the spec lives
+        "SOURCE": comment(Path(rec.filename).name), "NAME": comment(rec.name),
         "FWD_ARGS": args(fwd_t), "BWD_ARGS": args(bwd_t), "GRID_ARGS": grid_args,
         "CONST_ARGS": const, "PROLOGUE": K.prologue(P),
         "FWD_START": fs, "FWD_STEP": step, "FWD_END": fe,
