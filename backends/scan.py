@@ -43,6 +43,24 @@ def unsupported(rec, analysis):
     return None
 
 
+def _first_poisoned(kin: dict) -> tuple:
+    """(t0, cleaned inputs) for a block's chunk-form inputs [B, L, ...]: t0 is the first step
+    with a NaN or inf (None when there is none; a log-decay may be -inf, an exact zero
+    decay, which the chunk forms handle), and the cleaned inputs have those entries zeroed."""
+    bad = {n: (torch.isnan(x) | (x == math.inf)) if n.startswith("log") else ~torch.isfinite(x)
+           for n, x in kin.items() if x is not None}
+    steps = None
+    for b in bad.values():
+        s = b.reshape(*b.shape[:2], -1).any(-1).any(0)
+        steps = s if steps is None else steps | s
+    if steps is None or not bool(steps.any()):
+        return None, kin
+    clean = {n: (x if x is None else torch.where(bad[n], 0.0, x)) for n, x in kin.items()}
+    if kin.get("w") is not None and kin["w"] is kin.get("p"):
+        clean["w"] = clean["p"]  # the kernel's fast path for w = p, as without the NaN
+    return int(steps.nonzero()[0]), clean
+
+
 def _coef(t: Term) -> Term:
     """The coefficient of a state term: the same term with the state dropped."""
     return Term(t.scale, t.factors, None, t.out)
@@ -315,8 +333,9 @@ class Runner:
             ld = kern(log_decay)[..., 0]  # [B, L, H, K or 1]
             if ld.shape[-1] != 1:
                 ld = ld.expand(B, L, H, Kd)
-            run = lambda q, include: K.chunk_linear_attention(q, p, v, ld, S0, include,  # noqa: E731
-                                                              chunk=self.chunk)
+            kin = {"k": p, "v": v, "log_decay": ld}
+            run = lambda q, include, kin: K.chunk_linear_attention(  # noqa: E731
+                q, kin["k"], kin["v"], kin["log_decay"], S0, include, chunk=self.chunk)
         else:
             low = lay.low[0]
             x = low.state[1][lay.key]
@@ -343,8 +362,14 @@ class Runner:
             la = None if log_decay is None else kern(log_decay)[..., 0, 0]
             r = r.expand(B, L, H, Kd)
             w = w if w is p else w.expand(B, L, H, Kd)
-            run = lambda q, include: K.chunk_delta_rule(q, r, w, p, v, la, S0,  # noqa: E731
-                                                        chunk=self.chunk)
+            kin = {"r": r, "w": w, "p": p, "v": v, "log_alpha": la}
+            run = lambda q, include, kin: K.chunk_delta_rule(  # noqa: E731
+                q, kin["r"], kin["w"], kin["p"], kin["v"], kin["log_alpha"], S0, chunk=self.chunk)
+        # The chunk forms mix a chunk's steps in matrix products, where 0 * NaN would carry a
+        # non-finite input back to the steps before it. From the first such step t0 on, the block
+        # is solved step by step; before it, the chunk forms run on inputs whose non-finite
+        # entries are zeroed, which leaves the earlier steps' arithmetic exactly as it was.
+        t0, clean = _first_poisoned(kin)
         S_last = None
         for node, terms in f.readouts.items():
             total = None
@@ -357,7 +382,7 @@ class Runner:
                     of = tuple(fc for fc in t.factors if summed not in fc.labels)
                     q_labels = t.state[1]
                     q = kern(eval_terms([Term(1.0, qf, None, q_labels)], env, q_labels))[..., 0]
-                    o, S_last = run(q.expand(B, L, H, Kd), t.state[0] == "new")
+                    o, S_last = run(q.expand(B, L, H, Kd), t.state[0] == "new", clean)
                     # o: [B, L, H, V] -> [B*L, *state shape without the key axis]
                     rest = [k for k in range(len(shape)) if k != lay.key]
                     o = o.reshape(B * L, *[shape[k] for k in lay.ind], *[shape[k] for k in lay.val])
@@ -369,30 +394,70 @@ class Runner:
                 total = val if total is None else total + val
             shape_n = interpret.concrete(self.rec.attr(node, "shape"), self._sizes)
             env[node] = total.expand(total.shape[0], *shape_n)
+        if t0 is not None:
+            S_t0 = S0 if t0 == 0 else run(None, True, {n: x[:, :t0] for n, x in clean.items()})[1]
+            self._solve_stepwise(name, env, carry, shape, B, L, t0, self._from_kernel(name, S_t0, shape))
+            return
         if S_last is None:
-            _, S_last = run(None, True)
+            _, S_last = run(None, True, kin)
         carry[name] = S_last
 
     def _solve_materialised(self, name, env, carry, shape, B, L):
         """A chunked state solved by materialising it per step: exact for decays of any sign
         (the chunk forms need logarithms), used for blocks where a decay is negative."""
-        f, lay = self.facts[name], self.layout[name]
+        lay = self.layout[name]
         labels = lay.labels
         S0 = self._from_kernel(name, carry[name], shape)
         diag = [_coef(t) for t in lay.diag]
         a = self._bl(eval_terms(diag, env, labels), shape, B, L)
         b = self._bl(eval_terms([lay.input], env, labels), shape, B, L) if lay.input else torch.zeros_like(a)
-        h, last = K.linear_scan(a, b, S0)
+        h, _ = K.linear_scan(a, b, S0)
+        self._readouts(name, env, carry, S0, h, B, L, shape)
+
+    def _solve_stepwise(self, name, env, carry, shape, B, L, t0, S):
+        """Steps t0.. of a block's chunked state, one at a time from its affine normal form
+        (as the sequential backend does), from S, the state before step t0 [B, *shape]."""
+        f = self.facts[name]
+        labels = self.layout[name].labels
+        S_t0 = S
+        nodes = {fc.node for t in f.terms for fc in t.factors}
+        per_step = {n: env[n].reshape(B, L, *env[n].shape[1:]) for n in nodes if env[n].shape[0] == B * L}
+        fixed = {n: env[n] for n in nodes if n not in per_step}
+        steps = []
+        for t in range(t0, L):
+            values = {**fixed, **{n: x[:, t] for n, x in per_step.items()}}
+            S = eval_terms(list(f.terms), values, labels, state_value=S, out_shape=shape).expand(B, *shape)
+            steps.append(S)
+        self._readouts(name, env, carry, S_t0, torch.stack(steps, 1), B, L, shape, t0)
+
+    def _readouts(self, name, env, carry, S0, h, B, L, shape, t0=0):
+        """Readouts of a chunked state at steps t0.. of the block from its value after each of
+        them, h [B, L - t0, *shape] (S0: the value before step t0); the last value is carried
+        to the next block. Readouts of earlier steps are kept."""
+        f, lay = self.facts[name], self.layout[name]
+        n = L - t0
         prev = torch.cat([S0.unsqueeze(1), h[:, :-1]], 1)
-        values = {"old": prev.reshape(B * L, *shape), "new": h.reshape(B * L, *shape)}
+        values = {"old": prev.reshape(B * n, *shape), "new": h.reshape(B * n, *shape)}
+
+        def steps(x):  # [B*L or 1, ...] -> the rows of steps t0.. : [B*n or 1, ...]
+            if t0 == 0 or x.shape[0] != B * L:
+                return x
+            return x.reshape(B, L, *x.shape[1:])[:, t0:].reshape(B * n, *x.shape[1:])
         for node, terms in f.readouts.items():
             total = None
             for t in terms:
                 sv = None if t.state is None else values[t.state[0]]
-                val = eval_terms([t], env, t.out, state_value=sv)
+                val = eval_terms([t], {fc.node: steps(env[fc.node]) for fc in t.factors}, t.out,
+                                 state_value=sv)
                 total = val if total is None else total + val
-            env[node] = total.expand(total.shape[0], *interpret.concrete(self.rec.attr(node, "shape"), self._sizes))
-        carry[name] = lay.to_kernel(last, shape, B, 1)[:, 0]
+            shape_n = interpret.concrete(self.rec.attr(node, "shape"), self._sizes)
+            total = total.expand(B * n if t0 else total.shape[0], *shape_n)
+            if t0:
+                whole = env[node].expand(B * L, *shape_n).reshape(B, L, *shape_n).clone()
+                whole[:, t0:] = total.reshape(B, n, *shape_n)
+                total = whole.reshape(B * L, *shape_n)
+            env[node] = total
+        carry[name] = lay.to_kernel(h[:, -1], shape, B, 1)[:, 0]
 
     def _from_kernel(self, name, c, shape):
         lay = self.layout[name]

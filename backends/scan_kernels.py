@@ -145,15 +145,16 @@ def maxplus_scan(a: torch.Tensor, b: torch.Tensor, m0: torch.Tensor):
     a, b = _align(a, b, m0, "maxplus_scan")
     L = b.shape[1]
     x = m0.unsqueeze(1) + a[:, :1]
-    b = torch.cat([torch.where(x > b[:, :1], x, b[:, :1]), b[:, 1:]], 1)
+    b = torch.cat([torch.where((x > b[:, :1]) | x.isnan(), x, b[:, :1]), b[:, 1:]], 1)
     d = 1
     while d < L:
         # As in linear_scan, with -inf and 0 as the identities entering at the front.
         # torch.where rather than torch.maximum: its backward is a single select (a tie
         # sends the whole gradient to one side, a valid subgradient), which halved the
-        # backward time on CPU against maximum's tie-splitting backward.
+        # backward time on CPU against maximum's tie-splitting backward. A NaN wins, as in
+        # torch.maximum (and so in the sequential backend).
         x = torch.cat([torch.full_like(b[:, :d], float("-inf")), b[:, :-d]], 1) + a
-        b = torch.where(x > b, x, b)
+        b = torch.where((x > b) | x.isnan(), x, b)
         if 2 * d < L:
             a = a + torch.cat([torch.zeros_like(a[:, :d]), a[:, :-d]], 1)
         d *= 2

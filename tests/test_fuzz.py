@@ -21,9 +21,9 @@ grammar's tokens, well-formed random expressions in a fixed header, random unico
 into examples); generated nasty inputs (nesting of depth 50/500/5000, 10,000 statements,
 1000-deep sums, many blocks); the regression corpus in tests/fuzz_corpus/.
 
-Known rnnc bugs (see tests/fuzz_corpus/index.json, each with a strict xfail there) are
-recognised by a narrow signature (`known_bug`) so that the random tests stay green while the
-corpus tracks them; anything else fails the test with the input that caused it.
+Bugs this suite found (see tests/fuzz_corpus/index.json) are recognised by a narrow signature
+(`known_bug`); all are fixed now, and a case that hits one again fails with the input that
+caused it, as does anything else.
 
 Knobs (environment): RNNC_FUZZ_SCALE multiplies every hypothesis example count (default 1);
 RNNC_FUZZ_RANDOM=1 draws fresh hypothesis examples instead of the fixed derandomized ones;
@@ -108,7 +108,8 @@ def expect_clean(o, bug: str | None = None):
 # Bugs this suite found that are fixed now: their cases run as plain regression tests, and
 # their signatures stay in `known_bug` so a recurrence fails loudly (no xfail covers it).
 FIXED = {"deep-nesting", "int-digit-limit", "const-overflow-float32", "huge-allocation",
-         "caret-line-splitlines", "nul-in-path", "scan-inf-state-init", "os-sys-not-reserved"}
+         "caret-line-splitlines", "nul-in-path", "scan-inf-state-init", "os-sys-not-reserved",
+         "scan-nan-leaks-back"}
 
 
 def xfail_bug(bug: str, reason: str):
@@ -1194,26 +1195,18 @@ def test_graph_dot_has_only_checked_identifiers(path, tmp_path):
 
 
 # --- 10. non-finite values stay where they are ------------------------------------------------------------
-NAN_LEAK = xfail_bug("scan-nan-leaks-back", "the scan backend's chunked kernels (scalar-decay "
-                     "chunk_linear_attention, chunk_delta_rule) combine a chunk with masked matrix "
-                     "products, and 0 * NaN = NaN: a NaN or inf in an input at step t turns the "
-                     "outputs of the steps before t in the same chunk into NaN; the sequential "
-                     "backend keeps them finite")
-_LEAKY = {"deltanet", "gated_deltanet", "mamba2", "mlstm", "retnet"}
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[NAN_LEAK] if p.stem in _LEAKY else [])
-                                  for p in EXAMPLES])
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_nan_in_an_input_does_not_reach_earlier_outputs(path):
     """A NaN in any input at step 10 leaves the outputs of steps 0..9 as they were, on
-    every backend that runs the example (causality holds for non-finite values too)."""
+    every backend that runs the example (causality holds for non-finite values too), and the
+    final state is non-finite exactly where the sequential backend's is."""
     RAN.add("nan_causality")
     rec = rnnc.load(path)
     dims = small_dims(rec)
     g = torch.Generator().manual_seed(0)
     xs = [torch.rand(1, 20, *concrete(d.shape, dims), generator=g, dtype=torch.float64) * 0.5 + 0.25
           for d in rec.inputs]
-    leaks = []
+    leaks, seq_finite = [], {}
     for backend in ("sequential", "scan"):
         try:
             m = rnnc.compile(path, backend=backend, **dims).double()
@@ -1224,10 +1217,17 @@ def test_nan_in_an_input_does_not_reach_earlier_outputs(path):
             poisoned = [x.clone() for x in xs]
             poisoned[k][:, 10] = float("nan")
             STATS["cases"] += 1
-            for a, b in zip(clean, _tensors(m(*poisoned))):
+            out, final = m(*poisoned, output_final_state=True)
+            for a, b in zip(clean, _tensors(out)):
                 if not torch.equal(a[:, :10], b[:, :10]):
                     leaks.append(f"{backend}: NaN in {d.name} at t=10 changed outputs before t=10")
                     break
+            finite = {n: torch.isfinite(h) for n, h in final.items()}
+            if backend == "sequential":
+                seq_finite[k] = finite
+            elif any(not torch.equal(finite[n], seq_finite[k][n]) for n in finite):
+                leaks.append(f"{backend}: NaN in {d.name} left a final state finite where the "
+                             "sequential backend's is not (or the reverse)")
     if leaks:
         raise KnownBug("; ".join(leaks))
 
