@@ -13,9 +13,11 @@ interpreter: slow, for tests at small sizes).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
+import networkx as nx
 import torch
 
 from rnnc import interpret, ir
@@ -76,7 +78,7 @@ class Runner:
         lay = self.gen.layout
         need = set()
         for n in lay.pre:
-            need |= {n} | {a for a in _ancestors(rec, n)}
+            need |= {n} | nx.ancestors(rec.graph, n)
         self.pre_nodes = [i for i in rec.order() if i in need]
         self._progs = {}
 
@@ -110,7 +112,7 @@ class Runner:
         # Registers hold the params and states of a program for the whole loop.
         held = 0
         for n in list(lay.params) + [s.read for s in lay.states]:
-            elems = bb if n in lay._batched else 1
+            elems = bb if n in lay.batched else 1
             for e in self.gen.layout.entries(n):
                 if e != "b":
                     elems *= blk.get(e[1], 1)
@@ -202,11 +204,6 @@ class Runner:
         return out
 
 
-def _ancestors(rec, n):
-    import networkx as nx
-    return nx.ancestors(rec.graph, n)
-
-
 def _flat_strides(ts) -> list:
     return [s for t in ts for s in t.stride()]
 
@@ -230,7 +227,7 @@ class _Fused(torch.autograd.Function):
             hs = [h.new_empty(1, 1, *([1] * (h.dim() - 1))) for h in h0]  # never written
         ts = [*xs, *ps, *h0, *ys, *hts, *hs]
         grid = (geo["programs"],)
-        with torch.cuda.device(ref.device) if ref.is_cuda else _null():
+        with _on(ref.device):
             runner.kernels.forward[grid](*ts, *_flat_strides(ts), T, B, geo["nb"],
                                          *geo["ng"].values(), STORE_HIST=bool(want_grad),
                                          **runner.constexprs(geo))
@@ -251,28 +248,22 @@ class _Fused(torch.autograd.Function):
                for g, o in zip(grads[:no], rec.outputs)]
         dhts = [g.contiguous() if g is not None else torch.zeros_like(h[:, 0])
                 for g, h in zip(grads[no:], hs)]
-        gen = runner.gen
         dxs = [x.new_zeros(runner.split_count(f"DX{j}", geo), *x.shape) for j, x in enumerate(xs)]
         dps = [p.new_zeros(runner.split_count(f"DP{j}", geo), *p.shape) for j, p in enumerate(ps)]
         dh0 = [h.new_zeros(runner.split_count(f"DH0_{j}", geo), h.shape[0], *h.shape[2:]) for j, h in enumerate(hs)]
         ts = [*xs, *ps, *hs, *dys, *dhts, *dxs, *dps, *dh0]
-        ref = ts[0]
-        with torch.cuda.device(ref.device) if ref.is_cuda else _null():
+        with _on(ts[0].device):
             runner.kernels.backward[(geo["programs"],)](
-                *ts, *_flat_strides(ts), T, B, geo["nb"], *geo["ng"].values(), **{
-                    k: v for k, v in runner.constexprs(geo).items()})
+                *ts, *_flat_strides(ts), T, B, geo["nb"], *geo["ng"].values(), **runner.constexprs(geo))
         gx = [d.sum(0) for d in dxs]
         gp = [d.sum(0) for d in dps]
         gh = [d.sum(0) for d in dh0]
         return (None, None, *gx, *gp, *gh)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def _on(device):
+    """Launch on the inputs' GPU (Triton launches on the current device), or as it is."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def build(rec, analysis, chunk_size=None):

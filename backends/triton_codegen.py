@@ -76,12 +76,13 @@ class Layout:
     parallel: set       # class ids that never mix
     kept_parallel: int | None
     batch_kept: bool
+    batched: set        # node ids that vary over the batch (the `batched` attribute)
     states: list = field(default_factory=list)   # rec.states in order
     outputs: list = field(default_factory=list)  # rec.outputs in order
 
     def entries(self, i: int) -> list:
         """The tile axes of node i: 'b' for the batch block, then (axis, class) pairs."""
-        out = ["b"] if self.batch_kept and i in self._batched else []
+        out = ["b"] if self.batch_kept and i in self.batched else []
         shape = self.rec.attr(i, "shape")
         for k, s in enumerate(shape):
             if _unit(s):
@@ -227,10 +228,8 @@ def layout(rec, analysis) -> Layout:
                     break
             if kept_parallel is not None:
                 break
-    lay = Layout(rec, sorted(pre), streams, params, invariant, loop, cls, size, parallel,
-                 kept_parallel, matvec, list(rec.states), list(rec.outputs))
-    lay._batched = batched
-    return lay
+    return Layout(rec, sorted(pre), streams, params, invariant, loop, cls, size, parallel,
+                  kept_parallel, matvec, batched, list(rec.states), list(rec.outputs))
 
 
 # --- expressions -----------------------------------------------------------------------------
@@ -463,40 +462,41 @@ class Emitter:
         raise Unsupported(f"no Triton lowering for {type(node).__name__}")
 
     def _select_steps(self, i):
-        """(picks [(pos in arg tile, class, index)], diagonals [(p, q, class)], letter positions)."""
+        """How a Select reads its operand's tile: (the condition on the operand's axes that the
+        entries it takes satisfy, or None; the axes it drops (picked, or the second axis of a
+        diagonal); letter -> axis of the operand tile)."""
         node = self.rec.node(i)
         Ea = self.entries(node.arg)
+        n = len(Ea)
         at = {e[0]: p for p, e in enumerate(Ea) if e != "b"}
-        picks, diags, first = [], [], {}
+        cond, drop, first = [], [], {}
         for k, val in enumerate(node.index):
             if isinstance(val, int):
                 if k in at:
-                    picks.append((at[k], Ea[at[k]][1], val))
+                    c = Ea[at[k]][1]
+                    idx = str(val) if val >= 0 else f"(SZ{c} + ({val}))"
+                    cond.append(f"({expand(f'o{c}', at[k], n)} == {idx})")
+                    drop.append(at[k])
             elif val in first:
                 p0 = first[val]
                 if (p0 in at) != (k in at):
                     raise Unsupported("a diagonal between an axis of size 1 and a larger one")
                 if k in at:
-                    diags.append((at[p0], at[k], Ea[at[k]][1]))
+                    c = Ea[at[k]][1]
+                    cond.append(f"({expand(f'o{c}', at[p0], n)} == {expand(f'o{c}', at[k], n)})")
+                    drop.append(at[k])
             else:
                 first[val] = k
         letter_pos = {val: at[k] for val, k in first.items() if k in at}
-        return picks, diags, letter_pos
+        return (" & ".join(cond) or None), drop, letter_pos
 
     def select(self, i) -> str:
         node, E = self.rec.node(i), self.entries(i)
-        Ea = self.entries(node.arg)
-        picks, diags, letter_pos = self._select_steps(i)
-        expr, n = self.v(node.arg), len(Ea)
-        cond = []
-        for p, c, val in picks:
-            idx = str(val) if val >= 0 else f"(SZ{c} + ({val}))"
-            cond.append(f"({expand(f'o{c}', p, n)} == {idx})")
-        for p, q, c in diags:
-            cond.append(f"({expand(f'o{c}', p, n)} == {expand(f'o{c}', q, n)})")
-        drop = [p for p, _, _ in picks] + [q for _, q, _ in diags]
+        n = len(self.entries(node.arg))
+        cond, drop, letter_pos = self._select_steps(i)
+        expr = self.v(node.arg)
         if cond:
-            expr = f"tl.where({' & '.join(cond)}, {expr}, 0.0)"
+            expr = f"tl.where({cond}, {expr}, 0.0)"
             for p in sorted(drop, reverse=True):
                 expr = f"tl.sum({expr}, axis={p})"
         rest = [p for p in range(n) if p not in drop]
@@ -562,21 +562,11 @@ class Emitter:
             hit = f"({v(node.arg)} == {align(y, pos, len(Ea))})"
             cnt = align(masked_sum(f"tl.where({hit}, 1.0, 0.0)", Ea, axes), pos, len(Ea))
             return [f"c{i} = {cnt}"], [(node.arg, f"tl.where({hit}, {ga} / c{i}, 0.0)")]
-        if isinstance(node, ir.Select):
-            Ea = self.entries(node.arg)
-            picks, diags, letter_pos = self._select_steps(i)
-            n = len(Ea)
+        if isinstance(node, ir.Select):  # the adjoint goes back to the entries the Select took
+            cond, _, letter_pos = self._select_steps(i)
             pos = [0 if e == "b" else letter_pos[node.out[e[0]]] for e in E]
-            expr = align(g, pos, n)
-            cond = []
-            for p, c, val in picks:
-                idx = str(val) if val >= 0 else f"(SZ{c} + ({val}))"
-                cond.append(f"({expand(f'o{c}', p, n)} == {idx})")
-            for p, q, c in diags:
-                cond.append(f"({expand(f'o{c}', p, n)} == {expand(f'o{c}', q, n)})")
-            if cond:
-                expr = f"tl.where({' & '.join(cond)}, {expr}, 0.0)"
-            return [], [(node.arg, expr)]
+            expr = align(g, pos, len(self.entries(node.arg)))
+            return [], [(node.arg, f"tl.where({cond}, {expr}, 0.0)" if cond else expr)]
         if isinstance(node, ir.Broadcast):
             return [], [(node.arg, self.reduce_to(g, E, self.pos(node.arg, E)))]
         return [], []
@@ -628,7 +618,6 @@ def _fill(template: str, fragments: dict) -> str:
 class _Kernels(Emitter):
     def __init__(self, lay):
         super().__init__(lay)
-        rec = self.rec
         self.grid = lay.grid_classes()
         self.kept = [c for c in sorted(lay.size) if c not in lay.parallel or c == lay.kept_parallel]
 
@@ -765,12 +754,12 @@ def generate(rec, analysis) -> Generated:
 
     # forward
     fs = ["# initial state, in registers for the whole loop"]
-    for j, t in enumerate(H0):
+    for t in H0:
         fs += K.access(t) + [f"v{t.node} = {full(K.load(t), K.entries(t.node))}"]
     for t in X + Y + HS:
         fs += K.access(t)
     fs.append("if STORE_HIST:")
-    for j, t in enumerate(HS):
+    for t in HS:
         fs += [f"    {K.store(t, f'v{t.node}')}", f"    base_{t.name} += {K.step_stride(t)}"]
     fs.append("    pass")
     step = ["# this step's inputs"] + [f"v{t.node} = {K.load(t)}" for t in X]
@@ -819,13 +808,13 @@ def generate(rec, analysis) -> Generated:
     bstep += K.body()
     bstep.append("# adjoints, in reverse order of the step")
     assigned = set()
-    lay_inv = set(acc_nodes)
+    accumulated = set(acc_nodes)  # adjoints carried across steps (params and their values)
 
     def accumulate(a, expr, lines):
         node = rec.node(a)
         if isinstance(node, ir.Const):
             return
-        if a in lay_inv:
+        if a in accumulated:
             lines.append(f"ga{a} = ga{a} + {expr}")
         elif a in assigned:
             lines.append(f"g{a} = g{a} + {expr}")
@@ -863,7 +852,6 @@ def generate(rec, analysis) -> Generated:
     be = ["# gradient of the initial state"]
     be += [K.store(t, f"gs{t.node}") for t in DH0]
     be.append("# through the values computed from params alone")
-    assigned_inv = []
     for i in reversed(K.invariant):
         lines, contrib = K.vjp_invariant(i)
         be += lines

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import rnnc  # noqa: E402
-from cases import CASES, load_params, make_initial_state, make_inputs, make_params  # noqa: E402
+from cases import CASES, run_case  # noqa: E402
 
 FULL = {"s6": {"D": 256, "N": 16}, "s4d": {"D": 256, "N": 16}}
 
@@ -32,33 +32,8 @@ def full_dims(case):
     return {k: 64 for k in case.dims}
 
 
-def run(case, backend, dtype, B, T, grad, device, in_dtype=None):
-    m = rnnc.compile(str(case.path), backend=backend, **case.dims)
-    params = make_params(case, torch.float64)
-    load_params(m, {k: v.to(dtype) for k, v in params.items()})
-    m = m.to(device=device, dtype=dtype)
-    xs = [x.to(device=device, dtype=in_dtype or dtype).requires_grad_(grad)
-          for x in make_inputs(case, B, T, torch.float64)]
-    h0 = {k: v.to(device=device, dtype=dtype).requires_grad_(grad)
-          for k, v in make_initial_state(case, B, torch.float64).items()}
-    out, final = m(*xs, initial_state=h0, output_final_state=True)
-    outs = list(out) if isinstance(out, tuple) else [out]
-    res = {f"y{j}": o for j, o in enumerate(outs)}
-    res.update({f"h_{k}": v for k, v in final.items()})
-    if grad:
-        gen = torch.Generator(device=device).manual_seed(7)
-        loss = sum((v.double() * torch.randn(v.shape, generator=gen, device=device, dtype=torch.float64)).sum()
-                   for _, v in sorted(res.items()))
-        leaves = xs + list(h0.values()) + list(m.parameters())
-        names = [f"dx{j}" for j in range(len(xs))] + [f"dh0_{k}" for k in h0] + \
-            [f"d{n}" for n, _ in m.named_parameters()]
-        gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-        res = {n: (g if g is not None else torch.zeros_like(x)) for n, g, x in zip(names, gs, leaves)}
-    return {k: v.detach().double() for k, v in res.items()}
-
-
 def rel(x, ref):
-    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def main():
@@ -80,10 +55,10 @@ def main():
         t0 = time.time()
         try:
             for grad in (False, True):
-                ref = run(case, "sequential", torch.float64, a.B, a.T, grad, dev)
-                s32 = run(case, "sequential", torch.float32, a.B, a.T, grad, dev)
-                tri = run(case, "triton", torch.float32, a.B, a.T, grad, dev)
-                bf = run(case, "triton", torch.float32, a.B, a.T, False, dev, torch.bfloat16) if not grad else None
+                ref = run_case(case, "sequential", torch.float64, a.B, a.T, grad, dev)
+                s32 = run_case(case, "sequential", torch.float32, a.B, a.T, grad, dev)
+                tri = run_case(case, "triton", torch.float32, a.B, a.T, grad, dev)
+                bf = None if grad else run_case(case, "triton", torch.float32, a.B, a.T, False, dev, torch.bfloat16)
                 for k in ref:
                     if not torch.isfinite(ref[k]).all():
                         continue
@@ -93,9 +68,8 @@ def main():
                     rows.append((case.name, "bwd" if grad else "fwd", k, e_s, e_t, ratio,
                                  bool(torch.isfinite(tri[k]).all())))
                 if bf is not None:
-                    ref_bf = run(case, "sequential", torch.float64, a.B, a.T, False, dev)
-                    for k in ref_bf:
-                        rows.append((case.name, "fwd bf16 in", k, float("nan"), rel(bf[k], ref_bf[k]),
+                    for k in ref:
+                        rows.append((case.name, "fwd bf16 in", k, float("nan"), rel(bf[k], ref[k]),
                                      float("nan"), bool(torch.isfinite(bf[k]).all())))
             print(f"{case.name}: ok ({time.time() - t0:.1f}s)", flush=True)
         except Exception as e:  # keep going: one broken example must not hide the others

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import os
 import platform
@@ -53,9 +52,10 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rnnc.peers import _first, _import, _leaf  # the adapters below follow rnnc.peers' convention
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -111,23 +111,6 @@ rnn linscan(a[D], b[D]) -> h[D] {
 # imports
 # ---------------------------------------------------------------------------------------------
 
-def _import_rnnc():
-    """rnnc from this checkout. Without `pip install -e .` the subpackages rnnc.backends and
-    rnnc.grammar (ROOT/backends, ROOT/grammar, see pyproject.toml) are not importable; adding
-    ROOT to rnnc's package path makes them so."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import rnnc
-    for sub in ("backends", "grammar"):
-        try:
-            importlib.import_module(f"rnnc.{sub}")
-        except ModuleNotFoundError:
-            if str(ROOT) not in rnnc.__path__:
-                rnnc.__path__.append(str(ROOT))
-            importlib.import_module(f"rnnc.{sub}")
-    return rnnc
-
-
 def _interpret_autotune_patch():
     """Dry run on CPU: fla's kernels run under TRITON_INTERPRET=1, but triton's autotuner
     benchmarks its configs through a GPU driver; keep only the first config so none is needed."""
@@ -140,13 +123,6 @@ def _interpret_autotune_patch():
     orig = autotuner.Autotuner.prune_configs
     autotuner.Autotuner.prune_configs = lambda self, kwargs: orig(self, kwargs)[:1]
     autotuner.Autotuner._rnnc_patched = True
-
-
-def _import(module: str, attr: str | None = None):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mod = importlib.import_module(module)
-    return getattr(mod, attr) if attr else mod
 
 
 def _short(e: BaseException) -> str:
@@ -171,14 +147,6 @@ def _version(dist: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # peers (the rnnc.peers convention: prepare(params, inputs, dims, requires_grad) -> Prepared)
 # ---------------------------------------------------------------------------------------------
-
-def _leaf(t, requires_grad):
-    return t.detach().contiguous().requires_grad_(requires_grad)
-
-
-def _first(raw):
-    return raw[0] if isinstance(raw, (tuple, list)) else raw
-
 
 def _mhlstm_cudnn(params, inputs, dims, requires_grad):
     """torch.nn.LSTM(D, NH*E) with block-diagonal recurrent weights: the same function as
@@ -858,7 +826,6 @@ def main(argv=None) -> int:
         print("no CUDA device: nothing to measure")
         return 0
     device = "cpu" if args.dry_run else "cuda"
-    _import_rnnc()
     if args.dry_run:
         _interpret_autotune_patch()
     t_start = time.perf_counter()

@@ -278,13 +278,11 @@ def cmd_compile(args) -> int:
 def _emit_triton(path, name, dims) -> str:
     """The Triton backend's generated source for one recurrence (`rnnc compile --emit`)."""
     from . import analysis, backends
+    from .compiler import check_dims
     rec = _load_one(path, name)
-    unknown = [k for k in dims if k not in rec.dims]
-    if unknown:
-        raise RnncError(f"unknown dim {unknown[0]!r} (rnn {rec.name} has dims: "
-                        f"{', '.join(rec.dims) or 'none'})", filename=rec.filename)
-    facts = analysis.analyse(rec)
     try:
+        check_dims(rec, dims)
+        facts = analysis.analyse(rec)
         # Only emit: no `unsupported` check, which may ask for a GPU that printing does not need.
         if "triton" not in backends.AVAILABLE:
             raise RnncError("unknown backend 'triton' (available: auto, "

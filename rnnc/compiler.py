@@ -52,6 +52,18 @@ def load(spec, name: str | None = None):
     raise RnncError(f"no rnn named {name!r} (found: {names})", filename=program.filename)
 
 
+def check_dims(rec, dims: dict) -> None:
+    """Dim sizes given by a caller: names the recurrence has, positive integers, not absurd."""
+    for k, v in dims.items():
+        if k not in rec.dims:
+            known = ", ".join(rec.dims) or "none"
+            raise RnncError(f"unknown dim {k!r} (rnn {rec.name} has dims: {known})")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise RnncError(f"dim {k} must be a positive integer, got {v!r}")
+        if v > 2 ** 40:
+            raise RnncError(f"dim {k}={v} is too large (at most 2**40)")
+
+
 def compile(spec, name: str | None = None, backend: str = "sequential", chunk_size: int | None = None,
             **dims):
     """Compile a .rnn file, .rnn source text or builder spec into an `nn.Module`.
@@ -73,14 +85,7 @@ def compile(spec, name: str | None = None, backend: str = "sequential", chunk_si
     try:
         if bad_chunk():
             raise RnncError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        for k, v in dims.items():
-            if k not in rec.dims:
-                known = ", ".join(rec.dims) or "none"
-                raise RnncError(f"unknown dim {k!r} (rnn {rec.name} has dims: {known})")
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise RnncError(f"dim {k} must be a positive integer, got {v!r}")
-            if v > 2 ** 40:
-                raise RnncError(f"dim {k}={v} is too large (at most 2**40)")
+        check_dims(rec, dims)
         dims_for_params(rec, dims)
         check_indices(rec, dims)
     except RnncError as err:

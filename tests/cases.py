@@ -303,3 +303,51 @@ def load_params(m: torch.nn.Module, params: dict) -> None:
             assert tuple(named[k].shape) == tuple(v.shape), (
                 f"param {k}: module shape {tuple(named[k].shape)} != spec {tuple(v.shape)}")
             named[k].copy_(v)
+
+
+def gradcheck_fn(m: torch.nn.Module, params: dict, xs: list, init: dict) -> tuple:
+    """(f, args) for torch.autograd.gradcheck over everything a call depends on:
+    f(*inputs, *params, *initial states) -> (outputs, *final states) of module m, with params
+    and states in name order; `init` may be {} (the default initial state)."""
+    from torch.func import functional_call
+    pnames, snames = sorted(params), sorted(init)
+    xs = [x.requires_grad_() for x in xs]
+    ps = [params[k].clone().requires_grad_() for k in pnames]
+    s0 = [init[k].clone().requires_grad_() for k in snames]
+    nx, npar = len(xs), len(ps)
+
+    def f(*args):
+        x_, p_, s_ = args[:nx], args[nx:nx + npar], args[nx + npar:]
+        kwargs = dict(initial_state=dict(zip(snames, s_)) if snames else None, output_final_state=True)
+        out, final = functional_call(m, dict(zip(pnames, p_)), tuple(x_), kwargs)
+        return (out, *[final[k] for k in sorted(final)])
+    return f, (*xs, *ps, *s0)
+
+
+def run_case(case: Case, backend: str, dtype, B: int, T: int, grad: bool = False,
+             device="cpu", in_dtype=None, with_init: bool = True, seed: int = 0) -> dict:
+    """Compile the example on `backend`, load the table's random params, run it on the table's
+    inputs (in `in_dtype`, default `dtype`) with a random initial state, and return
+    {"out<j>", "final_<state>": tensor}; with grad, instead the gradients {"dx<j>",
+    "dh0_<state>", "d<param>"} of a fixed random projection of all of them."""
+    import rnnc
+    m = rnnc.compile(str(case.path), backend=backend, **case.dims)
+    load_params(m, {k: v.to(dtype) for k, v in make_params(case, torch.float64, 1000 + seed).items()})
+    m = m.to(device=device, dtype=dtype)
+    xs = [x.to(device=device, dtype=in_dtype or dtype).requires_grad_(grad)
+          for x in make_inputs(case, B, T, torch.float64, seed)]
+    h0 = {k: v.to(device=device, dtype=dtype).requires_grad_(grad)
+          for k, v in make_initial_state(case, B, torch.float64, 2000 + seed).items()} if with_init else {}
+    out, final = m(*xs, initial_state=h0 or None, output_final_state=True)
+    result = {f"out{j}": o for j, o in enumerate(out if isinstance(out, tuple) else (out,))}
+    result.update({f"final_{k}": v for k, v in final.items()})
+    if grad:
+        gen = torch.Generator(device=device).manual_seed(7)
+        loss = sum((v.double() * torch.randn(v.shape, generator=gen, device=device, dtype=torch.float64)).sum()
+                   for _, v in sorted(result.items()))
+        leaves = xs + list(h0.values()) + list(m.parameters())
+        names = [f"dx{j}" for j in range(len(xs))] + [f"dh0_{k}" for k in h0] + \
+            [f"d{n}" for n, _ in m.named_parameters()]
+        gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+        result = {n: (g if g is not None else torch.zeros_like(leaf)) for n, g, leaf in zip(names, gs, leaves)}
+    return {k: v.detach() for k, v in result.items()}

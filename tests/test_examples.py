@@ -21,10 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch.func import functional_call  # noqa: E402
 
 import references  # noqa: E402
-from cases import CASES, compile_case, make_initial_state, make_inputs  # noqa: E402
+from cases import CASES, compile_case, gradcheck_fn, make_initial_state, make_inputs  # noqa: E402
 
 ids = lambda c: c.name  # noqa: E731
 F64 = torch.float64
@@ -134,22 +133,9 @@ def test_gradcheck(case, with_init):
     state, through the outputs and the final state."""
     B, T = 1, 3
     m, params = compile_case(case, F64)
-    pnames = sorted(params)
-    xs = [x.requires_grad_() for x in make_inputs(case, B, T, F64, seed=21)]
     init = make_initial_state(case, B, F64, seed=22) if with_init else {}
-    snames = sorted(init)
-    ps = [params[k].clone().requires_grad_() for k in pnames]
-    s0 = [init[k].clone().requires_grad_() for k in snames]
-    nx, npar = len(xs), len(ps)
-
-    def f(*args):
-        x_, p_, s_ = args[:nx], args[nx:nx + npar], args[nx + npar:]
-        kwargs = dict(initial_state=dict(zip(snames, s_)) if with_init else None,
-                      output_final_state=True)
-        out, final = functional_call(m, dict(zip(pnames, p_)), tuple(x_), kwargs)
-        return (out, *[final[k] for k in sorted(final)])
-
-    assert torch.autograd.gradcheck(f, (*xs, *ps, *s0), eps=1e-6, atol=1e-6, rtol=1e-5)
+    f, args = gradcheck_fn(m, params, make_inputs(case, B, T, F64, seed=21), init)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 @INIT

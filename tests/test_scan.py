@@ -25,15 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch.func import functional_call  # noqa: E402
 
 import rnnc  # noqa: E402
 import rnnc.analysis  # noqa: E402
 from rnnc.interpret import concrete  # noqa: E402
 
 import oracles  # noqa: E402
-from cases import (CASE_BY_NAME, CASES, load_params, make_initial_state,  # noqa: E402
-                   make_inputs, make_params)
+from cases import (CASE_BY_NAME, CASES, gradcheck_fn, load_params,  # noqa: E402
+                   make_initial_state, make_inputs, make_params)
 
 F64, F32 = torch.float64, torch.float32
 CHUNK = 16
@@ -243,21 +242,9 @@ def test_gradcheck_scan(name):
         case = dataclasses.replace(case, dims=dict(H=2, K=2, V=3))
     B, T = 1, 5
     scan, _, params = compile_pair(case, chunk_size=2)
-    pnames = sorted(params)
-    xs = [x.requires_grad_() for x in make_inputs(case, B, T, F64, seed=21)]
-    init = make_initial_state(case, B, F64, seed=22)
-    snames = sorted(init)
-    ps = [params[k].clone().requires_grad_() for k in pnames]
-    s0 = [init[k].clone().requires_grad_() for k in snames]
-    nx, npar = len(xs), len(ps)
-
-    def f(*args):
-        x_, p_, s_ = args[:nx], args[nx:nx + npar], args[nx + npar:]
-        out, final = functional_call(scan, dict(zip(pnames, p_)), tuple(x_),
-                                     dict(initial_state=dict(zip(snames, s_)), output_final_state=True))
-        return (out, *[final[k] for k in sorted(final)])
-
-    assert torch.autograd.gradcheck(f, (*xs, *ps, *s0), eps=1e-6, atol=1e-6, rtol=1e-5)
+    f, args = gradcheck_fn(scan, params, make_inputs(case, B, T, F64, seed=21),
+                           make_initial_state(case, B, F64, seed=22))
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------

@@ -149,6 +149,20 @@ def pair_close(got, want, rtol=1e-9):
             close(x, r, rtol)
 
 
+def values_and_grads_close(got, want, args, allow_unused=False):
+    """(o, S_last) and the gradients of sum(o) + sum(S_last^2) w.r.t. args, against the
+    reference loop's autograd. With allow_unused, an input neither side reads (p when w is
+    passed as p) must get no gradient or a zero one."""
+    pair_close(got, want)
+    gg = torch.autograd.grad(got[0].sum() + got[1].square().sum(), args, allow_unused=allow_unused)
+    gw = torch.autograd.grad(want[0].sum() + want[1].square().sum(), args, allow_unused=allow_unused)
+    for x, r in zip(gg, gw):
+        if r is None:
+            assert x is None or not x.abs().any()
+        else:
+            close(x, r)
+
+
 # --------------------------------------------------------------------------- 1. linear_scan
 
 @pytest.mark.parametrize("L", LENGTHS)
@@ -333,14 +347,9 @@ EXTREMES = ["strong", "weak", "loguniform", "zero"]
 def test_linear_attention_extreme_decays(kind, per_channel, include_current):
     args = [x.requires_grad_() for x in la_inputs(64, per_channel, seed=5,
                                                   decay=_decay_fn(kind))]
-    got = sk.chunk_linear_attention(*args, include_current)
-    want = ref_linear_attention(*args, include_current)
-    pair_close(got, want)
-    # Gradients, the -inf log-decays included, against the loop's autograd.
-    gg = torch.autograd.grad(got[0].sum() + got[1].square().sum(), args)
-    gw = torch.autograd.grad(want[0].sum() + want[1].square().sum(), args)
-    for x, r in zip(gg, gw):
-        close(x, r)
+    # Gradients too, the -inf log-decays included.
+    values_and_grads_close(sk.chunk_linear_attention(*args, include_current),
+                           ref_linear_attention(*args, include_current), args)
 
 
 @pytest.mark.parametrize("include_current", [True, False])
@@ -394,13 +403,7 @@ def test_delta_rule_negative_eigenvalues():
 def test_delta_rule_extreme_decays(kind):
     args = [x.requires_grad_() for x in delta_inputs(64, "general", seed=22,
                                                      decay=_decay_fn(kind))]
-    got = sk.chunk_delta_rule(*args)
-    want = ref_delta(*args)
-    pair_close(got, want)
-    gg = torch.autograd.grad(got[0].sum() + got[1].square().sum(), args)
-    gw = torch.autograd.grad(want[0].sum() + want[1].square().sum(), args)
-    for x, r in zip(gg, gw):
-        close(x, r)
+    values_and_grads_close(sk.chunk_delta_rule(*args), ref_delta(*args), args)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -567,13 +570,8 @@ def test_linear_attention_long_extreme_decays(kind):
         args = [x.requires_grad_() for x in la_inputs(200, per_channel, seed=108,
                                                       decay=_decay_fn(kind))]
         for inc in (True, False):
-            got = sk.chunk_linear_attention(*args, inc, chunk=16)
-            want = ref_linear_attention(*args, inc)
-            pair_close(got, want)
-            gg = torch.autograd.grad(got[0].sum() + got[1].square().sum(), args)
-            gw = torch.autograd.grad(want[0].sum() + want[1].square().sum(), args)
-            for x, r in zip(gg, gw):
-                close(x, r)
+            values_and_grads_close(sk.chunk_linear_attention(*args, inc, chunk=16),
+                                   ref_linear_attention(*args, inc), args)
 
 
 @pytest.mark.parametrize("kind", EXTREMES)
@@ -583,17 +581,8 @@ def test_delta_rule_long_extreme_decays(kind):
         args = [x.requires_grad_() for x in (q, r, w, p, v, la, S0)]
         q, r, w, p, v, la, S0 = args
         p_ = w if shared else p
-        got = sk.chunk_delta_rule(q, r, w, p_, v, la, S0, chunk=16)
-        want = ref_delta(q, r, w, p_, v, la, S0)
-        pair_close(got, want)
-        gg = torch.autograd.grad(got[0].sum() + got[1].square().sum(), args, allow_unused=True)
-        gw = torch.autograd.grad(want[0].sum() + want[1].square().sum(), args,
-                                 allow_unused=True)
-        for x, r_ in zip(gg, gw):
-            if r_ is None:          # p unused when w is passed as p
-                assert x is None or not x.abs().any()
-            else:
-                close(x, r_)
+        values_and_grads_close(sk.chunk_delta_rule(q, r, w, p_, v, la, S0, chunk=16),
+                               ref_delta(q, r, w, p_, v, la, S0), args, allow_unused=True)
 
 
 @pytest.mark.parametrize("kind", ["random"] + EXTREMES)

@@ -25,7 +25,7 @@ import rnnc  # noqa: E402
 import rnnc.analysis  # noqa: E402
 from rnnc.backends import get  # noqa: E402
 
-from cases import CASES, load_params, make_initial_state, make_inputs, make_params  # noqa: E402
+from cases import CASES, load_params, make_initial_state, make_inputs, make_params, run_case  # noqa: E402
 
 triton = pytest.importorskip("triton")
 F64, F32 = torch.float64, torch.float32
@@ -46,35 +46,10 @@ def _err(x, ref):
     return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def _run(case, backend, dtype, T, B=2, with_init=True, grad=False, seed=0):
-    m = rnnc.compile(str(case.path), backend=backend, **case.dims)
-    params = make_params(case, F64, 1000 + seed)
-    load_params(m, {k: v.to(dtype) for k, v in params.items()})
-    m = m.to(dtype)
-    xs = [x.to(dtype).requires_grad_(grad) for x in make_inputs(case, B, T, F64, seed)]
-    h0 = {k: v.to(dtype).requires_grad_(grad)
-          for k, v in make_initial_state(case, B, F64, 2000 + seed).items()} if with_init else None
-    out, final = m(*xs, initial_state=h0, output_final_state=True)
-    outs = list(out) if isinstance(out, tuple) else [out]
-    result = {f"out{j}": o for j, o in enumerate(outs)}
-    result.update({f"final_{k}": v for k, v in final.items()})
-    if grad:
-        gen = torch.Generator().manual_seed(7)
-        loss = sum((v.double() * torch.randn(v.shape, generator=gen, dtype=F64)).sum()
-                   for _, v in sorted(result.items()))
-        leaves = xs + (list(h0.values()) if h0 else []) + list(m.parameters())
-        names = [f"dx{j}" for j in range(len(xs))] + [f"dh0_{k}" for k in (h0 or {})] + \
-            [f"d{n}" for n, _ in m.named_parameters()]
-        gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-        result = {n: (g if g is not None else torch.zeros_like(leaf))
-                  for n, g, leaf in zip(names, gs, leaves)}
-    return {k: v.detach() for k, v in result.items()}
-
-
 def _compare(case, T, grad, B=2):
-    ref = _run(case, "sequential", F64, T, B, grad=grad)
-    s32 = _run(case, "sequential", F32, T, B, grad=grad)
-    tri = _run(case, "triton", F32, T, B, grad=grad)
+    ref = run_case(case, "sequential", F64, B, T, grad)
+    s32 = run_case(case, "sequential", F32, B, T, grad)
+    tri = run_case(case, "triton", F32, B, T, grad)
     assert set(tri) == set(ref)
     for k in ref:
         if not torch.isfinite(ref[k]).all():
@@ -146,6 +121,32 @@ def test_random_specs(kind, seed):
             assert a is None or not a.abs().any()
             continue
         assert _err(a, b) < 1e-3
+
+
+SELECT_SPEC = """
+rnn sel(x[D]) -> y[D] {
+    param U[D,D]
+    state h[D] = 0
+    h[i] = tanh(U[i,i] * h[i] + x[i] + h[0] * U[1,i] + h[-1])
+    y[i] = h[i] * U[i,i]
+}
+"""
+
+
+def test_selects():
+    """Integer picks (negative ones too) and diagonals, forward and gradients, in float32
+    against the float64 sequential backend."""
+    ref = rnnc.compile(SELECT_SPEC, backend="sequential", D=5).double()
+    tri = rnnc.compile(SELECT_SPEC, backend="triton", D=5)
+    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    x = torch.randn(2, 6, 5, dtype=F64, generator=torch.Generator().manual_seed(3))
+    x64, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
+    y64, y32 = ref(x64), tri(x32)
+    assert _err(y32.detach(), y64.detach()) < 1e-5
+    g64 = torch.autograd.grad(y64.sum(), [x64, *ref.parameters()])
+    g32 = torch.autograd.grad(y32.sum(), [x32, *tri.parameters()])
+    for a, b in zip(g32, g64):
+        assert _err(a, b) < 1e-5
 
 
 # --- generated source --------------------------------------------------------------------------
