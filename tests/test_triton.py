@@ -65,7 +65,7 @@ def test_forward(case, T):
     _compare(case, T, grad=False)
 
 
-@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("T", [1, 5, 33])
 @pytest.mark.parametrize("case", CASES, ids=ids)
 def test_backward(case, T):
     _compare(case, T, grad=True)
