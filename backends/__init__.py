@@ -1,7 +1,10 @@
 """Backends: each lowers a planned recurrence to something that runs.
 
 Every backend is one module exposing the same interface, and backends never import each
-other (shared semantics live in `rnnc.interpret`):
+other. Shared semantics live in `rnnc.interpret`; shared machinery lives in library modules
+beside the backends (`block_solver`: the block-wise solver of associative plans, run by the
+scan backend with PyTorch primitives and by the Triton backend with its chunk kernels;
+`scan_kernels`: those PyTorch primitives):
 
     NAME: str
     unsupported(rec, analysis) -> str | None

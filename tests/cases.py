@@ -325,13 +325,14 @@ def gradcheck_fn(m: torch.nn.Module, params: dict, xs: list, init: dict) -> tupl
 
 
 def run_case(case: Case, backend: str, dtype, B: int, T: int, grad: bool = False,
-             device="cpu", in_dtype=None, with_init: bool = True, seed: int = 0) -> dict:
+             device="cpu", in_dtype=None, with_init: bool = True, seed: int = 0,
+             chunk_size: int | None = None) -> dict:
     """Compile the example on `backend`, load the table's random params, run it on the table's
     inputs (in `in_dtype`, default `dtype`) with a random initial state, and return
     {"out<j>", "final_<state>": tensor}; with grad, instead the gradients {"dx<j>",
     "dh0_<state>", "d<param>"} of a fixed random projection of all of them."""
     import rnnc
-    m = rnnc.compile(str(case.path), backend=backend, **case.dims)
+    m = rnnc.compile(str(case.path), backend=backend, chunk_size=chunk_size, **case.dims)
     load_params(m, {k: v.to(dtype) for k, v in make_params(case, torch.float64, 1000 + seed).items()})
     m = m.to(device=device, dtype=dtype)
     xs = [x.to(device=device, dtype=in_dtype or dtype).requires_grad_(grad)
@@ -351,3 +352,24 @@ def run_case(case: Case, backend: str, dtype, B: int, T: int, grad: bool = False
         gs = torch.autograd.grad(loss, leaves, allow_unused=True)
         result = {n: (g if g is not None else torch.zeros_like(leaf)) for n, g, leaf in zip(names, gs, leaves)}
     return {k: v.detach() for k, v in result.items()}
+
+
+def compile_offline(code: str) -> None:
+    """Run `code` in a fresh Python without TRITON_INTERPRET, where Triton compiles kernels for
+    a real GPU target (down to a cubin, on the CPU); `code` prints 'compiled' when it is done.
+    Skips where this Triton install has no CUDA toolchain."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RNNC_TRITON_KERNEL")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["RNNC_CACHE_DIR"] = str(Path(os.environ.get("RNNC_CACHE_DIR", "/tmp")) / "rnnc-sm90-test")
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode != 0 and ("ptxas" in r.stderr or "No such file" in r.stderr):
+        pytest.skip("this Triton install has no CUDA toolchain: " + r.stderr.splitlines()[-1])
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-2000:]

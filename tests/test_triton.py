@@ -1,4 +1,4 @@
-"""The Triton backend's generated kernels against the sequential reference.
+"""The Triton backend's generated fused recurrent kernels against the sequential reference.
 
 Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before
 triton is imported), at small sizes: every
@@ -25,7 +25,7 @@ import rnnc  # noqa: E402
 import rnnc.analysis  # noqa: E402
 from rnnc.backends import get  # noqa: E402
 
-from cases import CASES, load_params, make_initial_state, make_inputs, make_params, run_case  # noqa: E402
+from cases import CASES, compile_offline, load_params, make_initial_state, make_inputs, make_params, run_case  # noqa: E402
 
 triton = pytest.importorskip("triton")
 F64, F32 = torch.float64, torch.float32
@@ -40,6 +40,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _fused_kernel(monkeypatch):
+    # This file checks the fused recurrent kernels, which every spec has; the scan and chunk
+    # kernels that backend="triton" prefers for some plans have their own files
+    # (test_triton_scan.py, test_triton_chunked.py).
+    monkeypatch.setenv("RNNC_TRITON_KERNEL", "fused")
 
 
 def _err(x, ref):
@@ -150,9 +158,21 @@ def test_selects():
 
 
 # --- generated source --------------------------------------------------------------------------
+def _generated(rec):
+    """The spec-dependent part of `emit`: for chunked plans it is followed by the fixed chunk
+    kernel templates, which carry no spec text (checked below against the library's own)."""
+    backend = get("triton")
+    text = backend.emit(rec, rnnc.analysis.analyse(rec))
+    head, marker, tail = text.partition(backend.LIBRARY_MARKER)
+    if marker:
+        from rnnc.backends import triton_chunk, triton_delta
+        assert tail.split("\n", 1)[1] in (triton_chunk.source(), triton_delta.source())
+        head = head.removesuffix("\n\n")  # the blank lines emit puts before the templates
+    return head
+
+
 def _source(name):
-    rec = rnnc.load(str(Path(rnnc.__file__).resolve().parent.parent / "examples" / f"{name}.rnn"))
-    return get("triton").emit(rec, rnnc.analysis.analyse(rec))
+    return _generated(rnnc.load(str(Path(rnnc.__file__).resolve().parent.parent / "examples" / f"{name}.rnn")))
 
 
 @pytest.mark.parametrize("name", ["elman", "gla", "s6"])
@@ -196,8 +216,7 @@ def _names(text):
 def test_source_carries_no_spec_text(case):
     """Outside comments, every identifier in the generated source comes from the generator's
     own vocabulary (node numbers, class numbers, fixed names), never from the spec."""
-    rec = rnnc.load(str(case.path))
-    text = get("triton").emit(rec, rnnc.analysis.analyse(rec))
+    text = _generated(rnnc.load(str(case.path)))
     bad = {n for n in _names(text) if not (_VOCAB.match(n) or n in _FIXED or n in _TL or n.startswith("_"))}
     assert not bad, f"unexpected identifiers in generated source: {sorted(bad)}"
     for line in text.splitlines():
@@ -232,15 +251,7 @@ def test_compiles_for_gpu_without_one():
             "    out = tb.compile_for(rec, rnnc.analysis.analyse(rec), sizes)\n"
             "    assert out['forward'] > 0 and out['backward'] > 0, out\n"
             "print('compiled')\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    env["RNNC_CACHE_DIR"] = str(Path(os.environ.get("RNNC_CACHE_DIR", "/tmp")) / "rnnc-sm90-test")
-    root = Path(rnnc.__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                       timeout=600)
-    if r.returncode != 0 and ("ptxas" in r.stderr or "No such file" in r.stderr):
-        pytest.skip("this Triton install has no CUDA toolchain: " + r.stderr.splitlines()[-1])
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-2000:]
+    compile_offline(code)
 
 
 def test_errors_are_clear():

@@ -1,0 +1,466 @@
+"""The block solver shared by the backends that run associative plans in parallel over time.
+
+Time is cut into blocks. Per block:
+1. hoisted work runs once over the block's B*L positions (so s6's [T, D, N] decay exists
+   only block by block);
+2. states are solved in dependency order (the analysis's strata): max-plus and elementwise
+   states with a parallel scan, materialised per step; dense ones with a scan of matrix
+   products; matrix states (chunked plans) are never materialised per step: only their
+   readouts (o = q^T S) come out of the chunk form, and the state is carried between blocks;
+3. the rest of the step's graph runs vectorised over B*L with those values.
+Coefficients come from the affine normal form (`rnnc.affine`), evaluated exactly by einsum.
+
+The numerical primitives are a parameter: the scan backend passes `scan_kernels` (PyTorch),
+the Triton backend the same table with its generated chunk kernels in place of the
+PyTorch chunk forms. This module is a library for backends, not a backend itself.
+"""
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+import torch
+
+from rnnc import interpret, ir
+from rnnc.affine import Factor, Term, eval_terms, state_labels as _labels
+from rnnc.errors import RnncError
+from rnnc.ir import Op
+
+DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
+
+
+def _first_poisoned(kin: dict) -> tuple:
+    """(t0, cleaned inputs) for a block's chunk-form inputs [B, L, ...]: t0 is the first step
+    with a NaN or inf (None when there is none; a log-decay may be -inf, an exact zero
+    decay, which the chunk forms handle), and the cleaned inputs have those entries zeroed."""
+    # One sum per input first: a NaN or an infinity always makes its sum non-finite, so a
+    # finite sum clears the whole input in one cheap pass (an overflowing sum of finite
+    # values, or a -inf log-decay, only sends the block to the exact check below).
+    live = [x for x in kin.values() if x is not None]
+    if live and bool(torch.isfinite(torch.stack([x.sum() for x in live])).all()):
+        return None, kin
+    bad = {n: (torch.isnan(x) | (x == math.inf)) if n.startswith("log") else ~torch.isfinite(x)
+           for n, x in kin.items() if x is not None}
+    steps = None
+    for b in bad.values():
+        s = b.reshape(*b.shape[:2], -1).any(-1).any(0)
+        steps = s if steps is None else steps | s
+    if steps is None or not bool(steps.any()):
+        return None, kin
+    clean = {n: (x if x is None else torch.where(bad[n], 0.0, x)) for n, x in kin.items()}
+    if kin.get("w") is not None and kin["w"] is kin.get("p"):
+        clean["w"] = clean["p"]  # the kernel's fast path for w = p, as without the NaN
+    return int(steps.nonzero()[0]), clean
+
+
+def _coef(t: Term) -> Term:
+    """The coefficient of a state term: the same term with the state dropped."""
+    return Term(t.scale, t.factors, None, t.out)
+
+
+class _Chunked:
+    """How one matrix state maps to the chunk kernels: axis groups and term pieces."""
+
+    def __init__(self, rec, facts):
+        self.facts = facts
+        n = len(facts.shape)
+        labels = _labels(n)
+        self.labels = labels
+        self.key = facts.key_axis
+        terms = facts.terms
+        self.diag = [t for t in terms if t.state is not None and t.state[1] == labels]
+        self.low = [t for t in terms if t.state is not None and t.state[1] != labels]
+        inputs = [t for t in terms if t.state is None]
+        if len(inputs) > 1:
+            raise RnncError(f"state {facts.name}: a chunked plan needs one outer-product input term")
+        self.input = inputs[0] if inputs else None
+        self.val = list(facts.value_axes)  # decided by the analysis
+        self.ind = [k for k in range(n) if k != self.key and k not in self.val]
+        self.perm = self.ind + [self.key] + self.val
+
+    def sizes(self, shape):
+        ind = math.prod(shape[k] for k in self.ind)
+        return ind, shape[self.key], math.prod(shape[k] for k in self.val)
+
+    def to_kernel(self, x, shape, B, L):
+        """[B*L, *state shape (size-1 where broadcast)] -> [B, L, Hflat, K, Vflat]."""
+        x = x.expand(x.shape[0], *[shape[k] if x.shape[1 + k] != 1 else 1 for k in range(len(shape))])
+        x = x.permute(0, *[1 + k for k in self.perm])
+        h = [x.shape[1 + i] for i in range(len(self.ind))]
+        kk = x.shape[1 + len(self.ind)]
+        v = list(x.shape[2 + len(self.ind):])
+        return x.reshape(B, L, math.prod(h) if h else 1, kk, math.prod(v) if v else 1)
+
+
+class BlockSolver:
+    """A backend's Runner for associative plans, with `kernels` supplying the numerical
+    primitives (`scan_kernels`' signatures: linear_scan, maxplus_scan, chunk_linear_attention,
+    chunk_delta_rule, dense_scan)."""
+
+    def __init__(self, rec, analysis, kernels, chunk_size=64, block=None):
+        self.rec, self.analysis, self.chunk = rec, analysis, chunk_size
+        self.K = kernels
+        # Hoisted work and materialised states exist one block at a time (bounded memory);
+        # inside a block the chunk kernels work on all its chunks at once.
+        self.block = block or chunk_size
+        g = rec.graph
+        self.hoisted = [i for i in rec.order() if i in analysis.hoisted]
+        facts = {f.name: f for f in analysis.states}
+        self.facts = facts
+        self.order = [s for s in analysis.strata]
+        decl = {s.name: s for s in rec.states}
+        self.decl = decl
+        self.layout = {n: _Chunked(rec, f) for n, f in facts.items()
+                       if f.method in ("chunked", "chunked_delta")}
+        # Values the solver supplies; nodes it must never evaluate (per-step matrix states).
+        supplied, excluded = set(), set()
+        for name, f in facts.items():
+            st = decl[name]
+            supplied.add(st.read)
+            if st.write is not None:
+                if name in self.layout:
+                    dependent = {st.read} | nx.descendants(g, st.read)
+                    excluded |= dependent - f.downstream - set(f.readouts)
+                    supplied |= set(f.readouts)
+                else:
+                    supplied |= {st.write, rec.node(st.write).arg}
+        self.supplied = supplied
+        index = {name: k for k, name in enumerate(self.order)}
+        reads = {decl[n].read: n for n in facts}
+        phases = [[] for _ in range(len(self.order) + 1)]
+        for n in analysis.core:
+            if n in supplied or n in excluded:
+                continue
+            deps = {reads[a] for a in nx.ancestors(g, n) | {n} if a in reads}
+            phases[max((index[d] + 1 for d in deps), default=0)].append(n)
+        self.phases = phases
+        # Hoisted work that something reads: the phases, the outputs, and the factors of the
+        # normal forms (never the materialised k ⊗ v that a chunked state only has in factors).
+        want = {a for p in phases for n in p for a in ir.operands(rec.node(n))}
+        want |= {o.node for o in rec.outputs}
+        for name, f in facts.items():
+            terms = list(f.terms) + [t for ts in f.readouts.values() for t in ts]
+            if f.maxplus is not None:
+                terms += list(f.maxplus[0])
+                want |= set(f.maxplus[1])
+            for t in terms:
+                for fc in t.factors:
+                    want.add(fc.node)
+                    node = rec.node(fc.node)
+                    if isinstance(node, ir.Elementwise) and node.op is Op.EXP:
+                        want.add(node.args[0])  # _log_coef reads the exponent itself
+        self.want = want
+        needed = set()
+        for n in want:
+            if n in analysis.hoisted:
+                needed.add(n)
+                needed |= nx.ancestors(g, n)
+        self.hoisted = [i for i in self.hoisted if i in needed]
+        self._cache = {}
+
+    def _programs(self, sizes, dtype, device):
+        key = (tuple(sorted(sizes.items())), dtype, device)
+        if key not in self._cache:
+            low = lambda ids: interpret.lower_nodes(self.rec, ids, sizes, dtype, device)  # noqa: E731
+            self._cache[key] = (low(self.hoisted), [low(p) for p in self.phases])
+        return self._cache[key]
+
+    def __call__(self, sizes, params, inputs, state0):
+        rec = self.rec
+        x0 = next(iter(inputs.values()))
+        B, T = x0.shape[:2]
+        dtype, device = x0.dtype, x0.device
+        if B == 0 or T == 0:  # nothing to scan: empty outputs, the initial state unchanged
+            return ({o.name: x0.new_zeros(B, T, *interpret.concrete(o.shape, sizes)) for o in rec.outputs},
+                    dict(state0))
+        hoist_prog, phase_progs = self._programs(sizes, dtype, device)
+        self._sizes = sizes
+        shapes = {s.name: interpret.concrete(s.shape, sizes) for s in rec.states}
+        carry = {}
+        for s in rec.states:
+            if s.name in self.layout:
+                lay = self.layout[s.name]
+                carry[s.name] = lay.to_kernel(state0[s.name], shapes[s.name], B, 1)[:, 0]
+            else:
+                carry[s.name] = state0[s.name]
+        outs = {o.name: [] for o in rec.outputs}
+        for t0 in range(0, T, self.block):
+            L = min(self.block, T - t0)
+            env = {}
+            for d in rec.inputs:
+                x = inputs[d.name][:, t0:t0 + L]
+                env[d.node] = x.reshape(B * L, *x.shape[2:])
+            for d in rec.params:
+                env[d.node] = params[d.name].unsqueeze(0)
+            interpret.run_program(hoist_prog, env)
+            for k, name in enumerate(self.order):
+                interpret.run_program(phase_progs[k], env)
+                self._solve(name, env, carry, shapes[name], B, L)
+            interpret.run_program(phase_progs[-1], env)
+            for o in rec.outputs:
+                v = env[o.node]
+                shape = interpret.concrete(o.shape, sizes)
+                outs[o.name].append(v.expand(B * L if v.shape[0] == 1 else v.shape[0], *shape)
+                                    .reshape(B, L, *shape))
+        final = {}
+        for s in rec.states:
+            c = carry[s.name]
+            if s.name in self.layout:
+                c = self._from_kernel(s.name, c, shapes[s.name])
+            final[s.name] = c
+        outputs = {o.name: (torch.cat(outs[o.name], 1) if outs[o.name] else
+                            x0.new_zeros(B, 0, *interpret.concrete(o.shape, sizes))) for o in rec.outputs}
+        return outputs, final
+
+    # --- per-state solvers -------------------------------------------------------------------
+    def _bl(self, x, shape, B, L):
+        """[B*L or 1, *broadcastable] -> [B, L, *shape]."""
+        x = x.expand(B * L if x.shape[0] == 1 else x.shape[0], *shape)
+        return x.reshape(B, L, *shape)
+
+    def _store(self, name, env, h, carry, B, L, shape):
+        st = self.decl[name]
+        if st.read in self.want:  # the old values, when something reads them (a full copy)
+            prev = torch.cat([carry[name].unsqueeze(1), h[:, :-1]], 1)
+            env[st.read] = prev.reshape(B * L, *shape)
+        if st.write is not None:
+            new = h.reshape(B * L, *shape)
+            env[st.write] = new
+            env[self.rec.node(st.write).arg] = new
+        carry[name] = h[:, -1]
+
+    def _solve(self, name, env, carry, shape, B, L):
+        f = self.facts[name]
+        labels = _labels(len(shape))
+        if f.method == "constant":
+            h = carry[name].unsqueeze(1).expand(B, L, *shape)
+            self._store(name, env, h, carry, B, L, shape)
+            return
+        if f.method == "maxplus":
+            a_terms, b_nodes = f.maxplus
+            a = eval_terms(list(a_terms), env, labels) if a_terms else None
+            a = self._bl(a, shape, B, L) if a is not None else carry[name].new_zeros(B, L, *shape)
+            b = None
+            for n in b_nodes:
+                v = env[n]
+                b = v if b is None else torch.maximum(b, v)
+            h, _ = self.K.maxplus_scan(a, self._bl(b, shape, B, L), carry[name])
+            self._store(name, env, h, carry, B, L, shape)
+            return
+        if f.method in ("chunked", "chunked_delta"):
+            self._solve_chunked(name, env, carry, shape, B, L)
+            return
+        diag = [_coef(t) for t in f.terms if t.state is not None and t.state[1] == labels]
+        inputs = [t for t in f.terms if t.state is None]
+        zeros = carry[name].new_zeros(B, L, *shape)
+        b = self._bl(eval_terms(inputs, env, labels), shape, B, L) if inputs else zeros
+        if f.method == "elementwise":
+            if any(t.state is not None and t.state[1] != labels for t in f.terms):
+                raise RnncError(f"internal: state {name} has a non-diagonal term but an elementwise plan")
+            if not diag:  # the new value reads no old value: no scan, and no 0 * inf
+                h = b
+            else:
+                h, _ = self.K.linear_scan(self._bl(eval_terms(diag, env, labels), shape, B, L), b, carry[name])
+            self._store(name, env, h, carry, B, L, shape)
+            return
+        if f.method == "dense":
+            n = math.prod(shape)
+            if B * L * n * n > DENSE_LIMIT:
+                raise RnncError(f"state {name}: a dense scan over {n} elements needs {B * L * n * n} "
+                                f"transition entries per chunk (limit {DENSE_LIMIT}); use "
+                                "backend='sequential' or a smaller chunk_size")
+            eye = torch.eye(n, dtype=b.dtype, device=b.device).reshape(n, 1, *shape)
+            with_state = [t for t in f.terms if t.state is not None]
+            cols = eval_terms(with_state, env, labels, state_value=eye, out_shape=shape)
+            cols = cols.expand(n, B * L, *shape).reshape(n, B * L, n)
+            A = cols.permute(1, 2, 0).reshape(B, L, n, n)
+            h, _ = self.K.dense_scan(A, b.reshape(B, L, n), carry[name].reshape(B, n))
+            self._store(name, env, h.reshape(B, L, *shape), carry, B, L, shape)
+            return
+        raise RnncError(f"internal: no solver for method {f.method!r} of state {name}")
+
+    def _log_coef(self, terms, env, labels, what):
+        """log of a positive coefficient; exact for products of exp(...) factors."""
+        if len(terms) == 1 and terms[0].scale > 0 and terms[0].factors and all(
+                isinstance(self.rec.node(fc.node), ir.Elementwise)
+                and self.rec.node(fc.node).op is Op.EXP for fc in terms[0].factors):
+            t = terms[0]
+            parts = [Term(float(fc.power), (Factor(self.rec.node(fc.node).args[0], fc.labels),),
+                          None, t.out) for fc in t.factors]
+            out = eval_terms(parts, env, labels)
+            return out + math.log(t.scale) if t.scale != 1.0 else out
+        coef = eval_terms(terms, env, labels)
+        if bool((coef < 0).any()):
+            return None  # a negative decay: the caller solves this block exactly instead
+        return torch.log(coef)  # exact zeros give -inf, which the chunk forms handle
+
+    def _solve_chunked(self, name, env, carry, shape, B, L):
+        f, lay = self.facts[name], self.layout[name]
+        labels = lay.labels
+        key_label = labels[lay.key]
+        H, Kd, V = lay.sizes(shape)
+        S0 = carry[name]
+        ref = S0
+
+        def kern(x):  # [B*L, *state shape] -> [B, L, H, K, V]
+            x = x.expand(B * L if x.shape[0] == 1 else x.shape[0], *x.shape[1:])
+            return lay.to_kernel(x, shape, B, L)
+        # Input p ⊗ v: the factors carrying the key axis form p, the others v.
+        if lay.input is not None:
+            t = lay.input
+            kf = tuple(fc for fc in t.factors if key_label in fc.labels)
+            vf = tuple(fc for fc in t.factors if key_label not in fc.labels)
+            p = kern(eval_terms([Term(t.scale, kf, None, labels)], env, labels))[..., 0]
+            v = kern(eval_terms([Term(1.0, vf, None, labels)], env, labels))[..., 0, :] if vf else \
+                ref.new_ones(B, L, H, V)
+            p = p.expand(B, L, H, Kd)
+            v = v.expand(B, L, H, V)
+        else:
+            p = ref.new_zeros(B, L, H, Kd)
+            v = ref.new_zeros(B, L, H, V)
+        diag = [_coef(t) for t in lay.diag]
+        log_decay = self._log_coef(diag, env, labels, name) if diag else None
+        if diag and log_decay is None:
+            if f.method == "chunked":
+                self._solve_materialised(name, env, carry, shape, B, L)
+                return
+            raise RnncError(f"state {name}: the chunked delta rule needs a positive decay, and this "
+                            "input produced a negative one; use backend='sequential' for it")
+        if f.method == "chunked":
+            if log_decay is None:
+                log_decay = ref.new_full((B * L, *[1] * len(shape)), -1e4)
+            ld = kern(log_decay)[..., 0]  # [B, L, H, K or 1]
+            if ld.shape[-1] != 1:
+                ld = ld.expand(B, L, H, Kd)
+            kin = {"k": p, "v": v, "log_decay": ld}
+            run = lambda q, include, kin: self.K.chunk_linear_attention(  # noqa: E731
+                q, kin["k"], kin["v"], kin["log_decay"], S0, include, chunk=self.chunk)
+        else:
+            low = lay.low[0]
+            x = low.state[1][lay.key]
+            out_key = labels[lay.key]
+            alpha_nodes = sorted(fc.node for t in lay.diag for fc in t.factors)
+            factors = list(low.factors)
+            cancel = len(lay.diag) == 1 and all(
+                any(fc.node == a for fc in factors) for a in alpha_nodes)
+            if cancel:  # alpha * (S - w r^T S): take alpha out of the low-rank term exactly
+                for a in alpha_nodes:
+                    factors.remove(next(fc for fc in factors if fc.node == a))
+            rf = tuple(fc for fc in factors if x in fc.labels)
+            wf = tuple(fc for fc in factors if x not in fc.labels)
+            scale = -low.scale / (lay.diag[0].scale if cancel else 1.0)
+            r_labels = tuple(x if k == lay.key else labels[k] for k in range(len(labels)))
+            r = kern(eval_terms([Term(1.0, rf, None, r_labels)], env, r_labels))[..., 0]
+            same = lay.input is not None and cancel and scale == lay.input.scale and sorted(
+                (fc.node, fc.power) for fc in wf) == sorted(
+                (fc.node, fc.power) for fc in lay.input.factors if key_label in fc.labels)
+            # w and p the same product (DeltaNet: both beta*k): one tensor, the kernel's fast path
+            w = p if same else kern(eval_terms([Term(scale, wf, None, labels)], env, labels))[..., 0]
+            if not cancel and log_decay is not None:
+                w = w / kern(torch.exp(log_decay))[..., 0]
+            la = None if log_decay is None else kern(log_decay)[..., 0, 0].expand(B, L, H)
+            r = r.expand(B, L, H, Kd)
+            w = w if w is p else w.expand(B, L, H, Kd)
+            kin = {"r": r, "w": w, "p": p, "v": v, "log_alpha": la}
+            run = lambda q, include, kin: self.K.chunk_delta_rule(  # noqa: E731
+                q, kin["r"], kin["w"], kin["p"], kin["v"], kin["log_alpha"], S0, chunk=self.chunk)
+        # The chunk forms mix a chunk's steps in matrix products, where 0 * NaN would carry a
+        # non-finite input back to the steps before it. From the first such step t0 on, the block
+        # is solved step by step; before it, the chunk forms run on inputs whose non-finite
+        # entries are zeroed, which leaves the earlier steps' arithmetic exactly as it was.
+        t0, clean = _first_poisoned(kin)
+        S_last = None
+        for node, terms in f.readouts.items():
+            total = None
+            for t in terms:
+                if t.state is None:
+                    val = eval_terms([t], env, t.out)
+                else:
+                    summed = t.state[1][lay.key]
+                    qf = tuple(fc for fc in t.factors if summed in fc.labels)
+                    of = tuple(fc for fc in t.factors if summed not in fc.labels)
+                    q_labels = t.state[1]
+                    q = kern(eval_terms([Term(1.0, qf, None, q_labels)], env, q_labels))[..., 0]
+                    o, S_last = run(q.expand(B, L, H, Kd), t.state[0] == "new", clean)
+                    # o: [B, L, H, V] -> [B*L, *state shape without the key axis]
+                    rest = [k for k in range(len(shape)) if k != lay.key]
+                    o = o.reshape(B * L, *[shape[k] for k in lay.ind], *[shape[k] for k in lay.val])
+                    order = lay.ind + lay.val
+                    o = o.permute(0, *[1 + order.index(k) for k in rest])
+                    st_labels = tuple(t.state[1][k] for k in rest)
+                    val = eval_terms([Term(t.scale, of, ("old", st_labels), t.out)], env, t.out,
+                                     state_value=o)
+                total = val if total is None else total + val
+            shape_n = interpret.concrete(self.rec.attr(node, "shape"), self._sizes)
+            env[node] = total.expand(total.shape[0], *shape_n)
+        if t0 is not None:
+            S_t0 = S0 if t0 == 0 else run(None, True, {n: x[:, :t0] for n, x in clean.items()})[1]
+            self._solve_stepwise(name, env, carry, shape, B, L, t0, self._from_kernel(name, S_t0, shape))
+            return
+        if S_last is None:
+            _, S_last = run(None, True, kin)
+        carry[name] = S_last
+
+    def _solve_materialised(self, name, env, carry, shape, B, L):
+        """A chunked state solved by materialising it per step: exact for decays of any sign
+        (the chunk forms need logarithms), used for blocks where a decay is negative."""
+        lay = self.layout[name]
+        labels = lay.labels
+        S0 = self._from_kernel(name, carry[name], shape)
+        diag = [_coef(t) for t in lay.diag]
+        a = self._bl(eval_terms(diag, env, labels), shape, B, L)
+        b = self._bl(eval_terms([lay.input], env, labels), shape, B, L) if lay.input else torch.zeros_like(a)
+        h, _ = self.K.linear_scan(a, b, S0)
+        self._readouts(name, env, carry, S0, h, B, L, shape)
+
+    def _solve_stepwise(self, name, env, carry, shape, B, L, t0, S):
+        """Steps t0.. of a block's chunked state, one at a time from its affine normal form
+        (as the sequential backend does), from S, the state before step t0 [B, *shape]."""
+        f = self.facts[name]
+        labels = self.layout[name].labels
+        S_t0 = S
+        nodes = {fc.node for t in f.terms for fc in t.factors}
+        per_step = {n: env[n].reshape(B, L, *env[n].shape[1:]) for n in nodes if env[n].shape[0] == B * L}
+        fixed = {n: env[n] for n in nodes if n not in per_step}
+        steps = []
+        for t in range(t0, L):
+            values = {**fixed, **{n: x[:, t] for n, x in per_step.items()}}
+            S = eval_terms(list(f.terms), values, labels, state_value=S, out_shape=shape).expand(B, *shape)
+            steps.append(S)
+        self._readouts(name, env, carry, S_t0, torch.stack(steps, 1), B, L, shape, t0)
+
+    def _readouts(self, name, env, carry, S0, h, B, L, shape, t0=0):
+        """Readouts of a chunked state at steps t0.. of the block from its value after each of
+        them, h [B, L - t0, *shape] (S0: the value before step t0); the last value is carried
+        to the next block. Readouts of earlier steps are kept."""
+        f, lay = self.facts[name], self.layout[name]
+        n = L - t0
+        prev = torch.cat([S0.unsqueeze(1), h[:, :-1]], 1)
+        values = {"old": prev.reshape(B * n, *shape), "new": h.reshape(B * n, *shape)}
+
+        def steps(x):  # [B*L or 1, ...] -> the rows of steps t0.. : [B*n or 1, ...]
+            if t0 == 0 or x.shape[0] != B * L:
+                return x
+            return x.reshape(B, L, *x.shape[1:])[:, t0:].reshape(B * n, *x.shape[1:])
+        for node, terms in f.readouts.items():
+            total = None
+            for t in terms:
+                sv = None if t.state is None else values[t.state[0]]
+                val = eval_terms([t], {fc.node: steps(env[fc.node]) for fc in t.factors}, t.out,
+                                 state_value=sv)
+                total = val if total is None else total + val
+            shape_n = interpret.concrete(self.rec.attr(node, "shape"), self._sizes)
+            total = total.expand(B * n if t0 else total.shape[0], *shape_n)
+            if t0:
+                whole = env[node].expand(B * L, *shape_n).reshape(B, L, *shape_n).clone()
+                whole[:, t0:] = total.reshape(B, n, *shape_n)
+                total = whole.reshape(B * L, *shape_n)
+            env[node] = total
+        carry[name] = lay.to_kernel(h[:, -1], shape, B, 1)[:, 0]
+
+    def _from_kernel(self, name, c, shape):
+        lay = self.layout[name]
+        B = c.shape[0]
+        c = c.reshape(B, *[shape[k] for k in lay.perm])
+        inv = [lay.perm.index(k) for k in range(len(shape))]
+        return c.permute(0, *[1 + i for i in inv]).contiguous()

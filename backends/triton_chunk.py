@@ -1,0 +1,236 @@
+"""Chunked linear attention with a diagonal decay as Triton kernels, forward and backward.
+
+The same function as `scan_kernels.chunk_linear_attention` (RetNet, GLA, Mamba2, HGRN2,
+RWKV6-style matrix states), for CUDA tensors, or CPU tensors under TRITON_INTERPRET=1:
+
+    S_t = diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T,
+    o_t = S_t^T q_t (include_current) or S_{t-1}^T q_t.
+
+The kernels live in templates/chunk_la.py.tmpl and are loaded through rnnc's disk cache.
+Three kernels, each one program per (batch, head) (and value block), walking the chunks:
+
+- chunk_fwd: the state S [K, BV] in float32 registers; per chunk the outputs (the incoming
+  state read through decayed queries, plus the intra-chunk attention) and the state update.
+  When training it stores the state entering every chunk ([B, H, NC, K, V]): the backward
+  walks the chunks in reverse and needs them in that order, which a recompute could only
+  give by storing them too (or by a quadratic number of forward passes), and they are
+  K*V / (C*(2K+V)) of the inputs' size (2/3 at K = V = 128, C = 64).
+- chunk_bwd: the chunks in reverse carrying dL/dS; dq, dk (per value block, summed here),
+  dv and dS0.
+- chunk_dg: d log_decay. With G the cumulative log-decay, q_t enters as q_t exp(G_{t-d})
+  (d = 0 or 1 as include_current) and k_s as k_s exp(-G_s), so dL/dG_t =
+  q_{t+d} dq_{t+d} - k_t dk_t, plus sum_v dS_last * S_last at the end; d log_decay_u is its
+  sum over t >= u. That sum cancels the pairs (key s, query t) with u <= s, so its rounding
+  is absolute, about float32 epsilon times sum_t |q dq| + |k dk|, not relative to the
+  gradient: where every decay is tiny (log-decays near -30) the true d log_decay is ~1e-13
+  and comes back as rounding noise of that absolute size (tests/test_triton_chunk.py
+  bounds it). Without q the same gradient is summed forwards instead, sum_v S0 * dS0 +
+  sum_{s < u} k_s dk_s, where every term holds u: no cancellation at all.
+
+Everything is computed in float32 (float32, bfloat16 and float16 inputs are read and
+converted); outputs are float32, gradients are returned in the inputs' dtypes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from rnnc.errors import RnncError
+
+SUB = 16                   # steps per sub-chunk: the tl.dot tile of the intra-chunk work
+CHUNKS = (16, 32, 64, 128)
+MAX_K = 256                # key channels one program holds
+MAX_BV = 64                # value channels per program (the grid's other axis)
+_TEMPLATE = Path(__file__).resolve().parent / "templates" / "chunk_la.py.tmpl"
+_modules: dict = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def source() -> str:
+    """The kernel module's text, as it is loaded (and as `rnnc compile --emit` shows it)."""
+    return _TEMPLATE.read_text().replace("{{SUB}}", str(SUB))
+
+
+def kernels():
+    """The kernel module (interpreted or compiled, as TRITON_INTERPRET says at first use)."""
+    from rnnc import cache
+    tag = "chunk_la_interp" if _interpreting() else "chunk_la"
+    if tag not in _modules:
+        _modules[tag] = cache.load_module(source(), tag)
+    return _modules[tag]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def geometry(K: int, V: int) -> tuple:
+    """(BK, BV): the key tile (all K channels, tl.dot needs >= 16) and the value block, so
+    that the state tile BK x BV stays at most 4096 values."""
+    BK = max(16, _pow2(K))
+    BV = max(16, min(_pow2(V), MAX_BV, 4096 // BK))
+    return BK, BV
+
+
+def _check(q, k, v, log_decay, S0, chunk):
+    if chunk not in CHUNKS:
+        raise RnncError(f"chunk must be one of {CHUNKS} (a power of two, at least the "
+                        f"sub-chunk of {SUB}); got {chunk}")
+    if k.dim() != 4:
+        raise RnncError(f"k must be [B, L, H, K], got shape {tuple(k.shape)}")
+    B, L, H, K = k.shape
+    V = v.shape[-1]
+    want = {"k": (k, (B, L, H, K)), "v": (v, (B, L, H, V)), "S0": (S0, (B, H, K, V))}
+    if q is not None:
+        want["q"] = (q, (B, L, H, K))
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise RnncError(f"{name} has shape {tuple(t.shape)}, expected {shape} "
+                            "(q, k [B, L, H, K]; v [B, L, H, V]; S0 [B, H, K, V])")
+    if log_decay.dim() != 4 or tuple(log_decay.shape[:3]) != (B, L, H) \
+            or log_decay.shape[3] not in (1, K):
+        raise RnncError(f"log_decay has shape {tuple(log_decay.shape)}, expected "
+                        f"{(B, L, H, K)} (per key channel) or {(B, L, H, 1)} (per head)")
+    if L < 1 or B < 1 or H < 1 or K < 1 or V < 1:
+        raise RnncError(f"empty problem: B, L, H, K, V = {B, L, H, K, V}")
+    if K > MAX_K:
+        raise RnncError(f"the chunked Triton kernel holds all K = {K} key channels per "
+                        f"program (at most {MAX_K}); use the scan backend")
+    ts = [t for t in (q, k, v, log_decay, S0) if t is not None]
+    for t in ts:
+        if t.dtype == torch.float64:
+            raise RnncError("the Triton chunked kernels compute in float32; float64 inputs "
+                            "need the scan backend (backend='scan')")
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise RnncError(f"unsupported dtype {t.dtype} (float32, bfloat16 or float16)")
+        if t.device != k.device:
+            raise RnncError("all inputs must be on the same device")
+    if k.device.type != "cuda" and not _interpreting():
+        raise RnncError("the Triton chunked kernels run on CUDA tensors (or on CPU under "
+                        f"TRITON_INTERPRET=1); these are on {k.device}")
+
+
+def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
+                           chunk: int = 64, precision: str | None = None):
+    """Linear attention with diagonal decay over a block of any length L, in Triton.
+
+    q: [B, L, H, K] or None; k: [B, L, H, K]; v: [B, L, H, V];
+    log_decay: [B, L, H, K] (per key channel) or [B, L, H, 1] (one decay per head), values
+    in [-inf, 0]; S0: [B, H, K, V].
+    Returns (o, S_last): o [B, L, H, V] (None when q is None), S_last [B, H, K, V], float32.
+    chunk: steps per chunk (16, 32, 64 or 128); it changes the cost, not the result.
+    precision: tl.dot input precision, "ieee" or "tf32"; None follows
+    torch.backends.cuda.matmul.allow_tf32 on CUDA and is "ieee" under the interpreter.
+    Differentiable with respect to q, k, v, log_decay and S0.
+    """
+    _check(q, k, v, log_decay, S0, chunk)
+    if precision is None:
+        tf32 = k.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        precision = "tf32" if tf32 else "ieee"
+    if precision not in ("ieee", "tf32"):
+        raise RnncError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    cfg = (bool(include_current), int(chunk), precision, q is not None)
+    o, S_last = _ChunkLA.apply(cfg, q if q is not None else k, k, v, log_decay, S0)
+    return (o if q is not None else None), S_last
+
+
+def _launch_dims(k, v, log_decay, chunk):
+    B, L, H, K = k.shape
+    V = v.shape[-1]
+    BK, BV = geometry(K, V)
+    return B, L, H, K, V, BK, BV, -(-V // BV), -(-L // chunk), log_decay.shape[-1] == 1
+
+
+class _ChunkLA(torch.autograd.Function):
+    """(cfg, q, k, v, log_decay, S0) -> (o, S_last); cfg = (include_current, chunk,
+    precision, has_q). Without q, q is a placeholder (k) and o an empty tensor."""
+
+    @staticmethod
+    def forward(ctx, cfg, q, k, v, log_decay, S0):
+        include, chunk, prec, has_q = cfg
+        B, L, H, K, V, BK, BV, NV, NC, scalar = _launch_dims(k, v, log_decay, chunk)
+        q, k, v, g, S0 = (t.contiguous() for t in (q, k, v, log_decay, S0))
+        f32 = dict(dtype=torch.float32, device=k.device)
+        o = torch.empty(B, L, H, V, **f32) if has_q else torch.empty(0, **f32)
+        S_last = torch.empty(B, H, K, V, **f32)
+        store = any(ctx.needs_input_grad)
+        states = torch.empty(B, H, NC, K, V, **f32) if store else torch.empty(1, **f32)
+        kernels().chunk_fwd[(NV, B * H)](
+            q, k, v, g, S0, o if has_q else S_last, S_last, states, L, H, K, V, NC,
+            C=chunk, BK=BK, BV=BV, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
+            STORE=store, PREC=prec, num_warps=4)
+        ctx.cfg = cfg
+        ctx.dtypes = [t.dtype for t in (q, k, v, log_decay, S0)]
+        if store:   # S_last for d log_decay with q, S0 without
+            ctx.save_for_backward(q, k, v, g, states, S_last if has_q else S0)
+        if not has_q:
+            ctx.mark_non_differentiable(o)
+        return o, S_last
+
+    @staticmethod
+    def backward(ctx, do, dS_last):
+        include, chunk, prec, has_q = ctx.cfg
+        q, k, v, g, states, S_end = ctx.saved_tensors
+        B, L, H, K, V, BK, BV, NV, NC, scalar = _launch_dims(k, v, g, chunk)
+        f32 = dict(dtype=torch.float32, device=k.device)
+        if dS_last is None:
+            dS_last = torch.zeros(B, H, K, V, **f32)
+        if has_q:
+            do = torch.zeros(B, L, H, V, **f32) if do is None else do.contiguous()
+        else:
+            do = dS_last   # never read
+        dS_last = dS_last.contiguous()
+        dq = torch.zeros(NV, B, L, H, K, **f32) if has_q else torch.empty(1, **f32)
+        dk = torch.empty(NV, B, L, H, K, **f32)
+        dv = torch.empty(B, L, H, V, **f32)
+        dS0 = torch.empty(B, H, K, V, **f32)
+        ker = kernels()
+        delta = 0 if include else 1
+        ker.chunk_bwd[(NV, B * H)](
+            q, k, v, g, do, dS_last, states, dq, dk, dv, dS0, L, H, K, V, NC,
+            C=chunk, BK=BK, BV=BV, DELTA=delta, SCALAR=scalar, HAS_Q=has_q, PREC=prec,
+            num_warps=4)
+        dq = dq.sum(0) if has_q else None
+        dk = dk.sum(0)
+        # [B, H, K]: the pairs through S_last (with q) or from S0 (without), see chunk_dg
+        sl = (dS_last.float() * S_end if has_q else dS0 * S_end.float()).sum(-1).contiguous()
+        dg = torch.empty(B, L, H, g.shape[-1], **f32)
+        ker.chunk_dg[(B * H,)](
+            q, k, dq if has_q else dk, dk, sl, dg, L, H, K, -(-L // SUB), C=SUB, BK=BK,
+            DELTA=delta, SCALAR=scalar, HAS_Q=has_q, num_warps=4)
+        grads = [dq, dk, dv, dg, dS0]
+        grads = [None if x is None else x.to(dt) for x, dt in zip(grads, ctx.dtypes)]
+        return (None, *grads)
+
+
+def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
+                include_current: bool = True, has_q: bool = True, precision: str = "tf32",
+                arch: int = 90) -> dict:
+    """Compile the three kernels for an NVIDIA target without a GPU (Triton runs its whole
+    pipeline down to a cubin on the CPU): {kernel name: cubin size}. Run it without
+    TRITON_INTERPRET (interpreted kernels do not compile)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if _interpreting():
+        raise RnncError("compile_for needs a process without TRITON_INTERPRET")
+    BK, BV = geometry(K, V)
+    const = dict(C=chunk, BK=BK, BV=BV, DELTA=0 if include_current else 1, SCALAR=scalar,
+                 HAS_Q=has_q, STORE=True, PREC=precision)
+    ints = {"L", "H", "K", "V", "NC"}
+    ker = kernels()
+    out = {}
+    for name in ("chunk_fwd", "chunk_bwd", "chunk_dg"):
+        fn = getattr(ker, name)
+        c = {a: (SUB if a == "C" and name == "chunk_dg" else const[a])
+             for a in fn.arg_names if a in const}
+        sig = {a: "constexpr" if a in c else "i32" if a in ints else "*fp32"
+               for a in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs=c)
+        out[name] = len(triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"])
+    return out

@@ -1,0 +1,241 @@
+"""Triton kernels for the chunked delta rule (DeltaNet, Gated DeltaNet), forward and backward.
+
+`chunk_delta_rule` has the contract of `scan_kernels.chunk_delta_rule` (see there for the
+math); the kernels live in templates/chunk_delta.py.tmpl and are loaded through rnnc's disk
+cache. Geometry: one program per (batch * head, V block) walks the chunks in order with the
+state [K, V block] in registers; inside a chunk it builds the strictly lower triangular
+UT matrix, inverts I + A by forward substitution, and applies the W/U factors with tl.dot.
+K is never split (the solve needs whole r.w products); V may be.
+
+Training stores the state entering every chunk ([B, H, NC, K, V] float32); the backward
+kernel walks the chunks in reverse from the last one, recomputes each chunk's forward from
+its stored entry state and carries the state adjoint dS in registers. Gradients of the
+K-side inputs (q, r, w, p, log_alpha) are written once per V block and summed here.
+
+It runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (Triton's
+interpreter, for tests at small sizes). Everything is computed in float32; float32, bfloat16
+and float16 inputs are accepted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rnnc.errors import RnncError
+
+TEMPLATE = Path(__file__).parent / "templates" / "chunk_delta.py.tmpl"
+MAX_K = 256          # the whole key dimension lives in one program's registers
+CHUNKS = (16, 32, 64)
+_ACCEPTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def source() -> str:
+    """The kernel module's text, as it is loaded (and as `rnnc compile --emit` shows it)."""
+    return TEMPLATE.read_text()
+
+
+def kernels(interpreted: bool | None = None):
+    """The kernel module (delta_fwd, delta_bwd). Triton decides at decoration time whether
+    a kernel is interpreted, so the two kinds are cached under different tags."""
+    from rnnc import cache
+    if interpreted is None:
+        interpreted = _interpreting()
+    return cache.load_module(source(), "chunk_delta_interp" if interpreted else "chunk_delta")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def geometry(L: int, K: int, V: int, chunk: int, block_v: int | None = None) -> dict:
+    """Chunk length C (a power of two, 16 <= C <= chunk, shortened for short blocks), the
+    padded key width BK, the V block BV and the counts NC (chunks) and NV (V blocks)."""
+    C = min(chunk, max(16, _pow2(L)))
+    BK = max(16, _pow2(K))
+    if block_v is None:
+        # the state tile, and the [C, BK] operand tiles, share the registers of one program
+        block_v = 64 if BK <= 64 else 32
+    BV = min(max(16, _pow2(block_v)), max(16, _pow2(V)))
+    return {"C": C, "BK": BK, "BV": BV, "NC": -(-L // C), "NV": -(-V // BV),
+            "warps": 4 if BK * BV <= 4096 else 8}
+
+
+def _check(q, r, w, p, v, log_alpha, S0, chunk):
+    if r.dim() != 4:
+        raise RnncError(f"chunk_delta_rule: r must be [B, L, H, K], got shape {tuple(r.shape)}")
+    B, L, H, K = r.shape
+    named = {"q": q, "r": r, "w": w, "p": p, "v": v, "log_alpha": log_alpha, "S0": S0}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype == torch.float64:
+            raise RnncError(f"chunk_delta_rule (Triton) computes in float32; {name} is float64: "
+                            "use the scan backend for float64")
+        if t.dtype not in _ACCEPTED:
+            raise RnncError(f"chunk_delta_rule (Triton): {name} has dtype {t.dtype}; "
+                            "float32, bfloat16 or float16 expected")
+        if t.device != r.device:
+            raise RnncError(f"chunk_delta_rule (Triton): {name} is on {t.device}, r on {r.device}")
+    for name, t in (("q", q), ("w", w), ("p", p)):
+        if t is not None and tuple(t.shape) != (B, L, H, K):
+            raise RnncError(f"chunk_delta_rule: {name} has shape {tuple(t.shape)}, r {tuple(r.shape)}; "
+                            "both must be [B, L, H, K]")
+    if v.dim() != 4 or tuple(v.shape[:3]) != (B, L, H):
+        raise RnncError(f"chunk_delta_rule: v must be [B, L, H, V] = [{B}, {L}, {H}, V], got "
+                        f"{tuple(v.shape)}")
+    V = v.shape[3]
+    if log_alpha is not None and tuple(log_alpha.shape) != (B, L, H):
+        raise RnncError(f"chunk_delta_rule: log_alpha must be [B, L, H] = [{B}, {L}, {H}], got "
+                        f"{tuple(log_alpha.shape)}")
+    if tuple(S0.shape) != (B, H, K, V):
+        raise RnncError(f"chunk_delta_rule: S0 must be [B, H, K, V] = [{B}, {H}, {K}, {V}], got "
+                        f"{tuple(S0.shape)}")
+    if L < 1:
+        raise RnncError("chunk_delta_rule: the block needs L >= 1 steps")
+    if chunk not in CHUNKS:
+        raise RnncError(f"chunk_delta_rule (Triton): chunk must be one of {CHUNKS}, got {chunk}")
+    if K > MAX_K:
+        raise RnncError(f"chunk_delta_rule (Triton): K = {K} keys exceed {MAX_K} (the kernel keeps "
+                        "the whole key axis of the state in registers); use the scan backend")
+    if r.device.type != "cuda" and not _interpreting():
+        raise RnncError("chunk_delta_rule (Triton) runs on CUDA tensors (or on CPU under "
+                        f"TRITON_INTERPRET=1); these are on {r.device}")
+
+
+def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int = 64, block_v: int | None = None):
+    """S_t = alpha_t (S_{t-1} - w_t (r_t^T S_{t-1})) + p_t v_t^T, o_t = S_t^T q_t, in Triton.
+
+    q: [B, L, H, K] or None; r, w, p: [B, L, H, K]; v: [B, L, H, V]; log_alpha: [B, L, H] or
+    None (alpha = 1); S0: [B, H, K, V]; any L >= 1; chunk in (16, 32, 64).
+    Returns (o, S_last): o [B, L, H, V] in the inputs' promoted dtype (None when q is None),
+    S_last [B, H, K, V] in S0's dtype. Differentiable w.r.t. every tensor argument.
+    Passing the same tensor object as w and p (DeltaNet) takes the shorter shared path;
+    w != p is supported too. block_v overrides the V block (a power of two >= 16).
+    """
+    _check(q, r, w, p, v, log_alpha, S0, chunk)
+    shared = p is w
+    B, L, H, K = r.shape
+    geo = geometry(L, K, v.shape[3], chunk, block_v)
+    dtype = torch.promote_types(torch.promote_types(r.dtype, w.dtype), torch.promote_types(p.dtype, v.dtype))
+    if q is not None:
+        dtype = torch.promote_types(dtype, q.dtype)
+    tensors = (q, r, w, None if shared else p, v, log_alpha, S0)
+    want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    res = _ChunkDelta.apply((geo, shared, want_grad, dtype), *tensors)
+    if q is None:
+        return None, res[0]
+    return res[0], res[1]
+
+
+def _launch_args(geo):
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    return dict(C=geo["C"], BK=geo["BK"], BV=geo["BV"], DOT_PREC="tf32" if tf32 else "ieee",
+                num_warps=geo["warps"])
+
+
+class _ChunkDelta(torch.autograd.Function):
+    """(q?, r, w, p?, v, log_alpha?, S0) -> (o?, S_last); p is None when it is w."""
+
+    @staticmethod
+    def forward(ctx, meta, q, r, w, p, v, la, S0):
+        geo, shared, want_grad, dtype = meta
+        B, L, H, K = r.shape
+        V = v.shape[3]
+        q, r, w, p, v, la = (None if t is None else t.contiguous() for t in (q, r, w, p, v, la))
+        S0c = S0.contiguous()
+        f32 = dict(dtype=torch.float32, device=r.device)
+        o = torch.empty(B, L, H, V, **f32) if q is not None else None
+        S_last = torch.empty(B, H, K, V, **f32)
+        hist = torch.empty(B, H, geo["NC"], K, V, **f32) if want_grad else S_last
+        kernels().delta_fwd[(B * H, geo["NV"])](
+            r if q is None else q, r, w, w if p is None else p, v, r if la is None else la, S0c,
+            S_last if o is None else o, S_last, hist,
+            L, H, K, V, geo["NC"],
+            HAS_Q=q is not None, HAS_LA=la is not None, SHARED=shared, STORE_HIST=want_grad,
+            **_launch_args(geo))
+        if want_grad:
+            ctx.save_for_backward(q, r, w, p, v, la, hist)
+        ctx.meta = meta
+        ctx.dtypes = [None if t is None else t.dtype for t in (q, r, w, p, v, la, S0)]
+        S_last = S_last.to(S0.dtype)
+        return (S_last,) if o is None else (o.to(dtype), S_last)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        geo, shared, _, _ = ctx.meta
+        q, r, w, p, v, la, hist = ctx.saved_tensors
+        B, L, H, K = r.shape
+        V = v.shape[3]
+        NV = geo["NV"]
+        do = None if q is None else grads[0].contiguous()
+        dsl = grads[-1].contiguous()
+        f32 = dict(dtype=torch.float32, device=r.device)
+        part = lambda *shape: torch.empty(NV, *shape, **f32)   # noqa: E731  one slice per V block
+        dq = part(B, L, H, K) if q is not None else None
+        dr, dw = part(B, L, H, K), part(B, L, H, K)
+        dp = part(B, L, H, K) if p is not None else None
+        dla = part(B, L, H) if la is not None else None
+        dv = torch.empty(B, L, H, V, **f32)
+        ds0 = torch.empty(B, H, K, V, **f32)
+        kernels().delta_bwd[(B * H, NV)](
+            r if q is None else q, r, w, w if p is None else p, v, r if la is None else la, hist,
+            dsl if do is None else do, dsl,
+            dr if dq is None else dq, dr, dw, dw if dp is None else dp, dv,
+            dr if dla is None else dla, ds0,
+            B, L, H, K, V, geo["NC"],
+            HAS_Q=q is not None, HAS_LA=la is not None, SHARED=shared, **_launch_args(geo))
+        out = [None if g is None else g.sum(0) for g in (dq, dr, dw, dp)] + [dv]
+        out += [None if dla is None else dla.sum(0), ds0]
+        out = [None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes)]
+        return (None, *out)
+
+
+def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype: str = "fp32",
+                dot_prec: str = "ieee", variants=None) -> dict:
+    """Compile both kernels for an NVIDIA target without a GPU (Triton runs its whole pipeline
+    to a cubin on the CPU). variants: (has_q, has_la, shared) triples, all eight by default;
+    dtype: the element type of the inputs ("fp32", "bf16", "fp16"). Returns
+    {(kernel, has_q, has_la, shared): cubin size}. Run it without TRITON_INTERPRET.
+    (With dot_prec="ieee", float32 tl.dot becomes unrolled FMAs: large cubins, slow compiles
+    at chunk 64; "tf32" uses the tensor cores.)"""
+    import itertools
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    mod = kernels(interpreted=False)
+    geo = geometry(4 * chunk, K, V, chunk)
+    const = {n: geo[n] for n in ("C", "BK", "BV")}
+    const["DOT_PREC"] = dot_prec
+    # buffers allocated here (outputs, history, gradients) are float32; S0 (and the gradient
+    # of S_last) is taken as float32 too; the per-step inputs and the gradient of o have dtype
+    inputs = {"q_ptr", "r_ptr", "w_ptr", "p_ptr", "v_ptr", "la_ptr", "do_ptr"}
+    out = {}
+    for name, (has_q, has_la, shared) in itertools.product(
+            ("delta_fwd", "delta_bwd"), variants or itertools.product((True, False), repeat=3)):
+        fn = getattr(mod, name)
+        consts = {**const, "HAS_Q": has_q, "HAS_LA": has_la, "SHARED": shared}
+        if name == "delta_fwd":
+            consts["STORE_HIST"] = True
+        sig = {}
+        for a in fn.arg_names:
+            if a in consts:
+                sig[a] = "constexpr"
+            elif a.endswith("_ptr"):
+                sig[a] = f"*{dtype}" if a in inputs else "*fp32"
+            else:
+                sig[a] = "i32"
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        out[(name, has_q, has_la, shared)] = len(
+            triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"])
+    return out
+
+
+__all__ = ["chunk_delta_rule", "geometry", "kernels", "compile_for"]

@@ -1,0 +1,147 @@
+"""Chunked plans on the Triton backend: the generated chunk kernels (linear attention and the
+delta rule) run inside the block solver, against the sequential reference.
+
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), with
+chunk 16 so that T = 17 crosses a chunk boundary with a one-step tail and T = 64 holds
+four whole chunks. The kernels compute in float32 and are judged against the float64
+sequential backend, relative to the float32 sequential backend's own error. The kernels'
+own tests (any decay, extreme decays, fla's references) are test_triton_chunk.py and
+test_triton_delta.py; this file checks the plans that use them, every chunked example and
+random chunked specs, forward and backward, and which kernel ran.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import rnnc  # noqa: E402
+
+from cases import CASES, load_params, make_initial_state, make_inputs, make_params, run_case  # noqa: E402
+
+triton = pytest.importorskip("triton")
+F64, F32 = torch.float64, torch.float32
+CHUNKED = [c for c in CASES if rnnc.compile(str(c.path), backend="sequential", **c.dims).analysis.plan
+           in ("chunked", "chunked_delta")]
+ids = lambda c: c.name  # noqa: E731
+# Where the sequential float32 error is far below one ulp of the result, the floor is the
+# rounding of one float32 sum over a chunk of 64 terms: the chunk kernels' d(log_decay) comes
+# from such sums with cancellation (see triton_chunk.py), so it is accurate to this absolute
+# level rather than relative to a gradient the sequential loop happens to get almost exact.
+FLOOR = 64 * torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _chunk_kernels(monkeypatch):
+    monkeypatch.setenv("RNNC_TRITON_KERNEL", "auto")
+
+
+def _err(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _counts():
+    from rnnc.backends import triton_backend
+    return dict(triton_backend.LAUNCHES)
+
+
+def test_every_chunked_example_is_here():
+    assert {c.name for c in CHUNKED} >= {"retnet", "gla", "mamba2", "deltanet", "gated_deltanet",
+                                         "mlstm", "rwkv6"}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("T", [1, 17, 64])
+@pytest.mark.parametrize("case", CHUNKED, ids=ids)
+def test_chunked_plan(case, T, grad):
+    before = _counts()
+    tri = run_case(case, "triton", F32, 2, T, grad, chunk_size=16)
+    after = _counts()
+    ran = {k for k in after if after[k] != before.get(k, 0)}
+    # T = 1 decodes through the fused kernel; longer sequences through the chunk kernels
+    assert ran == ({"forward"} if T == 1 else {"chunked"}), ran
+    ref = run_case(case, "sequential", F64, 2, T, grad)
+    s32 = run_case(case, "sequential", F32, 2, T, grad)
+    assert set(tri) == set(ref)
+    for k in ref:
+        base = _err(s32[k], ref[k])
+        got = _err(tri[k], ref[k])
+        assert got <= 20 * base + FLOOR, f"{case.name} {k}: triton rel err {got:.3g} vs sequential fp32 {base:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["chunked", "delta"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_chunked_specs(kind, seed):
+    """Random specs with a matrix state: the chunk kernels against float64 sequential, values
+    and the gradients of inputs and params."""
+    src, dims = rnnc.random_spec(seed, kind)
+    ref = rnnc.compile(src, backend="sequential", **dims).double()
+    assert ref.analysis.plan in ("chunked", "chunked_delta")
+    tri = rnnc.compile(src, backend="triton", chunk_size=16, **dims)
+    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    gen = torch.Generator().manual_seed(seed)
+    from rnnc.interpret import concrete
+    xs = [torch.randn(2, 21, *concrete(d.shape, dims), generator=gen, dtype=F64)
+          for d in ref.recurrence.inputs]
+    x32 = [x.float().requires_grad_() for x in xs]
+    x64 = [x.clone().requires_grad_() for x in xs]
+    y64, y32 = ref(*x64), tri(*x32)
+    assert _err(y32.detach(), y64.detach()) < 1e-4
+    w = torch.randn(y64.shape, generator=gen, dtype=F64)
+    g64 = torch.autograd.grad((y64 * w).sum(), x64 + list(ref.parameters()), allow_unused=True)
+    g32 = torch.autograd.grad((y32.double() * w).sum(), x32 + list(tri.parameters()), allow_unused=True)
+    for a, b in zip(g32, g64):
+        if b is None:
+            assert a is None or not a.abs().any()
+            continue
+        assert _err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("case", [c for c in CHUNKED if c.name in ("gla", "gated_deltanet")], ids=ids)
+def test_decoding_matches_the_chunked_sequence(case):
+    """.step() one token at a time (the fused kernel) continues exactly where the chunked
+    sequence left off: same outputs and final state."""
+    m = rnnc.compile(str(case.path), backend="triton", chunk_size=16, **case.dims)
+    load_params(m, {k: v.float() for k, v in make_params(case, F64).items()})
+    xs = [x.float() for x in make_inputs(case, 2, 20, F64)]
+    h0 = {k: v.float() for k, v in make_initial_state(case, 2, F64).items()}
+    full, final = m(*xs, initial_state=h0, output_final_state=True)
+    head, state = m(*[x[:, :17] for x in xs], initial_state=h0, output_final_state=True)
+    steps = []
+    for t in range(17, 20):
+        y, state = m.step(*[x[:, t] for x in xs], state=state)
+        steps.append(y)
+    torch.testing.assert_close(torch.cat([head, torch.stack(steps, 1)], 1), full, rtol=1e-4, atol=1e-5)
+    for k in final:
+        torch.testing.assert_close(state[k], final[k], rtol=1e-4, atol=1e-5)
+
+
+def test_forcing_the_fused_kernel(monkeypatch):
+    """RNNC_TRITON_KERNEL=fused runs a chunked plan through the fused recurrent kernel."""
+    case = next(c for c in CHUNKED if c.name == "gla")
+    monkeypatch.setenv("RNNC_TRITON_KERNEL", "fused")
+    before = _counts()
+    tri = run_case(case, "triton", F32, 2, 17, False, chunk_size=16)
+    after = _counts()
+    assert {k for k in after if after[k] != before.get(k, 0)} == {"forward"}
+    ref = run_case(case, "sequential", F64, 2, 17, False)
+    for k in ref:
+        assert _err(tri[k], ref[k]) < 1e-5
+
+
+def test_bad_chunk_size_is_a_clear_error():
+    case = next(c for c in CHUNKED if c.name == "gla")
+    with pytest.raises(rnnc.RnncError, match="chunk"):
+        run_case(case, "triton", F32, 2, 17, False, chunk_size=12)
