@@ -41,7 +41,7 @@ SCAN_CHUNK = 32          # steps per chunk of the scan kernel, by default
 SCAN_TILE = 4096         # values of one [BLK_T, ...] tile of the scan kernel (a few live at once)
 KERNELS = ("auto", "fused", "scan", "chunked")
 CHUNK = 64               # steps per chunk of the chunk kernels, by default
-CHUNKED_BLOCK = 8192     # steps per block of the block solver (hoisted work exists a block at a time)
+CHUNKED_BLOCK = 8192     # steps per block of the block solver (hoisted work exists a block at a time); a multiple of every chunk
 LAUNCHES = collections.Counter()  # forward kernel name -> launches (tests check which one ran)
 
 
@@ -342,7 +342,7 @@ class ChunkedRunner:
             dense_scan=scan_kernels.dense_scan,
             chunk_linear_attention=triton_chunk.chunk_linear_attention,
             chunk_delta_rule=triton_delta.chunk_delta_rule)
-        self.solver = BlockSolver(rec, analysis, table, chunk, block=max(chunk, CHUNKED_BLOCK // chunk * chunk))
+        self.solver = BlockSolver(rec, analysis, table, chunk, block=CHUNKED_BLOCK)
         self._fused = None
 
     def kernel(self, T: int) -> str:

@@ -689,8 +689,7 @@ class _Kernels(Emitter):
                                 "rest = pid // NB"]
         for c in self.grid:
             lines += [f"pid{c} = (rest % NG{c}).to(tl.int64)", f"rest = rest // NG{c}"]
-        if lay.batch_kept:
-            lines += ["ob = pid_b * BLK_B + tl.arange(0, BLK_B).to(tl.int64)", "mb = ob < B"]
+        lines += self.batch_offsets()
         for c in self.kept:
             start = f"pid{c} * BLK{c} + " if c == lay.kept_parallel else ""
             lines += [f"o{c} = {start}tl.arange(0, BLK{c}).to(tl.int64)", f"m{c} = o{c} < SZ{c}"]
@@ -700,6 +699,12 @@ class _Kernels(Emitter):
         for i in self.invariant:
             lines += self.fwd(i)
         return lines
+
+    def batch_offsets(self) -> list:
+        """Offsets (and mask) of the tiles' leading axis: the program's batch block."""
+        if self.lay.batch_kept:
+            return ["ob = pid_b * BLK_B + tl.arange(0, BLK_B).to(tl.int64)", "mb = ob < B"]
+        return []
 
     def body(self) -> list:
         lines = []

@@ -76,6 +76,10 @@ class _ScanKernels(_Kernels):
         self.arg_of = {rec.node(st.write).arg: j for j, st in enumerate(lay.states)}
         self.read_of = {st.read: j for j, st in enumerate(lay.states)}
 
+    def batch_offsets(self) -> list:
+        # the tiles' leading axis is the chunk's steps (its mask mb is set per chunk)
+        return ["ob = tl.arange(0, BLK_B).to(tl.int64)"]
+
     def static(self, node) -> list:
         return [e for e in self.entries(node) if e != "b"]
 
@@ -272,18 +276,7 @@ def _source(K: _ScanKernels, gen) -> str:
              ", ".join(f"BLK{c}: tl.constexpr" for c in K.kept)]
     const = [x + "," for x in const if x]
 
-    pro = ["pid = tl.program_id(0)", "pid_b = (pid % NB).to(tl.int64)", "rest = pid // NB"]
-    for c in K.grid:
-        pro += [f"pid{c} = (rest % NG{c}).to(tl.int64)", f"rest = rest // NG{c}"]
-    pro.append("ob = tl.arange(0, BLK_B).to(tl.int64)")
-    for c in K.kept:
-        start = f"pid{c} * BLK{c} + " if c == lay.kept_parallel else ""
-        pro += [f"o{c} = {start}tl.arange(0, BLK{c}).to(tl.int64)", f"m{c} = o{c} < SZ{c}"]
-    pro.append("# params, and what the step computes from them alone")
-    for t in P:
-        pro += K.access(t) + [f"v{t.node} = {K.load(t)}"]
-    for i in K.invariant:
-        pro += K.fwd(i)
+    pro = K.prologue(P)
 
     start = ["# initial state, carried from chunk to chunk"]
     for j, t in enumerate(H0):

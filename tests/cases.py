@@ -373,3 +373,67 @@ def compile_offline(code: str) -> None:
     if r.returncode != 0 and ("ptxas" in r.stderr or "No such file" in r.stderr):
         pytest.skip("this Triton install has no CUDA toolchain: " + r.stderr.splitlines()[-1])
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-2000:]
+
+
+def rel_err(x, ref) -> float:
+    """max|x - ref| / max|ref|, computed in float64."""
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def compare_to_sequential(case: Case, backend: str, T: int, grad: bool, B: int = 2,
+                          floor: float = 2e-6, chunk_size: int | None = None) -> None:
+    """Run the example on `backend` in float32 (with a random initial state) and judge every
+    output and final state, or with grad every gradient, against the float64 sequential
+    backend: within 20x the float32 sequential backend's own error, plus `floor`. Entries
+    whose reference is not finite are skipped; the others must come out finite."""
+    judge_float32(case.name, run_case(case, backend, torch.float32, B, T, grad, chunk_size=chunk_size),
+                  run_case(case, "sequential", torch.float64, B, T, grad),
+                  run_case(case, "sequential", torch.float32, B, T, grad), floor)
+
+
+def judge_float32(name: str, got: dict, ref: dict, s32: dict, floor: float = 2e-6) -> None:
+    """{entry: tensor} computed in float32 against the float64 reference `ref`: each within 20x
+    the float32 sequential backend's own error (`s32`), plus `floor`. Entries whose reference
+    is not finite are skipped; the others must come out finite."""
+    assert set(got) == set(ref)
+    for k in ref:
+        if not torch.isfinite(ref[k]).all():
+            continue
+        assert torch.isfinite(got[k]).all(), f"{name} {k}: not finite"
+        base, err = rel_err(s32[k], ref[k]), rel_err(got[k], ref[k])
+        assert err <= 20 * base + floor, f"{name} {k}: rel err {err:.3g} vs sequential fp32 {base:.3g}"
+
+
+def random_spec_against_sequential(kind: str, seed: int, T: int, out_tol: float, grad_tol: float,
+                                   backend: str = "triton", **compile_kw):
+    """A random spec of one analysis class (`rnnc.random_spec`) on `backend` in float32
+    against the float64 sequential backend: outputs within `out_tol`, and the gradients of
+    inputs and params of a random projection within `grad_tol` (relative errors). Returns
+    the reference module."""
+    import rnnc
+    from rnnc.interpret import concrete
+    F64 = torch.float64
+    src, dims = rnnc.random_spec(seed, kind)
+    ref = rnnc.compile(src, backend="sequential", **dims).double()
+    tri = rnnc.compile(src, backend=backend, **compile_kw, **dims)
+    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(2, T, *concrete(d.shape, dims), generator=gen, dtype=F64) for d in ref.recurrence.inputs]
+    x32 = [x.float().requires_grad_() for x in xs]
+    x64 = [x.clone().requires_grad_() for x in xs]
+    y64, y32 = ref(*x64), tri(*x32)
+    y64 = y64 if isinstance(y64, tuple) else (y64,)
+    y32 = y32 if isinstance(y32, tuple) else (y32,)
+    for a, b in zip(y32, y64):
+        assert rel_err(a.detach(), b.detach()) < out_tol
+    w = [torch.randn(y.shape, generator=gen, dtype=F64) for y in y64]
+    g64 = torch.autograd.grad(sum((y * v).sum() for y, v in zip(y64, w)), x64 + list(ref.parameters()),
+                              allow_unused=True)
+    g32 = torch.autograd.grad(sum((y.double() * v).sum() for y, v in zip(y32, w)),
+                              x32 + list(tri.parameters()), allow_unused=True)
+    for a, b in zip(g32, g64):
+        if b is None:
+            assert a is None or not a.abs().any()
+            continue
+        assert rel_err(a, b) < grad_tol
+    return ref

@@ -41,13 +41,7 @@ TIMINGS = ("ms_median", "ms_min", "ms_max", "tokens_per_s", "speedup_vs_sequenti
            "peak_mem_bytes", "compile_ms")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bench(tmp_path, *args) -> tuple:

@@ -41,14 +41,7 @@ ids = lambda c: c.name  # noqa: E731
 INIT = pytest.mark.parametrize("with_init", [False, True], ids=["zero_init", "rand_init"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add synchronisation, and on a loaded
-    2-core machine they made the chunk kernels ~100x slower. Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan_of(path_or_src) -> str:

@@ -25,21 +25,17 @@ import rnnc  # noqa: E402
 import rnnc.analysis  # noqa: E402
 from rnnc.backends import get  # noqa: E402
 
-from cases import CASES, compile_offline, load_params, make_initial_state, make_inputs, make_params, run_case  # noqa: E402
+from cases import (CASES, compare_to_sequential, compile_offline, load_params, make_initial_state,  # noqa: E402
+                   make_inputs, make_params, random_spec_against_sequential, rel_err)
 
 triton = pytest.importorskip("triton")
-F64, F32 = torch.float64, torch.float32
+F64 = torch.float64
 GOLDEN = Path(__file__).resolve().parent / "golden"
 EX = Path(__file__).resolve().parent.parent / "examples"
 ids = lambda c: c.name  # noqa: E731
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -50,33 +46,16 @@ def _fused_kernel(monkeypatch):
     monkeypatch.setenv("RNNC_TRITON_KERNEL", "fused")
 
 
-def _err(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def _compare(case, T, grad, B=2):
-    ref = run_case(case, "sequential", F64, B, T, grad)
-    s32 = run_case(case, "sequential", F32, B, T, grad)
-    tri = run_case(case, "triton", F32, B, T, grad)
-    assert set(tri) == set(ref)
-    for k in ref:
-        if not torch.isfinite(ref[k]).all():
-            continue
-        base = _err(s32[k], ref[k])
-        got = _err(tri[k], ref[k])
-        assert got <= 20 * base + 2e-6, f"{case.name} {k}: triton rel err {got:.3g} vs sequential fp32 {base:.3g}"
-
-
 @pytest.mark.parametrize("T", [1, 5, 33])
 @pytest.mark.parametrize("case", CASES, ids=ids)
 def test_forward(case, T):
-    _compare(case, T, grad=False)
+    compare_to_sequential(case, "triton", T, grad=False)
 
 
 @pytest.mark.parametrize("T", [1, 5, 33])
 @pytest.mark.parametrize("case", CASES, ids=ids)
 def test_backward(case, T):
-    _compare(case, T, grad=True)
+    compare_to_sequential(case, "triton", T, grad=True)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("lstm", "gla", "mlstm", "s6")], ids=ids)
@@ -104,31 +83,7 @@ def test_step_matches_sequence(case):
 def test_random_specs(kind, seed):
     """Randomly built specs of every analysis class: forward and gradients match the float64
     sequential backend (computed in float32 by the kernels)."""
-    src, dims = rnnc.random_spec(seed, kind)
-    ref = rnnc.compile(src, backend="sequential", **dims).double()
-    tri = rnnc.compile(src, backend="triton", **dims)
-    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
-    gen = torch.Generator().manual_seed(seed)
-    rec = ref.recurrence
-    from rnnc.interpret import concrete
-    xs = [torch.randn(2, 9, *concrete(d.shape, dims), generator=gen, dtype=F64) for d in rec.inputs]
-    x32 = [x.float().requires_grad_() for x in xs]
-    x64 = [x.clone().requires_grad_() for x in xs]
-    y64, y32 = ref(*x64), tri(*x32)
-    y64 = y64 if isinstance(y64, tuple) else (y64,)
-    y32 = y32 if isinstance(y32, tuple) else (y32,)
-    for a, b in zip(y32, y64):
-        assert _err(a.detach(), b.detach()) < 1e-4
-    w = [torch.randn(y.shape, generator=gen, dtype=F64) for y in y64]
-    g64 = torch.autograd.grad(sum((y * v).sum() for y, v in zip(y64, w)), x64 + list(ref.parameters()),
-                              allow_unused=True)
-    g32 = torch.autograd.grad(sum((y.double() * v).sum() for y, v in zip(y32, w)), x32 + list(tri.parameters()),
-                              allow_unused=True)
-    for a, b in zip(g32, g64):
-        if b is None:
-            assert a is None or not a.abs().any()
-            continue
-        assert _err(a, b) < 1e-3
+    random_spec_against_sequential(kind, seed, 9, out_tol=1e-4, grad_tol=1e-3)
 
 
 SELECT_SPEC = """
@@ -150,11 +105,11 @@ def test_selects():
     x = torch.randn(2, 6, 5, dtype=F64, generator=torch.Generator().manual_seed(3))
     x64, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
     y64, y32 = ref(x64), tri(x32)
-    assert _err(y32.detach(), y64.detach()) < 1e-5
+    assert rel_err(y32.detach(), y64.detach()) < 1e-5
     g64 = torch.autograd.grad(y64.sum(), [x64, *ref.parameters()])
     g32 = torch.autograd.grad(y32.sum(), [x32, *tri.parameters()])
     for a, b in zip(g32, g64):
-        assert _err(a, b) < 1e-5
+        assert rel_err(a, b) < 1e-5
 
 
 # --- generated source --------------------------------------------------------------------------

@@ -30,9 +30,11 @@ F64 = torch.float64
 NAMES = ("o", "S_last", "dq", "dk", "dv", "dlog_decay", "dS0")
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
 def _small(monkeypatch):
-    torch.set_num_threads(1)
     monkeypatch.setattr(tc, "MAX_BV", 16)
 
 

@@ -21,7 +21,8 @@ import torch  # noqa: E402
 
 import rnnc  # noqa: E402
 
-from cases import CASES, load_params, make_initial_state, make_inputs, make_params, run_case  # noqa: E402
+from cases import (CASES, compare_to_sequential, load_params, make_initial_state, make_inputs,  # noqa: E402
+                   make_params, random_spec_against_sequential, rel_err, run_case)
 
 triton = pytest.importorskip("triton")
 F64, F32 = torch.float64, torch.float32
@@ -35,21 +36,12 @@ ids = lambda c: c.name  # noqa: E731
 FLOOR = 64 * torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
 def _chunk_kernels(monkeypatch):
     monkeypatch.setenv("RNNC_TRITON_KERNEL", "auto")
-
-
-def _err(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def _counts():
@@ -67,18 +59,11 @@ def test_every_chunked_example_is_here():
 @pytest.mark.parametrize("case", CHUNKED, ids=ids)
 def test_chunked_plan(case, T, grad):
     before = _counts()
-    tri = run_case(case, "triton", F32, 2, T, grad, chunk_size=16)
+    compare_to_sequential(case, "triton", T, grad, floor=FLOOR, chunk_size=16)
     after = _counts()
     ran = {k for k in after if after[k] != before.get(k, 0)}
     # T = 1 decodes through the fused kernel; longer sequences through the chunk kernels
     assert ran == ({"forward"} if T == 1 else {"chunked"}), ran
-    ref = run_case(case, "sequential", F64, 2, T, grad)
-    s32 = run_case(case, "sequential", F32, 2, T, grad)
-    assert set(tri) == set(ref)
-    for k in ref:
-        base = _err(s32[k], ref[k])
-        got = _err(tri[k], ref[k])
-        assert got <= 20 * base + FLOOR, f"{case.name} {k}: triton rel err {got:.3g} vs sequential fp32 {base:.3g}"
 
 
 @pytest.mark.parametrize("kind", ["chunked", "delta"])
@@ -86,27 +71,8 @@ def test_chunked_plan(case, T, grad):
 def test_random_chunked_specs(kind, seed):
     """Random specs with a matrix state: the chunk kernels against float64 sequential, values
     and the gradients of inputs and params."""
-    src, dims = rnnc.random_spec(seed, kind)
-    ref = rnnc.compile(src, backend="sequential", **dims).double()
+    ref = random_spec_against_sequential(kind, seed, 21, out_tol=1e-4, grad_tol=1e-4, chunk_size=16)
     assert ref.analysis.plan in ("chunked", "chunked_delta")
-    tri = rnnc.compile(src, backend="triton", chunk_size=16, **dims)
-    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
-    gen = torch.Generator().manual_seed(seed)
-    from rnnc.interpret import concrete
-    xs = [torch.randn(2, 21, *concrete(d.shape, dims), generator=gen, dtype=F64)
-          for d in ref.recurrence.inputs]
-    x32 = [x.float().requires_grad_() for x in xs]
-    x64 = [x.clone().requires_grad_() for x in xs]
-    y64, y32 = ref(*x64), tri(*x32)
-    assert _err(y32.detach(), y64.detach()) < 1e-4
-    w = torch.randn(y64.shape, generator=gen, dtype=F64)
-    g64 = torch.autograd.grad((y64 * w).sum(), x64 + list(ref.parameters()), allow_unused=True)
-    g32 = torch.autograd.grad((y32.double() * w).sum(), x32 + list(tri.parameters()), allow_unused=True)
-    for a, b in zip(g32, g64):
-        if b is None:
-            assert a is None or not a.abs().any()
-            continue
-        assert _err(a, b) < 1e-4
 
 
 @pytest.mark.parametrize("case", [c for c in CHUNKED if c.name in ("gla", "gated_deltanet")], ids=ids)
@@ -138,7 +104,7 @@ def test_forcing_the_fused_kernel(monkeypatch):
     assert {k for k in after if after[k] != before.get(k, 0)} == {"forward"}
     ref = run_case(case, "sequential", F64, 2, 17, False)
     for k in ref:
-        assert _err(tri[k], ref[k]) < 1e-5
+        assert rel_err(tri[k], ref[k]) < 1e-5
 
 
 def test_bad_chunk_size_is_a_clear_error():

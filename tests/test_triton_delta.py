@@ -28,12 +28,7 @@ F64, F32 = torch.float64, torch.float32
 B, H, K, V = 2, 2, 32, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(L, gated, shared, seed=0, B=B, H=H, K=K, V=V):

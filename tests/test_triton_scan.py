@@ -26,7 +26,7 @@ import rnnc  # noqa: E402
 import rnnc.analysis  # noqa: E402
 from rnnc.backends import get  # noqa: E402
 
-from cases import CASES, compile_offline, run_case  # noqa: E402
+from cases import CASES, compare_to_sequential, compile_offline, judge_float32  # noqa: E402
 
 triton = pytest.importorskip("triton")
 tb = get("triton")
@@ -38,26 +38,13 @@ SCAN_CASES = [c for c in CASES if c.name in ELEMENTWISE]
 ids = lambda c: c.name  # noqa: E731
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
 def _scan_kernel(monkeypatch):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     monkeypatch.setenv("RNNC_TRITON_KERNEL", "scan")
     monkeypatch.setenv("RNNC_TRITON_CHUNK", "16")
-    yield
-    torch.set_num_threads(n)
-
-
-def _err(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def _judge(name, got: dict, ref: dict, s32: dict):
-    assert set(got) == set(ref)
-    for k in ref:
-        assert torch.isfinite(got[k]).all(), f"{name} {k}: not finite"
-        base, err = _err(s32[k], ref[k]), _err(got[k], ref[k])
-        assert err <= 20 * base + 2e-6, f"{name} {k}: scan rel err {err:.3g} vs sequential fp32 {base:.3g}"
 
 
 def _launches():
@@ -79,10 +66,8 @@ def test_the_elementwise_examples_have_scan_kernels():
 @pytest.mark.parametrize("case", SCAN_CASES, ids=ids)
 def test_examples(case, T, grad):
     before = _launches()
-    got = run_case(case, "triton", F32, 2, T, grad)
+    compare_to_sequential(case, "triton", T, grad)
     assert _launches() == before + 1, "the scan kernel did not run"
-    _judge(case.name, got, run_case(case, "sequential", F64, 2, T, grad),
-           run_case(case, "sequential", F32, 2, T, grad))
 
 
 # --- specs beyond the examples ---------------------------------------------------------------
@@ -137,7 +122,7 @@ def _check(name, src, dims, xs, params, h0, grad=True):
     s32 = _run(src, dims, xs, params, h0, grad, F32, "sequential")
     for k in ref:
         assert torch.isfinite(ref[k]).all(), f"{name} {k}: the reference itself is not finite"
-    _judge(name, got, ref, s32)
+    judge_float32(name, got, ref, s32)
 
 
 @pytest.mark.parametrize("log_decay", [-30.0, -1e-6])
