@@ -4,7 +4,8 @@ Every backend is one module exposing the same interface, and backends never impo
 other. Shared semantics live in `rnnc.interpret`; shared machinery lives in library modules
 beside the backends (`block_solver`: the block-wise solver of associative plans, run by the
 scan backend with PyTorch primitives and by the Triton backend with its chunk kernels;
-`scan_kernels`: those PyTorch primitives):
+`scan_kernels`: those PyTorch primitives; `triton_tune`: the launch-config tuner of the
+Triton chunk kernels):
 
     NAME: str
     unsupported(rec, analysis) -> str | None
@@ -18,6 +19,13 @@ scan backend with PyTorch primitives and by the Triton backend with its chunk ke
         inputs:  {name: Tensor [B, T, *shape]} in the compute dtype
         state0:  {name: Tensor [B, *shape]} in the compute dtype
         outputs: {name: Tensor [B, T, *shape]};  final_state: {name: Tensor [B, *shape]}
+    Runner.native_inputs: bool (optional; absent means False)
+        True: when the inputs are bfloat16 or float16 and the compute dtype is float32, the
+        runner takes the inputs in their own dtype (params and state0 stay float32) and
+        computes in float32 itself; its outputs come back in the inputs' dtype or in float32,
+        its final states in float32. A runner without it always gets compute-dtype inputs.
+        The attribute is read on the object the module calls (a wrapper that does not
+        declare it gets cast inputs, whatever it wraps).
 """
 from __future__ import annotations
 

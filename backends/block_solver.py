@@ -95,7 +95,9 @@ class _Chunked:
 class BlockSolver:
     """A backend's Runner for associative plans, with `kernels` supplying the numerical
     primitives (`scan_kernels`' signatures: linear_scan, maxplus_scan, chunk_linear_attention,
-    chunk_delta_rule, dense_scan)."""
+    chunk_delta_rule, dense_scan). chunk_size is passed to the chunk forms as their `chunk`
+    (None: kernels that choose their own, as the Triton ones do; then `block` is needed) and
+    is the block length when `block` is not given; nothing else here uses it."""
 
     def __init__(self, rec, analysis, kernels, chunk_size=64, block=None):
         self.rec, self.analysis, self.chunk = rec, analysis, chunk_size
@@ -103,6 +105,9 @@ class BlockSolver:
         # Hoisted work and materialised states exist one block at a time (bounded memory);
         # inside a block the chunk kernels work on all its chunks at once.
         self.block = block or chunk_size
+        if not self.block:
+            raise RnncError("internal: the block solver needs a block length when the chunk "
+                            "kernels choose their chunk")
         g = rec.graph
         self.hoisted = [i for i in rec.order() if i in analysis.hoisted]
         facts = {f.name: f for f in analysis.states}

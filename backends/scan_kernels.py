@@ -191,6 +191,11 @@ def _to_blocks(x: torch.Tensor, nc: int, c: int) -> torch.Tensor:
     return x.reshape(*x.shape[:2], nc, c, x.shape[-1]).contiguous()
 
 
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may be views of the same memory."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _from_blocks(o: torch.Tensor, L: int) -> torch.Tensor:
     """[B, H, nc, c, V] -> [B, L, H, V], the padding dropped."""
     B, H, nc, c, V = o.shape
@@ -355,6 +360,12 @@ def _linear_attention_channel(q, k, v, log_decay, S0, include_current, chunk):
     Vd = vh.shape[-1]
     Q = qh * a if include_current else qh
     Kd, T = kh, a                                                  # T: [B, H, N / h, K]
+    # Without autograd the levels rescale Q and K in place instead of stacking new copies
+    # (two full passes per level saved); Q and K must then not share memory with the inputs.
+    in_place = not (torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, log_decay)))
+    if in_place:
+        Q, Kd = (t.clone() if _shares(t, src) else t for t, src in ((Q, q), (Kd, k)))
     # o is accumulated in place (no autograd node keeps it), a level adding to the second
     # halves only.
     o = (qh * kh).sum(-1, keepdim=True) * vh if include_current else vh.new_zeros(B, H, N, Vd)
@@ -375,8 +386,12 @@ def _linear_attention_channel(q, k, v, log_decay, S0, include_current, chunk):
         else:
             add = (Q1 @ K0.transpose(-1, -2)) @ v0
         o.view(B, H, n, 2, h, Vd)[:, :, :, 1] += add
-        Q = torch.stack([Q0, Q1 * T0], 3).view(B, H, N, K)
-        Kd = torch.stack([K0 * T1, K1], 3).view(B, H, N, K)
+        if in_place:
+            Q1.mul_(T0)
+            K0.mul_(T1)
+        else:
+            Q = torch.stack([Q0, Q1 * T0], 3).view(B, H, N, K)
+            Kd = torch.stack([K0 * T1, K1], 3).view(B, H, N, K)
         T = T0 * T1
         h *= 2
     blk = lambda t: t.view(B, H, nc, c, t.shape[-1])  # noqa: E731

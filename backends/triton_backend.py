@@ -8,7 +8,10 @@ disk cache (`rnnc.cache`: Triton needs its source in a file), and returns a Runn
    every state is diagonal (`elementwise_scan` plans), `_scan_forward` takes the steps in
    chunks with `tl.associative_scan` (`triton_scan_codegen`);
 3. a `torch.autograd.Function` ties them together: its backward runs the generated
-   `backward` kernel over the stored states in reverse time (both forwards store them).
+   `backward` kernel over the stored states in reverse time (both forwards store them),
+   one step at a time; after `_scan_forward`, where the spec allows it (`Scan.backward`),
+   `_scan_backward` instead, which scans the adjoint recurrence in reverse over chunks
+   (`LAUNCHES` counts each kernel's launches by name).
 
 Which forward runs: `RNNC_TRITON_KERNEL` = `auto` (default: the scan kernel where there is
 one and T > 1), `fused` or `scan` (an error where there is none); read at every call. The
@@ -17,6 +20,12 @@ power of two.
 
 It runs on CUDA tensors, and on CPU tensors under `TRITON_INTERPRET=1` (Triton's
 interpreter: slow, for tests at small sizes).
+
+Low precision: the runners declare `native_inputs` (see `rnnc.backends`), so bfloat16/float16
+inputs arrive as they are. The kernels read them directly (every load converts to float32)
+and store the outputs in the inputs' dtype; hoisted contractions run in float32 on a float32
+copy of the inputs they read; states, the state history and every gradient accumulator stay
+float32, and the input gradients are cast to the inputs' dtype once, at the end.
 """
 from __future__ import annotations
 
@@ -39,10 +48,11 @@ NUM_STAGES = 3           # software pipelining of the per-step loads
 DEEP_STAGES = int(os.environ.get("RNNC_TRITON_STAGES", 8))  # ... when the per-step work is a few loads
 SCAN_CHUNK = 32          # steps per chunk of the scan kernel, by default
 SCAN_TILE = 4096         # values of one [BLK_T, ...] tile of the scan kernel (a few live at once)
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # input dtypes the kernels read natively
 KERNELS = ("auto", "fused", "scan", "chunked")
-CHUNK = 64               # steps per chunk of the chunk kernels, by default
+CHUNK = None             # steps per chunk of the chunk kernels, by default; None: tuned (triton_tune)
 CHUNKED_BLOCK = 8192     # steps per block of the block solver (hoisted work exists a block at a time); a multiple of every chunk
-LAUNCHES = collections.Counter()  # forward kernel name -> launches (tests check which one ran)
+LAUNCHES = collections.Counter()  # kernel name -> launches (tests check which ones ran)
 
 
 def _interpreting() -> bool:
@@ -111,6 +121,8 @@ def _check_chunk(ct, where: str) -> int:
 
 
 class Runner:
+    native_inputs = True  # bf16/fp16 inputs as they are (module.py): read by the kernels
+
     def __init__(self, rec, analysis, chunk: int | None = None):
         from rnnc import cache
         self.rec, self.plan = rec, analysis.plan
@@ -124,6 +136,7 @@ class Runner:
         for n in lay.pre:
             need |= {n} | nx.ancestors(rec.graph, n)
         self.pre_nodes = [i for i in rec.order() if i in need]
+        self.pre_inputs = {d.name for d in rec.inputs if d.node in need}
         self._progs = {}
 
     # --- launch geometry ---------------------------------------------------------------------
@@ -254,13 +267,16 @@ class Runner:
         ref = x0 if x0 is not None else next(iter(state0.values()))
         B = ref.shape[0]
         T = x0.shape[1] if x0 is not None else 1
-        dtype, device = ref.dtype, ref.device
-        _check_tensors(ref)
+        _check_tensors(ref, [*params.values(), *state0.values()])
+        # outputs in the inputs' dtype (bf16/fp16 inputs are read natively); states float32
+        out_dtype = x0.dtype if x0 is not None else torch.float32
         out_shapes = {o.name: interpret.concrete(o.shape, sizes) for o in rec.outputs}
         if B == 0 or T == 0:
-            return ({o.name: ref.new_zeros(B, T, *out_shapes[o.name]) for o in rec.outputs},
+            return ({o.name: ref.new_zeros(B, T, *out_shapes[o.name], dtype=out_dtype) for o in rec.outputs},
                     dict(state0))
-        streams = self.streams(sizes, params, inputs, B, T)
+        reads, streams = self.streams(sizes, params, inputs, B, T)
+        # what the kernels read where autograd follows another tensor of the same values
+        raw = tuple(r if r is not x else None for r, x in zip(reads, streams))
         ps = [params[rec.node(n).name].contiguous() for n in lay.params]
         h0 = [state0[s.name].contiguous() for s in lay.states]
         geo = self.geometry(sizes, B)
@@ -272,37 +288,46 @@ class Runner:
                             "elements here); use backend='scan' for this associative recurrence, "
                             "or shorter sequences")
         sgeo = self.scan_geometry(sizes, B, T) if self.kernel(T) == "scan" else None
-        meta = (self, sizes, geo, B, T, len(streams), len(ps), len(h0), out_shapes, sgeo)
-        res = _Fused.apply(meta, want_grad, *streams, *ps, *h0)
+        meta = (self, sizes, geo, B, T, len(streams), len(ps), len(h0), out_shapes, sgeo, out_dtype)
+        res = _Fused.apply(meta, want_grad, raw, *streams, *ps, *h0)
         ys = res[:len(rec.outputs)]
         finals = res[len(rec.outputs):]
         return ({o.name: y for o, y in zip(rec.outputs, ys)},
                 {s.name: f for s, f in zip(lay.states, finals)})
 
-    def streams(self, sizes, params, inputs, B, T) -> list:
-        """[B, T, *shape] tensors the kernel reads per step: inputs and hoisted contractions."""
+    def streams(self, sizes, params, inputs, B, T) -> tuple:
+        """(reads, grads): the [B, T, *shape] tensors the kernel reads per step, inputs (in
+        their own dtype: the kernel converts as it loads) and hoisted contractions (float32);
+        and the tensors autograd follows for them, the same except for a bf16/fp16 input that
+        the hoisted contractions read too: its float32 copy, so that the input's gradients
+        from the kernel and from the contractions add up in float32 and are rounded once."""
         rec, lay = self.rec, self.gen.layout
-        env = {}
+        env, copies = {}, {}
         if lay.pre:
             key = tuple(sorted(sizes.items()))
             if key not in self._progs:
                 x = next(iter(inputs.values()))
-                self._progs[key] = interpret.lower_nodes(rec, self.pre_nodes, sizes, x.dtype, x.device)
+                self._progs[key] = interpret.lower_nodes(rec, self.pre_nodes, sizes, torch.float32, x.device)
             for d in rec.inputs:
-                env[d.node] = inputs[d.name].reshape(B * T, *inputs[d.name].shape[2:])
+                if d.name in self.pre_inputs:  # the GEMMs run in float32, on a float32 copy
+                    x = copies[d.name] = inputs[d.name].to(torch.float32)
+                    env[d.node] = x.reshape(B * T, *x.shape[2:])
             for d in rec.params:
                 env[d.node] = params[d.name].unsqueeze(0)
             interpret.run_program(self._progs[key], env)
-        out = []
+        reads, grads = [], []
         for n in lay.streams:
             node = rec.node(n)
             shape = interpret.concrete(rec.attr(n, "shape"), sizes)
             if isinstance(node, ir.Input):
-                out.append(inputs[node.name].contiguous())
+                x = inputs[node.name].contiguous()
+                reads.append(x)
+                grads.append(copies[node.name] if node.name in copies and x.dtype != torch.float32 else x)
             else:
                 v = env[n]
-                out.append(v.expand(B * T, *shape).reshape(B, T, *shape).contiguous())
-        return out
+                reads.append(v.expand(B * T, *shape).reshape(B, T, *shape).contiguous())
+                grads.append(reads[-1])
+        return reads, grads
 
 
 def _wanted_kernel() -> str:
@@ -312,13 +337,23 @@ def _wanted_kernel() -> str:
     return want
 
 
-def _check_tensors(ref):
+def _check_tensors(ref, others=()):
+    """`ref`: the first input (else a state); `others`: params and initial states. Inputs may
+    be float32, bfloat16 or float16 (read natively); everything else must be float32."""
     if ref.device.type != "cuda" and not _interpreting():
         raise RnncError("the triton backend runs on CUDA tensors (or on CPU under "
                         "TRITON_INTERPRET=1); these are on " + str(ref.device))
-    if ref.dtype != torch.float32:
-        raise RnncError(f"the triton backend computes in float32; the compute dtype here is {ref.dtype} "
-                        "(float64 params or inputs): use backend='scan' or 'sequential' for float64")
+    for t in [ref, *others]:
+        if t.dtype == torch.float64:
+            raise RnncError("the triton backend computes in float32; the compute dtype here is "
+                            "torch.float64 (float64 params or inputs): use backend='scan' or "
+                            "'sequential' for float64")
+    if ref.dtype not in (torch.float32, *LOW_PRECISION):
+        raise RnncError(f"the triton backend reads float32, bfloat16 or float16 inputs, got {ref.dtype}")
+    bad = next((t.dtype for t in others if t.dtype != torch.float32), None)
+    if bad is not None:
+        raise RnncError(f"the triton backend computes in float32: params and states must be "
+                        f"float32 (bfloat16/float16 is for inputs only), got {bad}")
 
 
 class ChunkedRunner:
@@ -326,7 +361,12 @@ class ChunkedRunner:
     rule): the block solver, as the scan backend runs it, with the Triton chunk kernels
     (`triton_chunk`, `triton_delta`) for the matrix states. Gates, readouts and any small
     states beside the matrix state run in PyTorch over the whole block. One step (.step()),
-    or RNNC_TRITON_KERNEL=fused, runs the fused recurrent kernel instead."""
+    or RNNC_TRITON_KERNEL=fused, runs the fused recurrent kernel instead.
+
+    bf16/fp16 inputs go to the fused kernel as they are; the block solver (shared with the
+    scan backend) gets them cast to float32, as it always has."""
+
+    native_inputs = True
 
     def __init__(self, rec, analysis, chunk: int | None = None):
         import types
@@ -335,8 +375,10 @@ class ChunkedRunner:
         self.rec, self.analysis = rec, analysis
         chunk = CHUNK if chunk is None else chunk
         allowed = sorted(set(triton_chunk.CHUNKS) & set(triton_delta.CHUNKS))
-        if chunk not in allowed:
+        if chunk is not None and chunk not in allowed:
             raise RnncError(f"the triton backend's chunk kernels take chunk_size in {allowed}, got {chunk!r}")
+        # chunk None: each chunk-kernel call chooses its own (triton_tune); the block solver
+        # needs no chunk of its own here (its block is CHUNKED_BLOCK)
         table = types.SimpleNamespace(
             linear_scan=scan_kernels.linear_scan, maxplus_scan=scan_kernels.maxplus_scan,
             dense_scan=scan_kernels.dense_scan,
@@ -359,12 +401,13 @@ class ChunkedRunner:
         x0 = next(iter(inputs.values()), None)
         ref = x0 if x0 is not None else next(iter(state0.values()))
         T = x0.shape[1] if x0 is not None else 1
-        _check_tensors(ref)
+        _check_tensors(ref, [*params.values(), *state0.values()])
         if self.kernel(T) == "fused":
             if self._fused is None:
                 self._fused = Runner(self.rec, self.analysis)
             return self._fused(sizes, params, inputs, state0)
         LAUNCHES["chunked"] += 1
+        inputs = {k: v.to(torch.float32) for k, v in inputs.items()}  # the solver takes float32
         with _on(ref.device):
             return self.solver(sizes, params, inputs, state0)
 
@@ -377,14 +420,18 @@ class _Fused(torch.autograd.Function):
     """streams, params, initial states -> outputs [B, T, ...], final states [B, ...]."""
 
     @staticmethod
-    def forward(ctx, meta, want_grad, *tensors):
-        runner, sizes, geo, B, T, nx_, np_, nh, out_shapes, sgeo = meta
+    def forward(ctx, meta, want_grad, raw, *tensors):
+        """raw[j], where not None, is what the kernels read for stream j: the same values as
+        tensors[j] (which autograd follows) in a narrower dtype."""
+        runner, sizes, geo, B, T, nx_, np_, nh, out_shapes, sgeo, out_dtype = meta
         rec, lay = runner.rec, runner.gen.layout
-        xs = tensors[:nx_]
+        ctx.x_dtypes = [x.dtype for x in tensors[:nx_]]
+        xs = [x if r is None else r for x, r in zip(tensors[:nx_], raw)]
         ps = tensors[nx_:nx_ + np_]
         h0 = tensors[nx_ + np_:]
         ref = h0[0] if h0 else xs[0]
-        ys = [ref.new_empty(B, T, *out_shapes[o.name]) for o in rec.outputs]
+        # outputs in the inputs' dtype: tl.store rounds the float32 value to the pointer's type
+        ys = [ref.new_empty(B, T, *out_shapes[o.name], dtype=out_dtype) for o in rec.outputs]
         hts = [torch.empty_like(h) for h in h0]
         if want_grad:
             hs = [h.new_empty(B, T + 1, *h.shape[1:]) for h in h0]
@@ -410,7 +457,7 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        runner, sizes, geo, B, T, nx_, np_, nh, out_shapes, _ = ctx.meta
+        runner, sizes, geo, B, T, nx_, np_, nh, out_shapes, sgeo, _ = ctx.meta
         rec = runner.rec
         saved = ctx.saved_tensors
         xs, ps, hs = saved[:nx_], saved[nx_:nx_ + np_], saved[nx_ + np_:]
@@ -419,17 +466,52 @@ class _Fused(torch.autograd.Function):
                for g, o in zip(grads[:no], rec.outputs)]
         dhts = [g.contiguous() if g is not None else torch.zeros_like(h[:, 0])
                 for g, h in zip(grads[no:], hs)]
-        dxs = [x.new_zeros(runner.split_count(f"DX{j}", geo), *x.shape) for j, x in enumerate(xs)]
+        if sgeo is not None and runner.scan.backward:  # scan forward: the reverse scan
+            return (None, None, None,
+                    *_scan_backward(runner, sgeo, B, T, xs, ps, hs, dys, dhts, ctx.x_dtypes))
+        # dy may be bf16/fp16 (the kernel converts it as it loads); the stream gradients
+        # accumulate in float32 and are cast to the streams' dtype once, after the sum
+        dxs = [x.new_zeros(runner.split_count(f"DX{j}", geo), *x.shape, dtype=torch.float32)
+               for j, x in enumerate(xs)]
         dps = [p.new_zeros(runner.split_count(f"DP{j}", geo), *p.shape) for j, p in enumerate(ps)]
         dh0 = [h.new_zeros(runner.split_count(f"DH0_{j}", geo), h.shape[0], *h.shape[2:]) for j, h in enumerate(hs)]
         ts = [*xs, *ps, *hs, *dys, *dhts, *dxs, *dps, *dh0]
         with _on(ts[0].device):
             runner.kernels.backward[(geo["programs"],)](
                 *ts, *_flat_strides(ts), T, B, geo["nb"], *geo["ng"].values(), **runner.constexprs(geo))
-        gx = [d.sum(0) for d in dxs]
+        gx = [d.sum(0).to(dt) for d, dt in zip(dxs, ctx.x_dtypes)]
         gp = [d.sum(0) for d in dps]
         gh = [d.sum(0) for d in dh0]
-        return (None, None, *gx, *gp, *gh)
+        return (None, None, None, *gx, *gp, *gh)
+
+
+def _scan_backward(runner, sgeo, B, T, xs, ps, hs, dys, dhts, x_dtypes) -> tuple:
+    """Gradients of streams, params and initial states by the generated `_scan_backward`
+    (`triton_scan_codegen`): the adjoint recurrence scanned in reverse time, chunk by chunk,
+    over the history the scan forward stored. Same buffers as the fused backward (a leading
+    split axis summed here), split by the scan kernel's own grid (`runner.scan.splits`)."""
+    def count(name):
+        return math.prod(sgeo["nb"] if d == "B" else sgeo["ng"][d] for d in runner.scan.splits[name])
+    f32 = torch.float32
+    dxs = [x.new_zeros(count(f"DX{j}"), *x.shape, dtype=f32) for j, x in enumerate(xs)]
+    dps = [p.new_zeros(count(f"DP{j}"), *p.shape, dtype=f32) for j, p in enumerate(ps)]
+    dh0 = [h.new_zeros(count(f"DH0_{j}"), h.shape[0], *h.shape[2:], dtype=f32) for j, h in enumerate(hs)]
+    ts = [*xs, *ps, *hs, *dys, *dhts, *dxs, *dps, *dh0]
+    LAUNCHES["_scan_backward"] += 1
+    with _on(ts[0].device):
+        runner.kernels._scan_backward[(sgeo["programs"],)](
+            *ts, *_flat_strides(ts), T, B, sgeo["nb"], *sgeo["ng"].values(), **_scan_backward_constexprs(runner, sgeo))
+    return (*[d.sum(0).to(dt) for d, dt in zip(dxs, x_dtypes)],
+            *[d.sum(0).to(p.dtype) for d, p in zip(dps, ps)], *[d.sum(0).to(h.dtype) for d, h in zip(dh0, hs)])
+
+
+def _scan_backward_constexprs(runner, sgeo) -> dict:
+    """The forward's blocks and chunk (the same grid, so the same split slices), with twice the
+    warps: the backward holds about twice as many tiles live (values and their adjoints); at
+    one warp group per 4096-value tile, S6's spilled to the stack on sm_90."""
+    kw = runner.scan_constexprs(sgeo)
+    kw["num_warps"] = min(16, 2 * kw["num_warps"])
+    return kw
 
 
 def _on(device):
@@ -446,10 +528,39 @@ def build(rec, analysis, chunk_size=None):
     return Runner(rec, analysis, chunk_size)  # chunk_size: the scan kernel's chunk
 
 
-def compile_for(rec, analysis, sizes: dict, B: int = 16, arch: int = 90) -> dict:
+def signature(rec, arg_names, tensors, const: dict, dtype: str = "fp32") -> tuple:
+    """(signature, constexprs) of one generated kernel for `triton.compile`: its pointer
+    arguments `tensors` (`Generated.fwd` or `.bwd`), `const` its constexpr values. dtype is
+    the inputs' dtype, "fp32", "bf16" or "fp16": the tensors a call with such inputs passes
+    in it are typed so (the raw input streams, the outputs, and the outputs' gradients as the
+    backward reads them); hoisted contractions, params, states, the history and every
+    gradient the kernels write stay fp32."""
+    import re
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
+    by_name = {t.name: t for t in tensors}
+
+    def element(t) -> str:
+        low = (re.fullmatch(r"(Y|DY)\d+", t.name)
+               or (re.fullmatch(r"X\d+", t.name) and isinstance(rec.node(t.node), ir.Input)))
+        return dtype if low else "fp32"
+    sig, consts = {}, {}
+    for name in arg_names:
+        if name in const or name == "STORE_HIST":
+            sig[name] = "constexpr"
+            consts[name] = const.get(name, True)
+        elif name in by_name:
+            sig[name] = "*" + element(by_name[name])
+        else:
+            sig[name] = "i32"
+    return sig, consts
+
+
+def compile_for(rec, analysis, sizes: dict, B: int = 16, arch: int = 90, dtype: str = "fp32") -> dict:
     """Compile the generated kernels for an NVIDIA target without a GPU (Triton runs its whole
     pipeline down to a cubin on the CPU). {kernel name: cubin size}. Run it without
-    TRITON_INTERPRET (interpreted kernels do not compile)."""
+    TRITON_INTERPRET (interpreted kernels do not compile). dtype: the inputs' dtype ("fp32",
+    "bf16" or "fp16"; see `signature`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -460,18 +571,13 @@ def compile_for(rec, analysis, sizes: dict, B: int = 16, arch: int = 90) -> dict
     if runner.scan.source is not None:
         kernels.append(("_scan_forward", gen.fwd,
                         runner.scan_constexprs(runner.scan_geometry(sizes, B, 4096))))
+    if runner.scan.backward:
+        kernels.append(("_scan_backward", gen.bwd,
+                        _scan_backward_constexprs(runner, runner.scan_geometry(sizes, B, 4096))))
     out = {}
     for kname, tensors, const in kernels:
         fn = getattr(runner.kernels, kname)
-        sig, consts = {}, {}
-        for name in fn.arg_names:
-            if name in const or name == "STORE_HIST":
-                sig[name] = "constexpr"
-                consts[name] = const.get(name, True)
-            elif any(t.name == name for t in tensors):
-                sig[name] = "*fp32"
-            else:
-                sig[name] = "i32"
+        sig, consts = signature(rec, fn.arg_names, tensors, const, dtype)
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
         out[kname] = len(triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"])
     return out

@@ -29,6 +29,12 @@ Three kernels, each one program per (batch, head) (and value block), walking the
 
 Everything is computed in float32 (float32, bfloat16 and float16 inputs are read and
 converted); outputs are float32, gradients are returned in the inputs' dtypes.
+
+Launch configs: chunk=None (or "auto") lets `triton_tune` choose the chunk, the value block
+BV and num_warps of chunk_fwd among `configs()` (timed once per key on CUDA; the default
+`DEFAULT_CHUNK`, geometry's BV and 4 warps elsewhere), and the backward's BV and num_warps
+with the forward's chunk. An explicit chunk is launched as given, with the default BV and
+warps, and nothing is timed.
 """
 from __future__ import annotations
 
@@ -39,8 +45,12 @@ import torch
 
 from rnnc.errors import RnncError
 
+from . import triton_tune as tune
+
 SUB = 16                   # steps per sub-chunk: the tl.dot tile of the intra-chunk work
 CHUNKS = (16, 32, 64, 128)
+DEFAULT_CHUNK = 64         # the chunk when nothing is tuned (RNNC_TRITON_TUNE=0, CPU)
+WARPS = 4                  # num_warps when nothing is tuned
 MAX_K = 256                # key channels one program holds
 MAX_BV = 64                # value channels per program (the grid's other axis)
 _TEMPLATE = Path(__file__).resolve().parent / "templates" / "chunk_la.py.tmpl"
@@ -77,8 +87,30 @@ def geometry(K: int, V: int) -> tuple:
     return BK, BV
 
 
+def configs(K: int, V: int, L: int, chunk: int | None = None, backward: bool = False) -> list:
+    """Candidate launch configs: chunks from triton_tune.CHUNKS up to L rounded up to a power
+    of two (or the given chunk), every legal value block (powers of two from 16 to geometry's
+    BV), and the num_warps that suit the state tile (the backward holds S and dS)."""
+    BK, top = geometry(K, V)
+    if chunk is None:
+        chunks = [c for c in tune.CHUNKS if c in CHUNKS and c <= max(SUB, tune.bucket(L))]
+    else:
+        chunks = [chunk]
+    out = []
+    for c in chunks:
+        bv = top
+        while bv >= 16:
+            out += [tune.Config(c, bv, w) for w in tune.warps_for(BK * bv * (2 if backward else 1))]
+            bv //= 2
+    return out
+
+
+def default_config(K: int, V: int, chunk: int = DEFAULT_CHUNK) -> tune.Config:
+    return tune.Config(chunk, geometry(K, V)[1], WARPS)
+
+
 def _check(q, k, v, log_decay, S0, chunk):
-    if chunk not in CHUNKS:
+    if chunk is not None and chunk not in CHUNKS:
         raise RnncError(f"chunk must be one of {CHUNKS} (a power of two, at least the "
                         f"sub-chunk of {SUB}); got {chunk}")
     if k.dim() != 4:
@@ -116,56 +148,106 @@ def _check(q, k, v, log_decay, S0, chunk):
 
 
 def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
-                           chunk: int = 64, precision: str | None = None):
+                           chunk: int | str | None = None, precision: str | None = None):
     """Linear attention with diagonal decay over a block of any length L, in Triton.
 
     q: [B, L, H, K] or None; k: [B, L, H, K]; v: [B, L, H, V];
     log_decay: [B, L, H, K] (per key channel) or [B, L, H, 1] (one decay per head), values
     in [-inf, 0]; S0: [B, H, K, V].
     Returns (o, S_last): o [B, L, H, V] (None when q is None), S_last [B, H, K, V], float32.
-    chunk: steps per chunk (16, 32, 64 or 128); it changes the cost, not the result.
+    chunk: steps per chunk (16, 32, 64 or 128); it changes the cost, not the result. None or
+    "auto": tuned (see triton_tune; the default chunk of 64 off CUDA or with RNNC_TRITON_TUNE=0).
     precision: tl.dot input precision, "ieee" or "tf32"; None follows
     torch.backends.cuda.matmul.allow_tf32 on CUDA and is "ieee" under the interpreter.
     Differentiable with respect to q, k, v, log_decay and S0.
     """
+    if chunk == "auto":
+        chunk = None
     _check(q, k, v, log_decay, S0, chunk)
     if precision is None:
         tf32 = k.is_cuda and torch.backends.cuda.matmul.allow_tf32
         precision = "tf32" if tf32 else "ieee"
     if precision not in ("ieee", "tf32"):
         raise RnncError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
-    cfg = (bool(include_current), int(chunk), precision, q is not None)
+    cfg = (bool(include_current), None if chunk is None else int(chunk), precision, q is not None)
     o, S_last = _ChunkLA.apply(cfg, q if q is not None else k, k, v, log_decay, S0)
     return (o if q is not None else None), S_last
 
 
-def _launch_dims(k, v, log_decay, chunk):
+def _launch_dims(k, v, log_decay, c: tune.Config):
     B, L, H, K = k.shape
     V = v.shape[-1]
-    BK, BV = geometry(K, V)
-    return B, L, H, K, V, BK, BV, -(-V // BV), -(-L // chunk), log_decay.shape[-1] == 1
+    BK = geometry(K, V)[0]
+    return B, L, H, K, V, BK, -(-V // c.block_v), -(-L // c.chunk), log_decay.shape[-1] == 1
+
+
+def _key(family, k, v, dtypes, *flags):
+    B, L, H, K = k.shape
+    return (family, B, H, K, v.shape[-1], tune.bucket(L), tuple(str(d) for d in dtypes), *flags,
+            tune.device_tag(k.device))
+
+
+def _forward_buffers(c: tune.Config, k, v, has_q, store):
+    """(o, S_last, states) for config c: the stored states are per chunk of c."""
+    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, k, c)
+    f32 = dict(dtype=torch.float32, device=k.device)
+    return (torch.empty(B, L, H, V, **f32) if has_q else torch.empty(0, **f32),
+            torch.empty(B, H, K, V, **f32),
+            torch.empty(B, H, NC, K, V, **f32) if store else torch.empty(1, **f32))
+
+
+def _forward(c: tune.Config, cfg, q, k, v, g, S0, store, out):
+    """Launch chunk_fwd with config c into out = (o, S_last, states)."""
+    include, _, prec, has_q = cfg
+    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, g, c)
+    o, S_last, states = out
+    kernels().chunk_fwd[(NV, B * H)](
+        q, k, v, g, S0, o if has_q else S_last, S_last, states, L, H, K, V, NC,
+        C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
+        STORE=store, PREC=prec, num_warps=c.warps)
+
+
+def _backward_buffers(c: tune.Config, k, v, has_q):
+    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, k, c)
+    f32 = dict(dtype=torch.float32, device=k.device)
+    dq = torch.zeros(NV, B, L, H, K, **f32) if has_q else torch.empty(1, **f32)
+    return (dq, torch.empty(NV, B, L, H, K, **f32), torch.empty(B, L, H, V, **f32),
+            torch.empty(B, H, K, V, **f32))
+
+
+def _backward(c: tune.Config, cfg, q, k, v, g, do, dS_last, states, out):
+    """Launch chunk_bwd with config c (its chunk: the forward's) into out = (dq, dk, dv, dS0)."""
+    include, _, prec, has_q = cfg
+    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, g, c)
+    kernels().chunk_bwd[(NV, B * H)](
+        q, k, v, g, do, dS_last, states, *out, L, H, K, V, NC,
+        C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
+        PREC=prec, num_warps=c.warps)
 
 
 class _ChunkLA(torch.autograd.Function):
-    """(cfg, q, k, v, log_decay, S0) -> (o, S_last); cfg = (include_current, chunk,
-    precision, has_q). Without q, q is a placeholder (k) and o an empty tensor."""
+    """(cfg, q, k, v, log_decay, S0) -> (o, S_last); cfg = (include_current, chunk (None:
+    tuned), precision, has_q). Without q, q is a placeholder (k) and o an empty tensor."""
 
     @staticmethod
     def forward(ctx, cfg, q, k, v, log_decay, S0):
         include, chunk, prec, has_q = cfg
-        B, L, H, K, V, BK, BV, NV, NC, scalar = _launch_dims(k, v, log_decay, chunk)
+        dtypes = [t.dtype for t in (q, k, v, log_decay, S0)]
         q, k, v, g, S0 = (t.contiguous() for t in (q, k, v, log_decay, S0))
-        f32 = dict(dtype=torch.float32, device=k.device)
-        o = torch.empty(B, L, H, V, **f32) if has_q else torch.empty(0, **f32)
-        S_last = torch.empty(B, H, K, V, **f32)
         store = any(ctx.needs_input_grad)
-        states = torch.empty(B, H, NC, K, V, **f32) if store else torch.empty(1, **f32)
-        kernels().chunk_fwd[(NV, B * H)](
-            q, k, v, g, S0, o if has_q else S_last, S_last, states, L, H, K, V, NC,
-            C=chunk, BK=BK, BV=BV, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
-            STORE=store, PREC=prec, num_warps=4)
-        ctx.cfg = cfg
-        ctx.dtypes = [t.dtype for t in (q, k, v, log_decay, S0)]
+        L, K, V = k.shape[1], k.shape[3], v.shape[-1]
+        if chunk is None:
+            key = _key("chunk_la.fwd", k, v, dtypes, g.shape[-1] == 1, include, has_q, store, prec)
+
+            def bench(c):
+                out = _forward_buffers(c, k, v, has_q, store)
+                return lambda: _forward(c, cfg, q, k, v, g, S0, store, out)
+            c = tune.choose(key, configs(K, V, L), default_config(K, V), bench, k.device)
+        else:
+            c = default_config(K, V, chunk)
+        o, S_last, states = out = _forward_buffers(c, k, v, has_q, store)
+        _forward(c, cfg, q, k, v, g, S0, store, out)
+        ctx.cfg, ctx.chunk, ctx.dtypes = cfg, c.chunk, dtypes
         if store:   # S_last for d log_decay with q, S0 without
             ctx.save_for_backward(q, k, v, g, states, S_last if has_q else S0)
         if not has_q:
@@ -174,9 +256,13 @@ class _ChunkLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS_last):
-        include, chunk, prec, has_q = ctx.cfg
+        include, tuned, prec, has_q = ctx.cfg
+        tuned = tuned is None
         q, k, v, g, states, S_end = ctx.saved_tensors
-        B, L, H, K, V, BK, BV, NV, NC, scalar = _launch_dims(k, v, g, chunk)
+        B, L, H, K = k.shape
+        V = v.shape[-1]
+        BK = geometry(K, V)[0]
+        scalar = g.shape[-1] == 1
         f32 = dict(dtype=torch.float32, device=k.device)
         if dS_last is None:
             dS_last = torch.zeros(B, H, K, V, **f32)
@@ -185,24 +271,25 @@ class _ChunkLA(torch.autograd.Function):
         else:
             do = dS_last   # never read
         dS_last = dS_last.contiguous()
-        dq = torch.zeros(NV, B, L, H, K, **f32) if has_q else torch.empty(1, **f32)
-        dk = torch.empty(NV, B, L, H, K, **f32)
-        dv = torch.empty(B, L, H, V, **f32)
-        dS0 = torch.empty(B, H, K, V, **f32)
-        ker = kernels()
-        delta = 0 if include else 1
-        ker.chunk_bwd[(NV, B * H)](
-            q, k, v, g, do, dS_last, states, dq, dk, dv, dS0, L, H, K, V, NC,
-            C=chunk, BK=BK, BV=BV, DELTA=delta, SCALAR=scalar, HAS_Q=has_q, PREC=prec,
-            num_warps=4)
+        # the chunk is the forward's: `states` holds the state entering each of its chunks
+        c = default_config(K, V, ctx.chunk)
+        if tuned:
+            key = _key("chunk_la.bwd", k, v, ctx.dtypes, ctx.chunk, scalar, include, has_q, prec)
+
+            def bench(c):
+                out = _backward_buffers(c, k, v, has_q)
+                return lambda: _backward(c, ctx.cfg, q, k, v, g, do, dS_last, states, out)
+            c = tune.choose(key, configs(K, V, L, ctx.chunk, backward=True), c, bench, k.device)
+        dq, dk, dv, dS0 = out = _backward_buffers(c, k, v, has_q)
+        _backward(c, ctx.cfg, q, k, v, g, do, dS_last, states, out)
         dq = dq.sum(0) if has_q else None
         dk = dk.sum(0)
         # [B, H, K]: the pairs through S_last (with q) or from S0 (without), see chunk_dg
         sl = (dS_last.float() * S_end if has_q else dS0 * S_end.float()).sum(-1).contiguous()
         dg = torch.empty(B, L, H, g.shape[-1], **f32)
-        ker.chunk_dg[(B * H,)](
+        kernels().chunk_dg[(B * H,)](
             q, k, dq if has_q else dk, dk, sl, dg, L, H, K, -(-L // SUB), C=SUB, BK=BK,
-            DELTA=delta, SCALAR=scalar, HAS_Q=has_q, num_warps=4)
+            DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q, num_warps=WARPS)
         grads = [dq, dk, dv, dg, dS0]
         grads = [None if x is None else x.to(dt) for x, dt in zip(grads, ctx.dtypes)]
         return (None, *grads)

@@ -15,6 +15,11 @@ K-side inputs (q, r, w, p, log_alpha) are written once per V block and summed he
 It runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (Triton's
 interpreter, for tests at small sizes). Everything is computed in float32; float32, bfloat16
 and float16 inputs are accepted.
+
+Launch configs: chunk=None (or "auto") lets `triton_tune` choose the chunk, the V block and
+num_warps of delta_fwd among `configs()` (timed once per key on CUDA; `geometry`'s defaults
+for chunk `DEFAULT_CHUNK` elsewhere), and delta_bwd's V block and num_warps with the forward's
+chunk. An explicit chunk gets geometry's V block and warps, untimed.
 """
 from __future__ import annotations
 
@@ -24,9 +29,12 @@ import torch
 
 from rnnc.errors import RnncError
 
+from . import triton_tune as tune
+
 TEMPLATE = Path(__file__).parent / "templates" / "chunk_delta.py.tmpl"
 MAX_K = 256          # the whole key dimension lives in one program's registers
 CHUNKS = (16, 32, 64)
+DEFAULT_CHUNK = 64   # the chunk when nothing is tuned (RNNC_TRITON_TUNE=0, CPU)
 _ACCEPTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -66,6 +74,43 @@ def geometry(L: int, K: int, V: int, chunk: int, block_v: int | None = None) -> 
             "warps": 4 if BK * BV <= 4096 else 8}
 
 
+def _geo(L, K, V, c: tune.Config) -> dict:
+    """geometry() for a launch config (its chunk, V block and warps)."""
+    return {**geometry(L, K, V, c.chunk, c.block_v), "warps": c.warps}
+
+
+def default_config(L: int, K: int, V: int, chunk: int = DEFAULT_CHUNK,
+                   block_v: int | None = None) -> tune.Config:
+    geo = geometry(L, K, V, chunk, block_v)
+    return tune.Config(geo["C"], geo["BV"], geo["warps"])
+
+
+def configs(L: int, K: int, V: int, chunk: int | None = None, block_v: int | None = None,
+            backward: bool = False) -> list:
+    """Candidate launch configs: the chunk lengths of triton_tune.CHUNKS as geometry cuts them
+    for L (or the given chunk), V blocks of every power of two from 16 to V's (or the given
+    block_v), and the num_warps that suit the state tile (the backward holds S and dS) and the
+    [C, K] operand tiles."""
+    BK = max(16, _pow2(K))
+    if chunk is None:
+        chunks = dict.fromkeys(geometry(L, K, V, c)["C"] for c in tune.CHUNKS if c in CHUNKS)
+    else:
+        chunks = [geometry(L, K, V, chunk)["C"]]
+    if block_v is None:
+        bvs, bv = [], max(16, _pow2(V))
+        while bv >= 16:
+            bvs.append(bv)
+            bv //= 2
+    else:
+        bvs = [geometry(L, K, V, DEFAULT_CHUNK, block_v)["BV"]]
+    out = []
+    for C in chunks:
+        for bv in bvs:
+            ws = tune.warps_for(BK * bv * (2 if backward else 1), max(C * BK, C * C))
+            out += [tune.Config(C, bv, w) for w in ws]
+    return out
+
+
 def _check(q, r, w, p, v, log_alpha, S0, chunk):
     if r.dim() != 4:
         raise RnncError(f"chunk_delta_rule: r must be [B, L, H, K], got shape {tuple(r.shape)}")
@@ -98,7 +143,7 @@ def _check(q, r, w, p, v, log_alpha, S0, chunk):
                         f"{tuple(S0.shape)}")
     if L < 1:
         raise RnncError("chunk_delta_rule: the block needs L >= 1 steps")
-    if chunk not in CHUNKS:
+    if chunk is not None and chunk not in CHUNKS:
         raise RnncError(f"chunk_delta_rule (Triton): chunk must be one of {CHUNKS}, got {chunk}")
     if K > MAX_K:
         raise RnncError(f"chunk_delta_rule (Triton): K = {K} keys exceed {MAX_K} (the kernel keeps "
@@ -108,26 +153,28 @@ def _check(q, r, w, p, v, log_alpha, S0, chunk):
                         f"TRITON_INTERPRET=1); these are on {r.device}")
 
 
-def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int = 64, block_v: int | None = None):
+def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int | str | None = None,
+                     block_v: int | None = None):
     """S_t = alpha_t (S_{t-1} - w_t (r_t^T S_{t-1})) + p_t v_t^T, o_t = S_t^T q_t, in Triton.
 
     q: [B, L, H, K] or None; r, w, p: [B, L, H, K]; v: [B, L, H, V]; log_alpha: [B, L, H] or
-    None (alpha = 1); S0: [B, H, K, V]; any L >= 1; chunk in (16, 32, 64).
+    None (alpha = 1); S0: [B, H, K, V]; any L >= 1; chunk in (16, 32, 64), or None / "auto":
+    tuned (see triton_tune; chunk 64 off CUDA or with RNNC_TRITON_TUNE=0).
     Returns (o, S_last): o [B, L, H, V] in the inputs' promoted dtype (None when q is None),
     S_last [B, H, K, V] in S0's dtype. Differentiable w.r.t. every tensor argument.
     Passing the same tensor object as w and p (DeltaNet) takes the shorter shared path;
     w != p is supported too. block_v overrides the V block (a power of two >= 16).
     """
+    if chunk == "auto":
+        chunk = None
     _check(q, r, w, p, v, log_alpha, S0, chunk)
     shared = p is w
-    B, L, H, K = r.shape
-    geo = geometry(L, K, v.shape[3], chunk, block_v)
     dtype = torch.promote_types(torch.promote_types(r.dtype, w.dtype), torch.promote_types(p.dtype, v.dtype))
     if q is not None:
         dtype = torch.promote_types(dtype, q.dtype)
     tensors = (q, r, w, None if shared else p, v, log_alpha, S0)
     want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    res = _ChunkDelta.apply((geo, shared, want_grad, dtype), *tensors)
+    res = _ChunkDelta.apply((chunk, block_v, shared, want_grad, dtype), *tensors)
     if q is None:
         return None, res[0]
     return res[0], res[1]
@@ -139,62 +186,124 @@ def _launch_args(geo):
                 num_warps=geo["warps"])
 
 
+def _key(family, r, v, dtypes, *flags):
+    B, L, H, K = r.shape
+    return (family, B, H, K, v.shape[3], tune.bucket(L),
+            tuple(None if d is None else str(d) for d in dtypes), *flags, tune.device_tag(r.device))
+
+
+def _forward_buffers(geo, r, v, has_q, want_grad):
+    B, L, H, K = r.shape
+    V = v.shape[3]
+    f32 = dict(dtype=torch.float32, device=r.device)
+    o = torch.empty(B, L, H, V, **f32) if has_q else None
+    S_last = torch.empty(B, H, K, V, **f32)
+    hist = torch.empty(B, H, geo["NC"], K, V, **f32) if want_grad else S_last
+    return o, S_last, hist
+
+
+def _forward(geo, shared, want_grad, q, r, w, p, v, la, S0, out):
+    B, L, H, K = r.shape
+    V = v.shape[3]
+    o, S_last, hist = out
+    kernels().delta_fwd[(B * H, geo["NV"])](
+        r if q is None else q, r, w, w if p is None else p, v, r if la is None else la, S0,
+        S_last if o is None else o, S_last, hist,
+        L, H, K, V, geo["NC"],
+        HAS_Q=q is not None, HAS_LA=la is not None, SHARED=shared, STORE_HIST=want_grad,
+        **_launch_args(geo))
+
+
+def _backward_buffers(geo, q, r, p, v, la):
+    B, L, H, K = r.shape
+    V = v.shape[3]
+    f32 = dict(dtype=torch.float32, device=r.device)
+    part = lambda *shape: torch.empty(geo["NV"], *shape, **f32)   # noqa: E731  one slice per V block
+    dq = part(B, L, H, K) if q is not None else None
+    dr, dw = part(B, L, H, K), part(B, L, H, K)
+    dp = part(B, L, H, K) if p is not None else None
+    dla = part(B, L, H) if la is not None else None
+    return dq, dr, dw, dp, torch.empty(B, L, H, V, **f32), dla, torch.empty(B, H, K, V, **f32)
+
+
+def _backward(geo, shared, q, r, w, p, v, la, hist, do, dsl, out):
+    B, L, H, K = r.shape
+    V = v.shape[3]
+    dq, dr, dw, dp, dv, dla, ds0 = out
+    kernels().delta_bwd[(B * H, geo["NV"])](
+        r if q is None else q, r, w, w if p is None else p, v, r if la is None else la, hist,
+        dsl if do is None else do, dsl,
+        dr if dq is None else dq, dr, dw, dw if dp is None else dp, dv,
+        dr if dla is None else dla, ds0,
+        B, L, H, K, V, geo["NC"],
+        HAS_Q=q is not None, HAS_LA=la is not None, SHARED=shared, **_launch_args(geo))
+
+
 class _ChunkDelta(torch.autograd.Function):
-    """(q?, r, w, p?, v, log_alpha?, S0) -> (o?, S_last); p is None when it is w."""
+    """(q?, r, w, p?, v, log_alpha?, S0) -> (o?, S_last); p is None when it is w.
+    meta = (chunk (None: tuned), block_v, shared, want_grad, output dtype)."""
 
     @staticmethod
     def forward(ctx, meta, q, r, w, p, v, la, S0):
-        geo, shared, want_grad, dtype = meta
+        chunk, block_v, shared, want_grad, dtype = meta
         B, L, H, K = r.shape
         V = v.shape[3]
+        dtypes = [None if t is None else t.dtype for t in (q, r, w, p, v, la, S0)]
         q, r, w, p, v, la = (None if t is None else t.contiguous() for t in (q, r, w, p, v, la))
         S0c = S0.contiguous()
-        f32 = dict(dtype=torch.float32, device=r.device)
-        o = torch.empty(B, L, H, V, **f32) if q is not None else None
-        S_last = torch.empty(B, H, K, V, **f32)
-        hist = torch.empty(B, H, geo["NC"], K, V, **f32) if want_grad else S_last
-        kernels().delta_fwd[(B * H, geo["NV"])](
-            r if q is None else q, r, w, w if p is None else p, v, r if la is None else la, S0c,
-            S_last if o is None else o, S_last, hist,
-            L, H, K, V, geo["NC"],
-            HAS_Q=q is not None, HAS_LA=la is not None, SHARED=shared, STORE_HIST=want_grad,
-            **_launch_args(geo))
+        args = (q, r, w, p, v, la, S0c)
+        if chunk is None:
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            key = _key("chunk_delta.fwd", r, v, dtypes, block_v, q is not None, la is not None,
+                       shared, want_grad, tf32)
+
+            def bench(c):
+                geo = _geo(L, K, V, c)
+                out = _forward_buffers(geo, r, v, q is not None, want_grad)
+                return lambda: _forward(geo, shared, want_grad, *args, out)
+            c = tune.choose(key, configs(L, K, V, None, block_v), default_config(L, K, V, block_v=block_v),
+                            bench, r.device)
+        else:
+            c = default_config(L, K, V, chunk, block_v)
+        geo = _geo(L, K, V, c)
+        o, S_last, hist = out = _forward_buffers(geo, r, v, q is not None, want_grad)
+        _forward(geo, shared, want_grad, *args, out)
         if want_grad:
             ctx.save_for_backward(q, r, w, p, v, la, hist)
-        ctx.meta = meta
-        ctx.dtypes = [None if t is None else t.dtype for t in (q, r, w, p, v, la, S0)]
+        ctx.meta, ctx.geo, ctx.dtypes = meta, geo, dtypes
         S_last = S_last.to(S0.dtype)
         return (S_last,) if o is None else (o.to(dtype), S_last)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        geo, shared, _, _ = ctx.meta
+        chunk, block_v, shared, _, _ = ctx.meta
         q, r, w, p, v, la, hist = ctx.saved_tensors
         B, L, H, K = r.shape
         V = v.shape[3]
-        NV = geo["NV"]
         do = None if q is None else grads[0].contiguous()
         dsl = grads[-1].contiguous()
-        f32 = dict(dtype=torch.float32, device=r.device)
-        part = lambda *shape: torch.empty(NV, *shape, **f32)   # noqa: E731  one slice per V block
-        dq = part(B, L, H, K) if q is not None else None
-        dr, dw = part(B, L, H, K), part(B, L, H, K)
-        dp = part(B, L, H, K) if p is not None else None
-        dla = part(B, L, H) if la is not None else None
-        dv = torch.empty(B, L, H, V, **f32)
-        ds0 = torch.empty(B, H, K, V, **f32)
-        kernels().delta_bwd[(B * H, NV)](
-            r if q is None else q, r, w, w if p is None else p, v, r if la is None else la, hist,
-            dsl if do is None else do, dsl,
-            dr if dq is None else dq, dr, dw, dw if dp is None else dp, dv,
-            dr if dla is None else dla, ds0,
-            B, L, H, K, V, geo["NC"],
-            HAS_Q=q is not None, HAS_LA=la is not None, SHARED=shared, **_launch_args(geo))
-        out = [None if g is None else g.sum(0) for g in (dq, dr, dw, dp)] + [dv]
-        out += [None if dla is None else dla.sum(0), ds0]
-        out = [None if g is None else g.to(dt) for g, dt in zip(out, ctx.dtypes)]
-        return (None, *out)
+        # the chunk is the forward's: `hist` holds the state entering each of its chunks
+        geo = ctx.geo
+        if chunk is None:
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            key = _key("chunk_delta.bwd", r, v, ctx.dtypes, geo["C"], block_v, q is not None,
+                       la is not None, shared, tf32)
+
+            def bench(c):
+                g = _geo(L, K, V, c)
+                out = _backward_buffers(g, q, r, p, v, la)
+                return lambda: _backward(g, shared, q, r, w, p, v, la, hist, do, dsl, out)
+            c = tune.choose(key, configs(L, K, V, geo["C"], block_v, backward=True),
+                            default_config(L, K, V, geo["C"], block_v), bench, r.device)
+            geo = _geo(L, K, V, c)
+        out = _backward_buffers(geo, q, r, p, v, la)
+        _backward(geo, shared, q, r, w, p, v, la, hist, do, dsl, out)
+        dq, dr, dw, dp, dv, dla, ds0 = out
+        res = [None if g is None else g.sum(0) for g in (dq, dr, dw, dp)] + [dv]
+        res += [None if dla is None else dla.sum(0), ds0]
+        res = [None if g is None else g.to(dt) for g, dt in zip(res, ctx.dtypes)]
+        return (None, *res)
 
 
 def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype: str = "fp32",

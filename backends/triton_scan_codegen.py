@@ -17,13 +17,34 @@ recurrent matrix product). Generated text names that axis `ot` / `mt` / `BLK_T`.
 
 Entry point: `generate(gen, rec, analysis) -> Scan` (`Scan.source` is None, with `Scan.why`,
 when the spec has no such kernel). The kernel takes the fused `forward`'s arguments
-(`Generated.fwd`) plus the constexpr BLK_T, and writes the same state history, so the fused
-`backward` kernel serves both.
+(`Generated.fwd`) plus the constexpr BLK_T, and writes the same state history.
+
+Training: `_scan_backward` (template `scan_bwd.py.tmpl`) takes the fused `backward`'s
+arguments (`Generated.bwd`) and walks the chunks from the last to the first. The adjoint of
+h_t = a_t * h_{t-1} + b_t is a recurrence in reverse time,
+
+    lam_t = g_t + a_{t+1} * lam_{t+1}     (lam_t = dL/dh_t, g_t its direct part)
+
+so per chunk it recomputes every value of the step for all BLK_T steps from the stored
+history, propagates the outputs' gradients back to the new state (g), composes the maps
+mu -> a * (g + mu) with the forward's `_affine_prev` scan, and back-propagates lam through the
+rest of the step with the fused emitter's `vjp`. mu_t = a_t * lam_t is the gradient of the state
+before step t; lam_t = g_t + mu_{t+1} is g plus the composition up to the step after, which
+`_affine_prev` yields beside the inclusive one. The tiles' rows run backward in time (row r is
+step t + BLK_T - 1 - r), so this forward scan over rows is a reverse scan over time
+(`tl.associative_scan(reverse=True)` is not used: Triton has an open report of wrong results
+for non-commutative combines with it in compiled code). What crosses a chunk boundary is mu of
+the chunk's first step (dL/dh0 after the first chunk); the final state's gradient starts it.
+`Scan.backward` says whether it exists, `Scan.why_backward` why not: it needs each state's
+update to read no other state (one stratum) and nothing but the update to read a state's value
+before the step; other specs train through the fused `backward` kernel, which is always correct.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+
+import networkx as nx
 
 from rnnc import ir
 
@@ -38,6 +59,9 @@ class Scan:
     layout: object = None        # the tile layout (batch_kept: tiles lead with the time chunk)
     kept: list = field(default_factory=list)   # classes with a tile axis (BLK<c>)
     grid: list = field(default_factory=list)   # parallel classes the grid runs over
+    backward: bool = False       # whether `_scan_backward` (the reverse scan) is generated
+    why_backward: str = ""       # why not (training then runs the fused `backward`)
+    splits: dict = field(default_factory=dict)  # `_scan_backward`'s sink tensor -> grid dims it lacks
 
 
 def _kept_parallel(lay):
@@ -67,8 +91,9 @@ def _rename(lines: list) -> list:
 
 
 class _ScanKernels(_Kernels):
-    def __init__(self, lay, rec, analysis):
+    def __init__(self, lay, rec, analysis, reverse: bool = False):
         super().__init__(lay)
+        self.reverse = reverse  # the tiles' rows run backward in time (the reverse scan)
         by_name = {s.name: s for s in analysis.states}
         order = {name: k for k, name in enumerate(analysis.strata)}
         self.order = sorted(range(len(lay.states)), key=lambda j: order.get(lay.states[j].name, j))
@@ -77,7 +102,10 @@ class _ScanKernels(_Kernels):
         self.read_of = {st.read: j for j, st in enumerate(lay.states)}
 
     def batch_offsets(self) -> list:
-        # the tiles' leading axis is the chunk's steps (its mask mb is set per chunk)
+        # the tiles' leading axis is the chunk's steps (its mask mb is set per chunk); the
+        # backward reads them last step first
+        if self.reverse:
+            return ["ob = (BLK_B - 1 - tl.arange(0, BLK_B)).to(tl.int64)"]
         return ["ob = tl.arange(0, BLK_B).to(tl.int64)"]
 
     def static(self, node) -> list:
@@ -86,13 +114,16 @@ class _ScanKernels(_Kernels):
     def tile(self, t: Tensor) -> list:
         return (["b"] if "T" in t.lead else []) + self.static(t.node)
 
-    def address(self, t: Tensor, E: list) -> tuple:
+    def address(self, t: Tensor, E: list, split_expr=None) -> tuple:
         """(scalar base, offset tile, static mask or None) of tensor t read as tile E; a time
-        axis in E adds the chunk's steps (the base walks from chunk to chunk)."""
+        axis in E adds the chunk's steps (the base walks from chunk to chunk); a split axis
+        (gradient slices) takes `split_expr`."""
         n, strides = len(E), self.strides(t)
         base, terms = [t.name], []
         for d, L in enumerate(t.lead):
-            if L == "B":
+            if L == "S" and split_expr is not None:
+                base.append(f"({split_expr}) * {strides[d]}")
+            elif L == "B":
                 base.append(f"pid_b * {strides[d]}")
             elif L == "T" and "b" in E:
                 terms.append(f"{expand('ob', E.index('b'), n)} * {strides[d]}")
@@ -110,7 +141,7 @@ class _ScanKernels(_Kernels):
         return " + ".join(base), " + ".join(terms) or "0", msk
 
     def access(self, t: Tensor, split_expr=None) -> list:
-        base, off, msk = self.address(t, self.tile(t))
+        base, off, msk = self.address(t, self.tile(t), split_expr)
         return [f"base_{t.name} = {base}", f"off_{t.name} = {off}", f"msk_{t.name} = {msk}"]
 
     def chunk_mask(self, t: Tensor) -> str:
@@ -257,9 +288,18 @@ def generate(gen, rec, analysis) -> Scan:
     lay = replace(gen.layout, batch_kept=True, kept_parallel=_kept_parallel(gen.layout))
     try:
         K = _ScanKernels(lay, rec, analysis)
-        return Scan(_source(K, gen), "", lay, K.kept, K.grid)
+        scan = Scan(_source(K, gen), "", lay, K.kept, K.grid)
     except Unsupported as e:
         return Scan(None, str(e))
+    try:
+        KB = _ScanKernels(lay, rec, analysis, reverse=True)
+        text, splits = _backward_source(KB, gen, analysis)
+    except Unsupported as e:
+        scan.why_backward = e.message
+        return scan
+    scan.source += text
+    scan.backward, scan.splits = True, splits
+    return scan
 
 
 def _source(K: _ScanKernels, gen) -> str:
@@ -311,6 +351,172 @@ def _source(K: _ScanKernels, gen) -> str:
                  "CONST_ARGS": const, "PROLOGUE": _rename(pro), "START": _rename(start),
                  "CHUNK": _rename(chunk), "END": _rename(end)}
     return _fill((TEMPLATES / "scan.py.tmpl").read_text(), fragments)
+
+
+def _reverse_scan_blockers(K: _ScanKernels, analysis) -> str | None:
+    """Why the reverse scan does not differentiate this spec (None when it does). Each state's
+    lam is a scan of its own: its update reads no other state (one stratum; a state that read
+    another's value before the step would send it a gradient one step late), and nothing but
+    its update reads its value before the step (an output that does adds a gradient one step
+    late, which the scan does not carry)."""
+    rec, lay = K.rec, K.lay
+    g = rec.graph
+    for f in analysis.states:
+        if f.depends_on:
+            return (f"state {f.name}'s update reads {', '.join(f.depends_on)} (several strata): "
+                    "not covered by the reverse scan yet")
+    args = [rec.node(st.write).arg for st in lay.states]
+    if len(set(args)) != len(args):
+        return "two states take the same new value"
+    loop = set(K.loop)
+    for j, st in enumerate(lay.states):
+        if args[j] not in loop:
+            return f"state {st.name}'s new value is not computed by the step"
+        anc = nx.ancestors(g, args[j])
+        for k, other in enumerate(lay.states):
+            if k != j and (other.read in anc or args[k] in anc):
+                return f"state {st.name}'s update reads state {other.name} (several strata)"
+        sinks = {o.node for o in lay.outputs} | {s.write for k, s in enumerate(lay.states) if k != j}
+        if nx.descendants(g.subgraph(n for n in g.nodes if n != args[j]), st.read) & sinks:
+            return (f"a value reads state {st.name} before its update (an old-state readout): its "
+                    "gradient enters the reverse recurrence one step late")
+    return None
+
+
+def _backward_source(K: _ScanKernels, gen, analysis) -> tuple:
+    """(text of `_scan_backward`, its splits): the adjoint of the chunked scan, by a scan of
+    the adjoint recurrence in reverse time. Raises Unsupported where the spec is outside it."""
+    why = _reverse_scan_blockers(K, analysis)
+    if why:
+        raise Unsupported(why)
+    lay, rec = K.lay, K.rec
+    nx_, np_, ns = len(lay.streams), len(lay.params), len(lay.states)
+    cuts = [nx_, np_, ns, len(lay.outputs), ns, nx_, np_, ns]
+    parts, k = [], 0
+    for n in cuts:
+        parts.append(gen.bwd[k:k + n])
+        k += n
+    X, P, HS, DY, DHT, DX, DP, DH0 = parts
+    timed = X + HS + DY + DX
+    arg_of = {rec.node(st.write).arg: j for j, st in enumerate(lay.states)}
+
+    def args(ts):
+        out = [", ".join(t.name for t in ts) + ","] if ts else []
+        return out + [", ".join(K.strides(t)) + "," for t in ts]
+
+    const = [", ".join(f"SZ{c}: tl.constexpr" for c in sorted(lay.size)),
+             ", ".join(f"BLK{c}: tl.constexpr" for c in K.kept)]
+    const = [x + "," for x in const if x]
+
+    def seed(t):  # a value replicated along a grid axis takes its gradient in one program
+        lacking = [c for c in K.grid if c not in lay.classes_of(t.node)]
+        value = K.load(t)
+        if lacking:
+            value = f"tl.where({' & '.join(f'(pid{c} == 0)' for c in lacking)}, {value}, 0.0)"
+        return value
+
+    splits = {}
+    start = ["# gradient accumulators for params and the values computed from them"]
+    acc_nodes = [t.node for t in P] + K.invariant
+    for n in acc_nodes:
+        E = K.entries(n)
+        start.append(f"ga{n} = tl.zeros({shape_of(E)}, tl.float32)" if E else f"ga{n} = tl.zeros((), tl.float32)")
+    start.append("# carried from chunk to chunk: the gradient of the state before the later chunk")
+    for j, t in enumerate(DHT):
+        start += K.access(t) + [f"cl{j} = {full(seed(t), K.static(t.node))}"]
+    for t in X + HS + DY:
+        start += K.access(t)[:2]
+    for t in DX:
+        lacking, expr = K.split(t, True)
+        splits[t.name] = lacking
+        start += K.access(t, expr)[:2]
+    start.append("# start at the last chunk")
+    start += [f"base_{t.name} += ((T - 1) // BLK_B * BLK_B).to(tl.int64) * {K.step_stride(t)}" for t in timed]
+
+    chunk = ["t = (T - 1) // BLK_B * BLK_B - tt", "mb = ob < T - t"] + [K.chunk_mask(t) for t in timed]
+    chunk += ["# recompute the chunk's steps from the states before them"]
+    chunk += [f"v{t.node} = {K.load(t)}" for t in HS + X]
+    chunk += K.body()
+    chunk.append("# adjoints, in reverse order of the step")
+    assigned, accumulated = set(), set(acc_nodes)
+
+    def accumulate(a, expr, lines):
+        if isinstance(rec.node(a), ir.Const):
+            return
+        if a in accumulated:
+            lines.append(f"ga{a} = ga{a} + {expr}")
+        elif a in assigned:
+            lines.append(f"g{a} = g{a} + {expr}")
+        else:
+            lines.append(f"g{a} = {expr}")
+            assigned.add(a)
+    for j, (t, o) in enumerate(zip(DY, lay.outputs)):
+        chunk.append(f"dy{j} = {seed(t)}")
+        arg = rec.node(o.node).arg
+        SE = K.store_entries(o.node)
+        accumulate(arg, K.reduce_to(f"dy{j}", SE, K.pos(arg, SE)), chunk)
+    for i in reversed(K.loop):
+        if i in arg_of:
+            chunk += _adjoint_scan(K, arg_of[i], i, i in assigned)
+            assigned.add(i)
+        if i not in assigned:
+            continue
+        chunk.append(f"g{i} = {full(f'g{i}', K.entries(i))}")
+        lines, contrib = K.vjp(i)
+        chunk += lines
+        for a, expr in contrib:
+            accumulate(a, expr, chunk)
+    for t, dx in zip(X, DX):
+        if t.node in assigned:
+            chunk.append(K.store(dx, full(f"g{t.node}", K.tile(dx))))
+    chunk += [f"base_{t.name} -= BLK_B * {K.step_stride(t)}" for t in timed]
+
+    end = ["# gradient of the initial state"]
+    for j, t in enumerate(DH0):
+        lacking, expr = K.split(t, True)
+        splits[t.name] = lacking
+        end += K.access(t, expr) + [K.store(t, f"cl{j}")]
+    end.append("# through the values computed from params alone")
+    for i in reversed(K.invariant):
+        lines, contrib = K.vjp_invariant(i)
+        end += lines
+        for a, expr in contrib:
+            accumulate(a, expr, end)
+    end.append("# param gradients (one slice per program; the runner sums the slices)")
+    for t in DP:
+        lacking, expr = K.split(t, False)
+        splits[t.name] = lacking
+        end += K.access(t, expr) + [K.store(t, f"ga{t.node}")]
+
+    fragments = {"BWD_ARGS": args(gen.bwd), "GRID_ARGS": "".join(f"NG{c}, " for c in K.grid),
+                 "CONST_ARGS": const, "PROLOGUE": _rename(K.prologue(P)), "START": _rename(start),
+                 "CHUNK": _rename(chunk), "END": _rename(end)}
+    return _fill((TEMPLATES / "scan_bwd.py.tmpl").read_text(), fragments), splits
+
+
+def _adjoint_scan(K: _ScanKernels, j: int, arg: int, direct: bool) -> list:
+    """Lines that turn g<arg>, the direct gradient of state j's new value over the chunk, into
+    lam, its whole gradient, and update the carry cl<j>. Row r of the tiles is step
+    t + BLK_T - 1 - r, so composing rows in order runs time backward: row r maps the gradient
+    of the state before the previous row (mu, entering as the carry at row 0) to its own,
+    mu -> a * (g + mu); lam of a row is g plus the composition of the rows before it."""
+    st = K.lay.states[j]
+    E = K.entries(st.read)
+    n = len(E)
+    if K.entries(arg) != E:
+        raise Unsupported(f"state {st.name}: its new value is tiled unlike the state")
+    valid = expand("mb", 0, n)
+    carry = align(f"cl{j}", list(range(1, n)), n)
+    g = full(f"g{arg}", E) if direct else f"tl.zeros({shape_of(E)}, tl.float32)"
+    return [f"# state {j}: the gradient of its new value, by a scan in reverse time (steps past T pass it on)",
+            f"cg{j} = tl.where({valid}, {g}, 0.0)",
+            f"ca{j} = tl.where({valid}, {K.coefficient(j, True)}, 1.0)",
+            f"cb{j} = ca{j} * cg{j}",
+            f"cc{j} = tl.full({shape_of(E)}, 1.0, tl.float32)",
+            f"cd{j} = tl.zeros({shape_of(E)}, tl.float32)",
+            f"ca{j}, cb{j}, cc{j}, cd{j} = tl.associative_scan((ca{j}, cb{j}, cc{j}, cd{j}), 0, _affine_prev)",
+            f"g{arg} = cg{j} + cc{j} * {carry} + cd{j}",
+            f"cl{j} = tl.sum(tl.where({expand('ob', 0, n)} == 0, ca{j} * {carry} + cb{j}, 0.0), axis=0)"]
 
 
 def _split(ts, nx, np_, ns, no):

@@ -7,6 +7,8 @@
 #
 # Wheels only (--only-binary=:all:): a package published only as an sdist (mamba-ssm,
 # causal-conv1d) is reported as such and skipped, since building it needs CUDA and nvcc.
+# mamba-ssm's Python files are laid out in wheels/mamba_ssm_triton/ instead (its Triton SSD
+# kernels run without the CUDA build; see the end of this script).
 # torch and triton are not fetched: the GPU machine's CUDA build of torch must be used.
 set -u
 cd "$(dirname "$0")"
@@ -39,3 +41,30 @@ echo "downloaded: ${ok[*]:-none}"
 echo "not downloaded: ${failed[*]:-none}"
 ls -l "$DEST"/*.whl 2>/dev/null
 du -ch "$DEST"/*.whl 2>/dev/null | tail -1
+
+# mamba-ssm has no wheel, and its build needs nvcc. Its Triton SSD kernels
+# (mamba_chunk_scan_combined, the mamba2 peer) need no build: lay out its Python files in
+# wheels/mamba_ssm_triton/, with a package __init__ that does not import the CUDA selective
+# scan. benchmarks/triton_gpu.py puts that folder on sys.path when mamba_ssm is not installed.
+"$PY" - "$DEST" <<'PYEOF'
+import io, re, sys, tarfile, urllib.request
+from pathlib import Path
+dest = Path(sys.argv[1]) / "mamba_ssm_triton"
+version = "2.3.2.post1"
+try:
+    page = urllib.request.urlopen("https://pypi.org/simple/mamba-ssm/", timeout=60).read().decode()
+    url = next(u for u in re.findall(r'href="([^"]+)"', page) if f"mamba_ssm-{version}.tar.gz" in u)
+    data = urllib.request.urlopen(url.split("#")[0], timeout=120).read()
+except Exception as e:  # no internet, or the index changed
+    sys.exit(f"mamba-ssm {version} sdist not fetched: {e}")
+with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    for m in tar.getmembers():
+        parts = Path(m.name).parts
+        if len(parts) > 1 and parts[1] == "mamba_ssm" and m.isfile() and m.name.endswith(".py"):
+            out = dest.joinpath(*parts[1:])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(tar.extractfile(m).read())
+(dest / "mamba_ssm" / "__init__.py").write_text(
+    f'__version__ = "{version}"\n# Python files only: the CUDA selective scan is not built\n')
+print(f"mamba-ssm {version}: Python files in {dest}")
+PYEOF

@@ -24,6 +24,12 @@ Cases (--cases, comma-separated; "fla" = gla,retnet,gated_deltanet):
              examples/*.rnn, B=4 T=2048 H=8 K=V=64, vs fla fused_recurrent_gla /
              fused_recurrent_simple_gla / fused_recurrent_gated_delta_rule (--fla-chunk adds
              fla's chunk_* kernels from rnnc/peers.py; their autotuning costs minutes)
+    chunk_gla, chunk_retnet, chunk_mamba2, chunk_gated_deltanet   (alias "chunk")
+             issue 6's shapes: examples/*.rnn at B=8 H=16 K=V=128 (mamba2: N=P=128),
+             T in {2048, 8192}, bf16 inputs, vs fla chunk_gla / chunk_simple_gla (retnet,
+             mamba2) / chunk_gated_delta_rule, and mamba-ssm mamba_chunk_scan_combined for
+             mamba2. A 10-minute budget per command fits about two of them: run
+             `--cases chunk_gla,chunk_retnet --out benchmarks/results/chunk1` and so on.
 
 Every implementation is first checked against rnnc's sequential backend (float64 reference,
 B=2, T=128, relative error max|got - want| / max|want| <= 5e-3 in fp32, since matmuls may run
@@ -61,8 +67,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EXAMPLES = ROOT / "examples"
 
-ALL_CASES = ("lstm", "gru", "mhlstm", "s6", "scan", "gla", "retnet", "gated_deltanet")
-ALIASES = {"fla": ("gla", "retnet", "gated_deltanet"), "all": ALL_CASES}
+CHUNK_CASES = ("chunk_gla", "chunk_retnet", "chunk_mamba2", "chunk_gated_deltanet")
+ALL_CASES = ("lstm", "gru", "mhlstm", "s6", "scan", "gla", "retnet", "gated_deltanet") + CHUNK_CASES
+ALIASES = {"fla": ("gla", "retnet", "gated_deltanet"), "chunk": CHUNK_CASES, "all": ALL_CASES}
 
 CHECK_B, CHECK_T = 2, 128
 TOL = {"float32": 5e-3, "bfloat16": 5e-2}
@@ -123,6 +130,30 @@ def _interpret_autotune_patch():
     orig = autotuner.Autotuner.prune_configs
     autotuner.Autotuner.prune_configs = lambda self, kwargs: orig(self, kwargs)[:1]
     autotuner.Autotuner._rnnc_patched = True
+    # mamba-ssm's SSD wrappers enter torch.cuda.device(x.device.index), which is None on CPU.
+    import contextlib
+    import torch
+    real = torch.cuda.device
+    torch.cuda.device = lambda d: contextlib.nullcontext() if d is None or (
+        isinstance(d, torch.device) and d.type == "cpu") else real(d)
+
+
+MAMBA_TRITON = HERE / "wheels" / "mamba_ssm_triton"  # fetch_wheels.sh: mamba-ssm's Python, no CUDA build
+
+
+def _mamba_triton_path() -> str | None:
+    """mamba-ssm is published as an sdist whose build needs nvcc; its Triton SSD kernels need
+    no build. When mamba_ssm is not importable and fetch_wheels.sh laid out its Python files
+    (with a package __init__ that skips the CUDA selective scan), put them on sys.path."""
+    import importlib.util
+    if importlib.util.find_spec("mamba_ssm") is not None or not (MAMBA_TRITON / "mamba_ssm").is_dir():
+        return None
+    sys.path.insert(0, str(MAMBA_TRITON))
+    _mamba_triton_path.used = True
+    return f"mamba_ssm from {MAMBA_TRITON.relative_to(ROOT)} (Triton kernels only, no CUDA extension)"
+
+
+_mamba_triton_path.used = False
 
 
 def _short(e: BaseException) -> str:
@@ -139,6 +170,8 @@ def _version(dist: str) -> str:
         try:
             return version(dist)
         except PackageNotFoundError:
+            if dist == "mamba-ssm" and _mamba_triton_path.used:
+                return "2.3.2.post1 (Python files only, from benchmarks/wheels)"
             return "not installed"
     except Exception:
         return "unknown"
@@ -243,6 +276,10 @@ def _peers_for(case: str, fla_chunk: bool) -> list:
                 PeerSpec(Peer("linscan", "accelerated_scan warp (CUDA)", "accelerated_scan",
                               "accelerated-scan", ("cuda",), _acc_scan("accelerated_scan.warp")),
                          needs="nvcc")]
+    if case in CHUNK_CASES:  # fla's chunk kernels, and mamba-ssm's SSD for mamba2 (which, unlike
+        # fla's chunk kernels, runs under Triton's interpreter in float32: the dry run checks it)
+        return [PeerSpec(p, interpretable=p.package == "mamba_ssm")
+                for p in P.peers_for(case[len("chunk_"):]) if "chunk" in p.name and "cuda" in p.devices]
     out = []
     if case == "gla":
         out.append(PeerSpec(Peer("gla", "fla fused_recurrent_gla", devices=("cuda",), prepare=_fla_gla,
@@ -324,6 +361,16 @@ def build_cases(keys, mode: str, fla_chunk: bool) -> list:
             B, T = pick((4, 2048), (2, 256), (2, 16))
             dims = pick(dict(H=8, K=64, V=64), dict(H=2, K=64, V=64), dict(H=2, K=16, V=16))
             out.append(Case(key, key, EXAMPLES / f"{key}.rnn", dims, B, T))
+        elif key in CHUNK_CASES:
+            name = key[len("chunk_"):]
+            B = pick(8, 2, 2)
+            H, K = pick((16, 128), (4, 64), (2, 16))
+            dims = dict(H=H, N=K, P=K) if name == "mamba2" else dict(H=H, K=K, V=K)
+            for T in pick((2048, 8192), (1024,), (33,)):
+                # (the dry run uses float32: Triton's interpreter mishandles mamba-ssm's bf16 dots)
+                out.append(Case(key, name, EXAMPLES / f"{name}.rnn", dims, B, T,
+                                pick(("bfloat16",), ("bfloat16",), ("float32",)),
+                                note="issue 6's shapes; bf16 inputs, fp32 state and accumulation"))
         else:
             raise ValueError(key)
     for c in out:
@@ -724,8 +771,8 @@ def render_md(meta, rows) -> str:
         L.append(f"- {k}: {n}")
     if bw:
         L.append("- GB/s: bytes of the minimal algorithm (a, b read, h written: 3·B·T·D·element size, "
-                 "in the input dtype) / median forward time. rnnc casts bf16 inputs to fp32 before "
-                 "its kernel (computes in fp32), so its bf16 traffic is larger than this model.")
+                 "in the input dtype) / median forward time. rnnc's fused and scan kernels read "
+                 "bf16 inputs and write bf16 outputs as they are, computing in fp32.")
     L.append("- first call: includes Triton compilation of the kernels for that pass; "
              "rnnc.compile itself (rnnc compile ms in the JSON) is separate.")
     for n in meta.get("notes", []):
@@ -777,7 +824,8 @@ def parse_args(argv):
         prog="triton_gpu.py",
         description="Time rnnc's Triton backend against hand-written peers on a CUDA GPU "
                     "(cuDNN LSTM/GRU, mamba-ssm, accelerated-scan, fla); write JSON and markdown.",
-        epilog=f"cases: {', '.join(ALL_CASES)}; aliases: fla = gla,retnet,gated_deltanet; all")
+        epilog=f"cases: {', '.join(ALL_CASES)}; aliases: fla = gla,retnet,gated_deltanet; "
+               f"chunk = {','.join(CHUNK_CASES)}; all")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run on the GPU")
     ap.add_argument("--cases", default="all", help="comma-separated case names (default: all)")
     ap.add_argument("--out", type=Path, default=None,
@@ -808,7 +856,7 @@ def parse_args(argv):
             continue
         for kk in ALIASES.get(k, (k,)):
             if kk not in ALL_CASES:
-                ap.error(f"unknown case {kk!r} (cases: {', '.join(ALL_CASES)}; aliases: fla, all)")
+                ap.error(f"unknown case {kk!r} (cases: {', '.join(ALL_CASES)}; aliases: fla, chunk, all)")
             if kk not in keys:
                 keys.append(kk)
     if not keys:
@@ -833,11 +881,12 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    mamba_note = _mamba_triton_path()
     meta = machine_meta(args, device)
     args.peak_bw = meta.get("peak_bw")
     mode = "dry" if args.dry_run else "quick" if args.quick else "full"
     cases = build_cases(args.keys, mode, args.fla_chunk)
-    notes = []
+    notes = [mamba_note] if mamba_note else []
     if args.dry_run:
         notes.append("dry run: CPU, tiny sizes; times mean nothing; it checks that every spec, "
                      "module, peer adapter and output path works")

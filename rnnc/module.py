@@ -6,7 +6,10 @@
 
 Several outputs come back as a tuple in header order. States are dicts {name: [B, *shape]}.
 Computation runs in the promoted dtype of inputs and params, at least float32; outputs come
-back in the inputs' dtype, states stay in the compute dtype.
+back in the inputs' dtype, states stay in the compute dtype. Inputs are cast to the compute
+dtype before the backend sees them, except bfloat16/float16 inputs with a float32 compute
+dtype on a backend runner that declares `native_inputs` (the Triton backend): it reads them
+in their own dtype and writes the outputs in it (see `rnnc.backends`).
 """
 from __future__ import annotations
 
@@ -234,7 +237,11 @@ class RecurrentModule(nn.Module):
                                   f"(shape {list(concrete(decl.shape, sizes))}); that is beyond any memory")
         if lead == 1:
             xs = [x.unsqueeze(1) for x in xs]
-        inputs = {d.name: x.to(dtype) for d, x in zip(rec.inputs, xs)}
+        # A runner that reads bf16/fp16 inputs itself (computing in float32) gets them as they
+        # are: a cast here would be one more pass over every input in float32.
+        native = (dtype == torch.float32 and in_dtype in (torch.bfloat16, torch.float16)
+                  and getattr(self._runner, "native_inputs", False) is True)
+        inputs = {d.name: (x if native else x.to(dtype)) for d, x in zip(rec.inputs, xs)}
         params = {name: p.to(dtype) for name, p in self.named_parameters()}
         try:
             state0 = self._state0(state, sizes, B, dtype, device)

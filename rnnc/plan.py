@@ -46,20 +46,31 @@ def pick_backend(requested: str, rec, analysis, available: dict, get) -> str:
 class DeviceDispatch:
     """backend="auto": the Triton runner for CUDA inputs when Triton applies, the CPU choice
     (scan or sequential) otherwise. The Triton runner is built on first CUDA use; a call it
-    cannot take (float64, or a state too wide for its registers) runs on the CPU choice."""
+    cannot take (float64, or a state too wide for its registers) runs on the CPU choice.
+    Like the Triton runner it takes bfloat16/float16 inputs as they are (`native_inputs`);
+    the CPU choice gets them cast to float32, the compute dtype, as the module would."""
+
+    native_inputs = True
 
     def __init__(self, fallback, build_gpu):
         self.fallback, self._build_gpu, self._gpu = fallback, build_gpu, None
+
+    def _cpu(self, sizes, params, inputs, state0):
+        import torch
+        inputs = {k: (v.float() if v.dtype in (torch.bfloat16, torch.float16) else v)
+                  for k, v in inputs.items()}
+        return self.fallback(sizes, params, inputs, state0)
 
     def __call__(self, sizes, params, inputs, state0):
         from .errors import RnncError
         ref = next(iter(inputs.values()), None)
         import torch
-        if ref is None or ref.device.type != "cuda" or ref.dtype != torch.float32:
-            return self.fallback(sizes, params, inputs, state0)
+        if ref is None or ref.device.type != "cuda" or ref.dtype not in (
+                torch.float32, torch.bfloat16, torch.float16):
+            return self._cpu(sizes, params, inputs, state0)
         if self._gpu is None:
             self._gpu = self._build_gpu()
         try:
             return self._gpu(sizes, params, inputs, state0)
         except RnncError:  # not applicable at these sizes: the reference path still is
-            return self.fallback(sizes, params, inputs, state0)
+            return self._cpu(sizes, params, inputs, state0)

@@ -199,3 +199,38 @@ def test_memory_method_and_fallback(tmp_path, monkeypatch):
     assert rc == 0
     for r in recs:
         assert ("psutil" in r["mem_method"] or "ru_maxrss" in r["mem_method"]) and r["peak_mem_bytes"] >= 0
+
+
+def test_gpu_benchmark_chunk_cases_dry_run(tmp_path):
+    """benchmarks/triton_gpu.py: the issue-6 cases have the issue's shapes and peers, and the
+    dry run (CPU, tiny sizes) checks and times the rnnc rows, the CUDA-only peers saying so."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import triton_gpu
+    finally:
+        sys.path.pop(0)
+    cases = triton_gpu.build_cases(triton_gpu.parse_args(["--cases", "chunk"]).keys, "full", False)
+    got = {(c.key, c.B, c.T, tuple(sorted(c.dims.items())), c.dtypes) for c in cases}
+    want = set()
+    for name in ("gla", "retnet", "mamba2", "gated_deltanet"):
+        dims = dict(H=16, N=128, P=128) if name == "mamba2" else dict(H=16, K=128, V=128)
+        for T in (2048, 8192):
+            want.add((f"chunk_{name}", 8, T, tuple(sorted(dims.items())), ("bfloat16",)))
+    assert got == want
+    peers = {c.key: {ps.peer.name for ps in c.peers} for c in cases}
+    assert peers["chunk_gla"] == {"fla chunk_gla"}
+    assert peers["chunk_retnet"] == {"fla chunk_simple_gla"}
+    assert peers["chunk_mamba2"] == {"fla chunk_simple_gla", "mamba_ssm mamba_chunk_scan_combined"}
+    assert peers["chunk_gated_deltanet"] == {"fla chunk_gated_delta_rule"}
+
+    # In a child process: the dry run patches triton's autotuner and torch.cuda.device.
+    import subprocess
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_gpu.py"), "--dry-run",
+                           "--cases", "chunk_retnet", "--forward-only", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "triton_gpu.json").read_text())["rows"]
+    assert [(r["label"], r["pass"], r["dtype"]) for r in rows] == [("retnet", "forward", "float32")]
+    (row,) = rows
+    assert row["rnnc_ok"] and row["rnnc_check_err"] < 1e-6 and row["rnnc_ms"] > 0
+    assert row["peer"] == "fla chunk_simple_gla" and row["peer_error"] == "needs CUDA"

@@ -291,6 +291,21 @@ def test_linear_attention_matches_loop(L, per_channel, include_current):
     pair_close(got, ref_linear_attention(q, k, v, ld, S0, include_current))
 
 
+@pytest.mark.parametrize("include_current", [True, False])
+def test_linear_attention_leaves_inputs_alone(include_current):
+    # One head and a whole number of chunks: the blocked layout of q and k is then a view of
+    # the inputs themselves, which the inference path (no autograd) rescales in place.
+    q, k, v, ld, S0 = la_inputs(64, True, seed=5, H=1)
+    before = [t.clone() for t in (q, k, v, ld, S0)]
+    with torch.no_grad():
+        got = sk.chunk_linear_attention(q, k, v, ld, S0, include_current, chunk=16)
+    for t, b in zip((q, k, v, ld, S0), before):
+        assert torch.equal(t, b)
+    pair_close(got, ref_linear_attention(q, k, v, ld, S0, include_current))
+    qg = q.clone().requires_grad_()
+    pair_close(sk.chunk_linear_attention(qg, k, v, ld, S0, include_current, chunk=16), got)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_linear_attention_state_only(per_channel):
     q, k, v, ld, S0 = la_inputs(64, per_channel, seed=3)

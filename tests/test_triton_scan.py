@@ -3,7 +3,8 @@
 Runs under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1) at small sizes, with
 the kernel forced (RNNC_TRITON_KERNEL=scan) and a chunk of 16 steps, so that T=33 crosses two
 chunk boundaries and ends in a masked tail. Every example with an `elementwise_scan` plan,
-forward and backward (the fused backward kernel replays the history the scan writes), with a
+forward and backward (the reverse-scan backward, or the fused one where the spec falls back to
+it, replays the history the scan writes; test_triton_scan_bwd.py checks which ran), with a
 random initial state and the final state compared; extreme decays; readouts of the state
 before its update; states whose coefficients read other states; kernel selection; the
 generated source; and an sm_90 compile without a GPU.

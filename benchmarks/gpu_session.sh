@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU measurements the open issues ask for, in stages that each fit a 10-minute command on
+# a machine without internet. Run from the repository root, with benchmarks/wheels/ carried
+# over (bash benchmarks/fetch_wheels.sh on a machine with internet fills it):
+#
+#   bash benchmarks/gpu_session.sh STAGE [OUTDIR]
+#
+# Stages (each writes OUTDIR/<stage>/, default benchmarks/results/gpu/<stage>/):
+#   check   full-size correctness of every example, fp32 and bf16 (benchmarks/triton_check.py)
+#   scan    issue 5: first-order scan (B=8 T=4096 D=1536, fp32 and bf16) vs accelerated-scan,
+#           and s6 (B=4 T=4096 D=1536 N=16) vs mamba-ssm's selective_scan_fn where it is built
+#   rnn     issue 5: lstm, gru (B=16 T=1024 H=768) and multi-head lstm vs cuDNN
+#   fla     issue 5: gla, retnet, gated_deltanet vs fla's fused_recurrent_* (B=4 T=2048 H=8 K=V=64)
+#   chunk1  issue 6: gla, retnet at B=8 H=16 K=V=128 T=2048/8192 bf16 vs fla chunk_*
+#   chunk2  issue 6: mamba2 (vs fla chunk_simple_gla and mamba-ssm's SSD), gated_deltanet
+#   all     every stage in turn (longer than one 10-minute command)
+#
+# The environment: peers and rnnc's own pure-Python dependencies are installed from
+# benchmarks/wheels/ into /tmp/rnnc-site (never over the machine's CUDA torch and triton), and
+# rnnc is put on PYTHONPATH from this checkout.
+set -u
+STAGE=${1:?"usage: bash benchmarks/gpu_session.sh check|scan|rnn|fla|chunk1|chunk2|all [OUTDIR]"}
+OUT=${2:-benchmarks/results/gpu}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+SITE=/tmp/rnnc-site
+if [ ! -f "$SITE/.done" ]; then
+  mkdir -p "$SITE"
+  if ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" benchmarks/wheels/*.whl || echo "warning: some wheels did not install" >&2
+  else
+    echo "note: benchmarks/wheels/ has no wheels; peers that are not installed are reported so" >&2
+  fi
+  touch "$SITE/.done"
+fi
+# rnnc's packages: rnnc/ at the root, and its backends/ and grammar/ under the rnnc namespace
+# (pyproject's package-dir); an editable install does the mapping.
+"$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e . >/dev/null 2>&1 \
+  || echo "warning: pip install -e . failed; rnnc must already be importable" >&2
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - <<'EOF' || exit 1
+import torch, triton, rnnc
+print(f"torch {torch.__version__}, triton {triton.__version__}, "
+      f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+if not torch.cuda.is_available():
+    raise SystemExit("no CUDA device: nothing to measure")
+EOF
+
+run() {  # run NAME ARGS...: benchmarks/triton_gpu.py into OUT/NAME
+  local name=$1; shift
+  mkdir -p "$OUT/$name"
+  echo "== $name: python benchmarks/triton_gpu.py $* --out $OUT/$name"
+  "$PY" benchmarks/triton_gpu.py "$@" --out "$OUT/$name"
+}
+
+stage() {
+  case $1 in
+    check)  mkdir -p "$OUT/check"
+            "$PY" benchmarks/triton_check.py --out "$OUT/check/triton_check.md" ;;
+    scan)   run scan --cases scan,s6 ;;
+    rnn)    run rnn --cases lstm,gru,mhlstm ;;
+    fla)    run fla --cases fla ;;
+    chunk1) run chunk1 --cases chunk_gla,chunk_retnet ;;
+    chunk2) run chunk2 --cases chunk_mamba2,chunk_gated_deltanet ;;
+    *)      echo "unknown stage $1" >&2; return 2 ;;
+  esac
+}
+
+if [ "$STAGE" = all ]; then
+  for s in check scan rnn fla chunk1 chunk2; do stage "$s"; done
+else
+  stage "$STAGE"
+fi
