@@ -7,7 +7,9 @@ RWKV6-style matrix states), for CUDA tensors, or CPU tensors under TRITON_INTERP
     o_t = S_t^T q_t (include_current) or S_{t-1}^T q_t.
 
 The kernels live in templates/chunk_la.py.tmpl and are loaded through rnnc's disk cache.
-Three kernels, each one program per (batch, head) (and value block), walking the chunks:
+Two ways to run the forward and the backward, sharing the per-chunk code (the template's
+@triton.jit helpers _chunk_out, _chunk_state, _chunk_dq, _chunk_dkv), and chunk_dg after
+either. The walk (the default), one program per (value block, batch*head) walking the chunks:
 
 - chunk_fwd: the state S [K, BV] in float32 registers; per chunk the outputs (the incoming
   state read through decayed queries, plus the intra-chunk attention) and the state update.
@@ -17,6 +19,25 @@ Three kernels, each one program per (batch, head) (and value block), walking the
   K*V / (C*(2K+V)) of the inputs' size (2/3 at K = V = 128, C = 64).
 - chunk_bwd: the chunks in reverse carrying dL/dS; dq, dk (per value block, summed here),
   dv and dS0.
+
+At long L that grid is only NV * B * H programs, each doing L / C dependent chunk steps with
+all the intra-chunk work inside the walk. The two levels (Config.split) keep only the state
+recurrence sequential and do the rest for every chunk at once:
+
+- chunk_states, grid (NV, B*H): the walk with nothing but the state update (per chunk
+  S <- exp(chunk total) S + (keys decayed to the chunk end)^T v, one tl.dot per sub-chunk),
+  storing the state entering every chunk, exactly as chunk_fwd stores it (so either backward
+  follows either forward), and S_last. A split forward with q stores them even without
+  autograd (chunk_out reads them). Triton pipelines this loop, prefetching chunks into
+  shared memory; `stages` picks its num_stages so that the prefetch stays within
+  STAGE_BYTES.
+- chunk_out, grid (NV, NC, B*H): each chunk's outputs from its stored entering state.
+- chunk_dstates, grid (NV, B*H): the chunks in reverse carrying dL/dS through the chunk
+  totals plus the outputs' share (q decayed to the chunk start)^T do, storing dL/dS at the end
+  of every chunk ([B, H, NC, K, V], what that chunk's keys see from the later chunks) and
+  dS0. Without q only the totals.
+- chunk_dqkv, grid (NV, NC, B*H): each chunk's dq, dk (per value block) and dv from its
+  stored entering state and dL/dS at its end.
 - chunk_dg: d log_decay. With G the cumulative log-decay, q_t enters as q_t exp(G_{t-d})
   (d = 0 or 1 as include_current) and k_s as k_s exp(-G_s), so dL/dG_t =
   q_{t+d} dq_{t+d} - k_t dk_t, plus sum_v dS_last * S_last at the end; d log_decay_u is its
@@ -31,10 +52,12 @@ Everything is computed in float32 (float32, bfloat16 and float16 inputs are read
 converted); outputs are float32, gradients are returned in the inputs' dtypes.
 
 Launch configs: chunk=None (or "auto") lets `triton_tune` choose the chunk, the value block
-BV and num_warps of chunk_fwd among `configs()` (timed once per key on CUDA; the default
-`DEFAULT_CHUNK`, geometry's BV and 4 warps elsewhere), and the backward's BV and num_warps
-with the forward's chunk. An explicit chunk is launched as given, with the default BV and
-warps, and nothing is timed.
+BV, num_warps and the walk or the two levels of the forward among `configs()` (timed once per
+key on CUDA; the default `DEFAULT_CHUNK`, geometry's BV, 4 warps and the walk elsewhere), and
+the backward's BV, num_warps and kind with the forward's chunk (the kinds of the forward and
+the backward are chosen independently). An explicit chunk is launched as given, with the
+default BV and warps, the walk, and nothing is timed. split=True or False forces the kind.
+No GPU has timed the two kinds against each other yet.
 """
 from __future__ import annotations
 
@@ -53,6 +76,11 @@ DEFAULT_CHUNK = 64         # the chunk when nothing is tuned (RNNC_TRITON_TUNE=0
 WARPS = 4                  # num_warps when nothing is tuned
 MAX_K = 256                # key channels one program holds
 MAX_BV = 64                # value channels per program (the grid's other axis)
+GRID_Y = 65535             # the most chunks a two-level launch takes (CUDA's grid y limit)
+STAGE_BYTES = 112 * 1024   # shared memory the state passes' prefetched chunks may take (below)
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, by sm
+KERNELS = ("chunk_fwd", "chunk_bwd", "chunk_states", "chunk_out", "chunk_dstates", "chunk_dqkv",
+           "chunk_dg")
 _TEMPLATE = Path(__file__).resolve().parent / "templates" / "chunk_la.py.tmpl"
 _modules: dict = {}
 
@@ -87,22 +115,47 @@ def geometry(K: int, V: int) -> tuple:
     return BK, BV
 
 
-def configs(K: int, V: int, L: int, chunk: int | None = None, backward: bool = False) -> list:
+def configs(K: int, V: int, L: int, chunk: int | None = None, backward: bool = False,
+            has_q: bool = True) -> list:
     """Candidate launch configs: chunks from triton_tune.CHUNKS up to L rounded up to a power
     of two (or the given chunk), every legal value block (powers of two from 16 to geometry's
-    BV), and the num_warps that suit the state tile (the backward holds S and dS)."""
+    BV), and the num_warps that suit the state tile (the backward holds S and dS): the walk
+    first, then one two-level twin (split=True) of each (chunk, BV), with twice the walk's
+    largest warps (at most 8). One, not one per warps, to keep the list (every candidate
+    compiles once) well short of double; more warps because the sm_90 cubins of the split
+    kernels (compile_for(report=True)) spill registers at the walk's warps and stop spilling
+    (the state passes) or spill far less (chunk_out, chunk_dqkv) with more: their
+    intra-chunk tiles, not the state tile, set their registers, and the grid of chunks, not
+    the width of a program, gives them their parallelism. No split forward without q (the
+    walk then only carries the state: it is the first level already), and none with more
+    than GRID_Y chunks (the grid's second axis)."""
     BK, top = geometry(K, V)
     if chunk is None:
         chunks = [c for c in tune.CHUNKS if c in CHUNKS and c <= max(SUB, tune.bucket(L))]
     else:
         chunks = [chunk]
-    out = []
+    walk, split = [], []
     for c in chunks:
         bv = top
         while bv >= 16:
-            out += [tune.Config(c, bv, w) for w in tune.warps_for(BK * bv * (2 if backward else 1))]
+            ws = tune.warps_for(BK * bv * (2 if backward else 1))
+            walk += [tune.Config(c, bv, w) for w in ws]
+            if ws and (backward or has_q) and -(-L // c) <= GRID_Y:
+                split.append(tune.Config(c, bv, min(2 * max(ws), max(tune.WARPS)), True))
             bv //= 2
-    return out
+    return walk + split
+
+
+def stages(chunk: int, BK: int, BV: int, scalar: bool) -> int:
+    """num_stages of the two-level state passes (chunk_states, chunk_dstates). Triton
+    software-pipelines their chunk loop, prefetching the next chunks' tiles (k, v and g twice,
+    or q, do and g twice: about chunk * (BK + BV + 2 KG) float32 per chunk, KG = 1 or BK as
+    the decay is per head or per key channel) into shared memory; at the default 3 stages
+    that is 389 KB at K = 256 per key channel, more than a block may have. The most stages
+    (at most 3) whose prefetch fits STAGE_BYTES, so that two such programs can share an SM;
+    1 (no prefetch) where even one chunk does not fit."""
+    per = chunk * (BK + BV + 2 * (1 if scalar else BK)) * 4
+    return max([1] + [n for n in (2, 3) if (n - 1) * per <= STAGE_BYTES])
 
 
 def default_config(K: int, V: int, chunk: int = DEFAULT_CHUNK) -> tune.Config:
@@ -148,7 +201,8 @@ def _check(q, k, v, log_decay, S0, chunk):
 
 
 def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
-                           chunk: int | str | None = None, precision: str | None = None):
+                           chunk: int | str | None = None, precision: str | None = None,
+                           split: bool | None = None):
     """Linear attention with diagonal decay over a block of any length L, in Triton.
 
     q: [B, L, H, K] or None; k: [B, L, H, K]; v: [B, L, H, V];
@@ -159,6 +213,9 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     "auto": tuned (see triton_tune; the default chunk of 64 off CUDA or with RNNC_TRITON_TUNE=0).
     precision: tl.dot input precision, "ieee" or "tf32"; None follows
     torch.backends.cuda.matmul.allow_tf32 on CUDA and is "ieee" under the interpreter.
+    split: None lets the tuner choose between the walk and the two-level kernels (the walk
+    where nothing is timed); True or False forces one of them, forward and backward (a tuned
+    chunk is then chosen among that kind's configs).
     Differentiable with respect to q, k, v, log_decay and S0.
     """
     if chunk == "auto":
@@ -169,7 +226,8 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
         precision = "tf32" if tf32 else "ieee"
     if precision not in ("ieee", "tf32"):
         raise RnncError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
-    cfg = (bool(include_current), None if chunk is None else int(chunk), precision, q is not None)
+    cfg = (bool(include_current), None if chunk is None else int(chunk), precision, q is not None,
+           None if split is None else bool(split))
     o, S_last = _ChunkLA.apply(cfg, q if q is not None else k, k, v, log_decay, S0)
     return (o if q is not None else None), S_last
 
@@ -187,20 +245,39 @@ def _key(family, k, v, dtypes, *flags):
             tune.device_tag(k.device))
 
 
+def _stores(c: tune.Config, has_q, store) -> bool:
+    """Whether the forward with config c writes the per-chunk states: when training, and
+    always for a two-level forward with outputs (its second level reads them)."""
+    return store or (c.split and has_q)
+
+
 def _forward_buffers(c: tune.Config, k, v, has_q, store):
     """(o, S_last, states) for config c: the stored states are per chunk of c."""
     B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, k, c)
     f32 = dict(dtype=torch.float32, device=k.device)
     return (torch.empty(B, L, H, V, **f32) if has_q else torch.empty(0, **f32),
             torch.empty(B, H, K, V, **f32),
-            torch.empty(B, H, NC, K, V, **f32) if store else torch.empty(1, **f32))
+            torch.empty(B, H, NC, K, V, **f32) if _stores(c, has_q, store)
+            else torch.empty(1, **f32))
 
 
 def _forward(c: tune.Config, cfg, q, k, v, g, S0, store, out):
-    """Launch chunk_fwd with config c into out = (o, S_last, states)."""
-    include, _, prec, has_q = cfg
+    """Launch the forward with config c into out = (o, S_last, states): chunk_fwd (the walk),
+    or chunk_states then (with q) chunk_out (two levels)."""
+    include, _, prec, has_q, _ = cfg
     B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, g, c)
     o, S_last, states = out
+    if c.split:
+        ker = kernels()
+        ker.chunk_states[(NV, B * H)](
+            k, v, g, S0, S_last, states, L, H, K, V, NC, C=c.chunk, BK=BK, BV=c.block_v,
+            SCALAR=scalar, STORE=_stores(c, has_q, store), PREC=prec, num_warps=c.warps,
+            num_stages=stages(c.chunk, BK, c.block_v, scalar))
+        if has_q:
+            ker.chunk_out[(NV, NC, B * H)](
+                q, k, v, g, o, states, L, H, K, V, NC, C=c.chunk, BK=BK, BV=c.block_v,
+                DELTA=0 if include else 1, SCALAR=scalar, PREC=prec, num_warps=c.warps)
+        return
     kernels().chunk_fwd[(NV, B * H)](
         q, k, v, g, S0, o if has_q else S_last, S_last, states, L, H, K, V, NC,
         C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
@@ -208,43 +285,68 @@ def _forward(c: tune.Config, cfg, q, k, v, g, S0, store, out):
 
 
 def _backward_buffers(c: tune.Config, k, v, has_q):
+    """(dq, dk, dv, dS0, dstates); dstates (dL/dS at the end of every chunk) for two levels."""
     B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, k, c)
     f32 = dict(dtype=torch.float32, device=k.device)
     dq = torch.zeros(NV, B, L, H, K, **f32) if has_q else torch.empty(1, **f32)
     return (dq, torch.empty(NV, B, L, H, K, **f32), torch.empty(B, L, H, V, **f32),
-            torch.empty(B, H, K, V, **f32))
+            torch.empty(B, H, K, V, **f32),
+            torch.empty(B, H, NC, K, V, **f32) if c.split else torch.empty(1, **f32))
 
 
 def _backward(c: tune.Config, cfg, q, k, v, g, do, dS_last, states, out):
-    """Launch chunk_bwd with config c (its chunk: the forward's) into out = (dq, dk, dv, dS0)."""
-    include, _, prec, has_q = cfg
+    """Launch the backward with config c (its chunk: the forward's) into out = (dq, dk, dv,
+    dS0, dstates): chunk_bwd (the walk), or chunk_dstates then chunk_dqkv (two levels)."""
+    include, _, prec, has_q, _ = cfg
     B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, g, c)
+    dq, dk, dv, dS0, dstates = out
+    if c.split:
+        ker = kernels()
+        flags = dict(C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar,
+                     HAS_Q=has_q, PREC=prec, num_warps=c.warps)
+        ker.chunk_dstates[(NV, B * H)](q, g, do, dS_last, dstates, dS0, L, H, K, V, NC, **flags,
+                                        num_stages=stages(c.chunk, BK, c.block_v, scalar))
+        ker.chunk_dqkv[(NV, NC, B * H)](q, k, v, g, do, states, dstates, dq, dk, dv,
+                                         L, H, K, V, NC, **flags)
+        return
     kernels().chunk_bwd[(NV, B * H)](
-        q, k, v, g, do, dS_last, states, *out, L, H, K, V, NC,
+        q, k, v, g, do, dS_last, states, dq, dk, dv, dS0, L, H, K, V, NC,
         C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
         PREC=prec, num_warps=c.warps)
 
 
+def _only(cands: list, split: bool | None) -> list:
+    """The configs of one kind (split True or False), made so where the list has none; all of
+    them for None."""
+    if split is None:
+        return cands
+    return [c for c in cands if c.split == split] or [c._replace(split=split) for c in cands]
+
+
 class _ChunkLA(torch.autograd.Function):
     """(cfg, q, k, v, log_decay, S0) -> (o, S_last); cfg = (include_current, chunk (None:
-    tuned), precision, has_q). Without q, q is a placeholder (k) and o an empty tensor."""
+    tuned), precision, has_q, split (None: either)). Without q, q is a placeholder (k) and o
+    an empty tensor."""
 
     @staticmethod
     def forward(ctx, cfg, q, k, v, log_decay, S0):
-        include, chunk, prec, has_q = cfg
+        include, chunk, prec, has_q, split = cfg
         dtypes = [t.dtype for t in (q, k, v, log_decay, S0)]
         q, k, v, g, S0 = (t.contiguous() for t in (q, k, v, log_decay, S0))
         store = any(ctx.needs_input_grad)
         L, K, V = k.shape[1], k.shape[3], v.shape[-1]
         if chunk is None:
-            key = _key("chunk_la.fwd", k, v, dtypes, g.shape[-1] == 1, include, has_q, store, prec)
+            key = _key("chunk_la.fwd", k, v, dtypes, g.shape[-1] == 1, include, has_q, store, prec,
+                       split)
 
             def bench(c):
                 out = _forward_buffers(c, k, v, has_q, store)
                 return lambda: _forward(c, cfg, q, k, v, g, S0, store, out)
-            c = tune.choose(key, configs(K, V, L), default_config(K, V), bench, k.device)
+            cands = configs(K, V, L, has_q=has_q or bool(split))
+            c = tune.choose(key, _only(cands, split), _only([default_config(K, V)], split)[0],
+                            bench, k.device)
         else:
-            c = default_config(K, V, chunk)
+            c = _only([default_config(K, V, chunk)], split)[0]
         o, S_last, states = out = _forward_buffers(c, k, v, has_q, store)
         _forward(c, cfg, q, k, v, g, S0, store, out)
         ctx.cfg, ctx.chunk, ctx.dtypes = cfg, c.chunk, dtypes
@@ -256,7 +358,7 @@ class _ChunkLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS_last):
-        include, tuned, prec, has_q = ctx.cfg
+        include, tuned, prec, has_q, split = ctx.cfg
         tuned = tuned is None
         q, k, v, g, states, S_end = ctx.saved_tensors
         B, L, H, K = k.shape
@@ -272,15 +374,17 @@ class _ChunkLA(torch.autograd.Function):
             do = dS_last   # never read
         dS_last = dS_last.contiguous()
         # the chunk is the forward's: `states` holds the state entering each of its chunks
-        c = default_config(K, V, ctx.chunk)
+        c = _only([default_config(K, V, ctx.chunk)], split)[0]
         if tuned:
-            key = _key("chunk_la.bwd", k, v, ctx.dtypes, ctx.chunk, scalar, include, has_q, prec)
+            key = _key("chunk_la.bwd", k, v, ctx.dtypes, ctx.chunk, scalar, include, has_q, prec,
+                       split)
 
             def bench(c):
                 out = _backward_buffers(c, k, v, has_q)
                 return lambda: _backward(c, ctx.cfg, q, k, v, g, do, dS_last, states, out)
-            c = tune.choose(key, configs(K, V, L, ctx.chunk, backward=True), c, bench, k.device)
-        dq, dk, dv, dS0 = out = _backward_buffers(c, k, v, has_q)
+            cands = _only(configs(K, V, L, ctx.chunk, backward=True), split)
+            c = tune.choose(key, cands, c, bench, k.device)
+        dq, dk, dv, dS0, _ = out = _backward_buffers(c, k, v, has_q)
         _backward(c, ctx.cfg, q, k, v, g, do, dS_last, states, out)
         dq = dq.sum(0) if has_q else None
         dk = dk.sum(0)
@@ -297,27 +401,65 @@ class _ChunkLA(torch.autograd.Function):
 
 def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
                 include_current: bool = True, has_q: bool = True, precision: str = "tf32",
-                arch: int = 90) -> dict:
-    """Compile the three kernels for an NVIDIA target without a GPU (Triton runs its whole
-    pipeline down to a cubin on the CPU): {kernel name: cubin size}. Run it without
-    TRITON_INTERPRET (interpreted kernels do not compile)."""
+                arch: int = 90, block_v: int | None = None, warps: int = WARPS,
+                names=KERNELS, report: bool = False) -> dict:
+    """Compile the kernels (the walk's chunk_fwd and chunk_bwd, the two levels' chunk_states,
+    chunk_out, chunk_dstates and chunk_dqkv, and chunk_dg) for an NVIDIA target without a GPU
+    (Triton runs its whole pipeline down to a cubin on the CPU), with the launch options the
+    Python side uses (num_stages of the state passes: `stages`). Raises RnncError where a
+    kernel needs more shared memory than a block of that sm may have (SHARED_LIMIT), which
+    otherwise only a launch on the GPU would find. `names`: the kernels to compile (all of
+    KERNELS by default). Returns {kernel name: cubin size}, or with
+    report {kernel name: {"cubin", "shared", "regs", "stack"}}: registers per thread and stack
+    bytes (spills) from the cubin, through the cuobjdump that Triton bundles (None where it
+    is missing). Run it without TRITON_INTERPRET (interpreted kernels do not compile)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     if _interpreting():
         raise RnncError("compile_for needs a process without TRITON_INTERPRET")
     BK, BV = geometry(K, V)
+    BV = block_v or BV
     const = dict(C=chunk, BK=BK, BV=BV, DELTA=0 if include_current else 1, SCALAR=scalar,
                  HAS_Q=has_q, STORE=True, PREC=precision)
     ints = {"L", "H", "K", "V", "NC"}
     ker = kernels()
     out = {}
-    for name in ("chunk_fwd", "chunk_bwd", "chunk_dg"):
+    for name in names:
         fn = getattr(ker, name)
         c = {a: (SUB if a == "C" and name == "chunk_dg" else const[a])
              for a in fn.arg_names if a in const}
         sig = {a: "constexpr" if a in c else "i32" if a in ints else "*fp32"
                for a in fn.arg_names}
+        opts = dict(num_warps=WARPS if name == "chunk_dg" else warps)
+        if name in ("chunk_states", "chunk_dstates"):
+            opts["num_stages"] = stages(chunk, BK, BV, scalar)
         src = ASTSource(fn=fn, signature=sig, constexprs=c)
-        out[name] = len(triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"])
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+        shared = k.metadata.shared
+        if shared > SHARED_LIMIT.get(arch, shared):
+            raise RnncError(f"{name} needs {shared} bytes of shared memory at K={K}, BV={BV}, "
+                            f"chunk={chunk}; sm_{arch} has {SHARED_LIMIT[arch]} per block")
+        cubin = k.asm["cubin"]
+        out[name] = dict(cubin=len(cubin), shared=shared, **_usage(cubin)) if report \
+            else len(cubin)
     return out
+
+
+def _usage(cubin: bytes) -> dict:
+    """{"regs", "stack"} of the one kernel in a cubin, from cuobjdump --dump-resource-usage."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return dict(regs=None, stack=None)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+                              text=True).stdout
+    got = {k: int(v) for k, v in re.findall(r"\b(REG|STACK):(\d+)", text)}
+    return dict(regs=got.get("REG"), stack=got.get("STACK"))

@@ -579,6 +579,27 @@ class Emitter:
 
 
 # --- kernels -----------------------------------------------------------------------------------
+class Adjoints:
+    """The adjoint variables of a backward being written: `g<i>` for a value of the step,
+    assigned by its first contribution and added to by the next ones (`assigned` holds those
+    seen so far), and `ga<i>` for the accumulators carried across steps (params and the
+    values computed from them only). Constants take none."""
+
+    def __init__(self, rec, accumulated):
+        self.rec, self.assigned, self.accumulated = rec, set(), set(accumulated)
+
+    def add(self, a, expr: str, lines: list) -> None:
+        if isinstance(self.rec.node(a), ir.Const):
+            return
+        if a in self.accumulated:
+            lines.append(f"ga{a} = ga{a} + {expr}")
+        elif a in self.assigned:
+            lines.append(f"g{a} = g{a} + {expr}")
+        else:
+            lines.append(f"g{a} = {expr}")
+            self.assigned.add(a)
+
+
 @dataclass
 class Tensor:
     """A pointer argument: `lead` axes ('S' split, 'B' batch, 'T' time) then the node's shape."""
@@ -812,20 +833,8 @@ def generate(rec, analysis) -> Generated:
     bstep += [f"v{t.node} = {K.load(t)}" for t in X]
     bstep += K.body()
     bstep.append("# adjoints, in reverse order of the step")
-    assigned = set()
-    accumulated = set(acc_nodes)  # adjoints carried across steps (params and their values)
-
-    def accumulate(a, expr, lines):
-        node = rec.node(a)
-        if isinstance(node, ir.Const):
-            return
-        if a in accumulated:
-            lines.append(f"ga{a} = ga{a} + {expr}")
-        elif a in assigned:
-            lines.append(f"g{a} = g{a} + {expr}")
-        else:
-            lines.append(f"g{a} = {expr}")
-            assigned.add(a)
+    adj = Adjoints(rec, acc_nodes)
+    assigned, accumulate = adj.assigned, adj.add
     for j, (t, o) in enumerate(zip(DY, lay.outputs)):
         bstep.append(f"dy{j} = {seed(t)}")
         arg = rec.node(o.node).arg

@@ -2,24 +2,43 @@
 
 `chunk_delta_rule` has the contract of `scan_kernels.chunk_delta_rule` (see there for the
 math); the kernels live in templates/chunk_delta.py.tmpl and are loaded through rnnc's disk
-cache. Geometry: one program per (batch * head, V block) walks the chunks in order with the
-state [K, V block] in registers; inside a chunk it builds the strictly lower triangular
-UT matrix, inverts I + A by forward substitution, and applies the W/U factors with tl.dot.
+cache. Two forwards compute the same function:
+
+- the walk (delta_fwd, the default): one program per (batch * head, V block) walks the chunks
+  in order with the state [K, V block] in registers; inside a chunk it builds the strictly
+  lower triangular UT matrix, inverts I + A by forward substitution, and applies the W/U
+  factors with tl.dot. All of a chunk's work sits inside the sequential loop, so a long
+  sequence gets only B * H * NV programs, each doing T / C dependent chunk steps.
+- the split forward (Config.split, three launches): delta_ut, one program per (chunk,
+  batch * head), does the part that does not depend on the state entering the chunk (the UT
+  solve, Wt = T diag(gamma) R, and T V, or T A_rp V when w != p); delta_state, one program per
+  (batch * head, V block), walks the chunks doing only two products with the state per chunk
+  (the state-corrected values U = T V - Wt S, or Z = T A_rp V + Wt S, and the state update),
+  storing each chunk's entry state and U (or Z); delta_out, one program per (V block, chunk,
+  batch * head), computes every chunk's outputs from its stored entry state. The UT solve (C
+  dependent steps) is the costliest part of a chunk's latency, which is why it gets its own
+  parallel kernel rather than running inside delta_state. The split forward always stores the
+  entry states (delta_out reads them) and allocates the scratch Wt [B, L, H, K] and U [B, L,
+  H, V] (float32), with or without autograd.
+
 K is never split (the solve needs whole r.w products); V may be.
 
-Training stores the state entering every chunk ([B, H, NC, K, V] float32); the backward
-kernel walks the chunks in reverse from the last one, recomputes each chunk's forward from
-its stored entry state and carries the state adjoint dS in registers. Gradients of the
-K-side inputs (q, r, w, p, log_alpha) are written once per V block and summed here.
+Training stores the state entering every chunk ([B, H, NC, K, V] float32; both forwards store
+the same), and the one backward kernel walks the chunks in reverse from the last one,
+recomputes each chunk's forward from its stored entry state and carries the state adjoint dS
+in registers. Gradients of the K-side inputs (q, r, w, p, log_alpha) are written once per V
+block and summed here.
 
 It runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (Triton's
 interpreter, for tests at small sizes). Everything is computed in float32; float32, bfloat16
 and float16 inputs are accepted.
 
-Launch configs: chunk=None (or "auto") lets `triton_tune` choose the chunk, the V block and
-num_warps of delta_fwd among `configs()` (timed once per key on CUDA; `geometry`'s defaults
-for chunk `DEFAULT_CHUNK` elsewhere), and delta_bwd's V block and num_warps with the forward's
-chunk. An explicit chunk gets geometry's V block and warps, untimed.
+Launch configs: chunk=None (or "auto") lets `triton_tune` choose the forward's kind (walk or
+split), chunk, V block and num_warps among `configs()` (timed once per key on CUDA; the walk
+with `geometry`'s defaults for chunk `DEFAULT_CHUNK` elsewhere), and delta_bwd's V block and
+num_warps with the forward's chunk. An explicit chunk gets geometry's V block and warps,
+untimed, and the walk unless split=True. `compile_for` compiles any of the kernels for an
+NVIDIA target without a GPU.
 """
 from __future__ import annotations
 
@@ -35,6 +54,8 @@ TEMPLATE = Path(__file__).parent / "templates" / "chunk_delta.py.tmpl"
 MAX_K = 256          # the whole key dimension lives in one program's registers
 CHUNKS = (16, 32, 64)
 DEFAULT_CHUNK = 64   # the chunk when nothing is tuned (RNNC_TRITON_TUNE=0, CPU)
+SPLIT_MIN_CHUNK = 32  # the shortest chunk among the split forward's tuner candidates
+SPLIT_KERNELS = ("delta_ut", "delta_state", "delta_out")
 _ACCEPTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -75,12 +96,13 @@ def geometry(L: int, K: int, V: int, chunk: int, block_v: int | None = None) -> 
 
 
 def _geo(L, K, V, c: tune.Config) -> dict:
-    """geometry() for a launch config (its chunk, V block and warps)."""
-    return {**geometry(L, K, V, c.chunk, c.block_v), "warps": c.warps}
+    """geometry() for a launch config (its chunk, V block, warps and forward mode)."""
+    return {**geometry(L, K, V, c.chunk, c.block_v), "warps": c.warps, "split": c.split}
 
 
 def default_config(L: int, K: int, V: int, chunk: int = DEFAULT_CHUNK,
                    block_v: int | None = None) -> tune.Config:
+    """The walk (split=False) with geometry's V block and warps."""
     geo = geometry(L, K, V, chunk, block_v)
     return tune.Config(geo["C"], geo["BV"], geo["warps"])
 
@@ -90,7 +112,9 @@ def configs(L: int, K: int, V: int, chunk: int | None = None, block_v: int | Non
     """Candidate launch configs: the chunk lengths of triton_tune.CHUNKS as geometry cuts them
     for L (or the given chunk), V blocks of every power of two from 16 to V's (or the given
     block_v), and the num_warps that suit the state tile (the backward holds S and dS) and the
-    [C, K] operand tiles."""
+    [C, K] operand tiles. The forward's list ends with split variants (the two-level forward,
+    Config.split): chunks of at least SPLIT_MIN_CHUNK steps that leave L more than one chunk,
+    every V block, and only the most warps of the walk's rule for each."""
     BK = max(16, _pow2(K))
     if chunk is None:
         chunks = dict.fromkeys(geometry(L, K, V, c)["C"] for c in tune.CHUNKS if c in CHUNKS)
@@ -103,12 +127,14 @@ def configs(L: int, K: int, V: int, chunk: int | None = None, block_v: int | Non
             bv //= 2
     else:
         bvs = [geometry(L, K, V, DEFAULT_CHUNK, block_v)["BV"]]
-    out = []
+    out, split = [], []
     for C in chunks:
         for bv in bvs:
             ws = tune.warps_for(BK * bv * (2 if backward else 1), max(C * BK, C * C))
             out += [tune.Config(C, bv, w) for w in ws]
-    return out
+            if ws and not backward and C >= SPLIT_MIN_CHUNK and L > C:
+                split.append(tune.Config(C, bv, max(ws), True))
+    return out + split
 
 
 def _check(q, r, w, p, v, log_alpha, S0, chunk):
@@ -154,7 +180,7 @@ def _check(q, r, w, p, v, log_alpha, S0, chunk):
 
 
 def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int | str | None = None,
-                     block_v: int | None = None):
+                     block_v: int | None = None, split: bool | None = None):
     """S_t = alpha_t (S_{t-1} - w_t (r_t^T S_{t-1})) + p_t v_t^T, o_t = S_t^T q_t, in Triton.
 
     q: [B, L, H, K] or None; r, w, p: [B, L, H, K]; v: [B, L, H, V]; log_alpha: [B, L, H] or
@@ -164,6 +190,9 @@ def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int | str | None = Non
     S_last [B, H, K, V] in S0's dtype. Differentiable w.r.t. every tensor argument.
     Passing the same tensor object as w and p (DeltaNet) takes the shorter shared path;
     w != p is supported too. block_v overrides the V block (a power of two >= 16).
+    split: None lets the tuner choose the forward's kind (with an explicit chunk: the walk);
+    True or False forces the split (three-kernel) or the walk forward, tuned among that kind's
+    candidates when chunk is None. The backward is the same either way.
     """
     if chunk == "auto":
         chunk = None
@@ -174,7 +203,7 @@ def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int | str | None = Non
         dtype = torch.promote_types(dtype, q.dtype)
     tensors = (q, r, w, None if shared else p, v, log_alpha, S0)
     want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    res = _ChunkDelta.apply((chunk, block_v, shared, want_grad, dtype), *tensors)
+    res = _ChunkDelta.apply((chunk, block_v, shared, want_grad, dtype, split), *tensors)
     if q is None:
         return None, res[0]
     return res[0], res[1]
@@ -193,25 +222,44 @@ def _key(family, r, v, dtypes, *flags):
 
 
 def _forward_buffers(geo, r, v, has_q, want_grad):
+    """(o, S_last, hist, scratch). The walk stores the history only for training; the split
+    forward always does (its output kernel reads it) and adds its scratch (Wt, U)."""
     B, L, H, K = r.shape
     V = v.shape[3]
     f32 = dict(dtype=torch.float32, device=r.device)
     o = torch.empty(B, L, H, V, **f32) if has_q else None
     S_last = torch.empty(B, H, K, V, **f32)
+    if geo["split"]:
+        hist = torch.empty(B, H, geo["NC"], K, V, **f32)
+        return o, S_last, hist, (torch.empty(B, L, H, K, **f32), torch.empty(B, L, H, V, **f32))
     hist = torch.empty(B, H, geo["NC"], K, V, **f32) if want_grad else S_last
-    return o, S_last, hist
+    return o, S_last, hist, None
 
 
 def _forward(geo, shared, want_grad, q, r, w, p, v, la, S0, out):
     B, L, H, K = r.shape
     V = v.shape[3]
-    o, S_last, hist = out
-    kernels().delta_fwd[(B * H, geo["NV"])](
-        r if q is None else q, r, w, w if p is None else p, v, r if la is None else la, S0,
-        S_last if o is None else o, S_last, hist,
-        L, H, K, V, geo["NC"],
-        HAS_Q=q is not None, HAS_LA=la is not None, SHARED=shared, STORE_HIST=want_grad,
-        **_launch_args(geo))
+    o, S_last, hist, scratch = out
+    p = w if p is None else p
+    la_ = r if la is None else la
+    NC, NV = geo["NC"], geo["NV"]
+    flags = dict(HAS_LA=la is not None, SHARED=shared)
+    mod = kernels()
+    if not geo["split"]:
+        mod.delta_fwd[(B * H, NV)](
+            r if q is None else q, r, w, p, v, la_, S0,
+            S_last if o is None else o, S_last, hist,
+            L, H, K, V, NC,
+            HAS_Q=q is not None, STORE_HIST=want_grad, **flags, **_launch_args(geo))
+        return
+    wt, u = scratch
+    mod.delta_ut[(NC * B * H,)](r, w, p, v, la_, wt, u, L, H, K, V, NC, NV, **flags,
+                                **_launch_args(geo))
+    mod.delta_state[(B * H, NV)](w, p, v, la_, S0, wt, u, S_last, hist, L, H, K, V, NC, **flags,
+                                 **_launch_args(geo))
+    if q is not None:
+        mod.delta_out[(NV * NC * B * H,)](q, w, p, v, la_, u, hist, o, L, H, K, V, NC, NV,
+                                          **flags, **_launch_args(geo))
 
 
 def _backward_buffers(geo, q, r, p, v, la):
@@ -241,11 +289,12 @@ def _backward(geo, shared, q, r, w, p, v, la, hist, do, dsl, out):
 
 class _ChunkDelta(torch.autograd.Function):
     """(q?, r, w, p?, v, log_alpha?, S0) -> (o?, S_last); p is None when it is w.
-    meta = (chunk (None: tuned), block_v, shared, want_grad, output dtype)."""
+    meta = (chunk (None: tuned), block_v, shared, want_grad, output dtype, split (None: the
+    tuner's choice))."""
 
     @staticmethod
     def forward(ctx, meta, q, r, w, p, v, la, S0):
-        chunk, block_v, shared, want_grad, dtype = meta
+        chunk, block_v, shared, want_grad, dtype, split = meta
         B, L, H, K = r.shape
         V = v.shape[3]
         dtypes = [None if t is None else t.dtype for t in (q, r, w, p, v, la, S0)]
@@ -255,18 +304,22 @@ class _ChunkDelta(torch.autograd.Function):
         if chunk is None:
             tf32 = torch.backends.cuda.matmul.allow_tf32
             key = _key("chunk_delta.fwd", r, v, dtypes, block_v, q is not None, la is not None,
-                       shared, want_grad, tf32)
+                       shared, want_grad, tf32, split)
 
             def bench(c):
                 geo = _geo(L, K, V, c)
                 out = _forward_buffers(geo, r, v, q is not None, want_grad)
                 return lambda: _forward(geo, shared, want_grad, *args, out)
-            c = tune.choose(key, configs(L, K, V, None, block_v), default_config(L, K, V, block_v=block_v),
-                            bench, r.device)
+            cands = configs(L, K, V, None, block_v)
+            default = default_config(L, K, V, block_v=block_v)
+            if split is not None:
+                cands = [c for c in cands if c.split == split]
+                default = default._replace(split=bool(split))
+            c = tune.choose(key, cands, default, bench, r.device)
         else:
-            c = default_config(L, K, V, chunk, block_v)
+            c = default_config(L, K, V, chunk, block_v)._replace(split=bool(split))
         geo = _geo(L, K, V, c)
-        o, S_last, hist = out = _forward_buffers(geo, r, v, q is not None, want_grad)
+        o, S_last, hist, _ = out = _forward_buffers(geo, r, v, q is not None, want_grad)
         _forward(geo, shared, want_grad, *args, out)
         if want_grad:
             ctx.save_for_backward(q, r, w, p, v, la, hist)
@@ -277,7 +330,7 @@ class _ChunkDelta(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        chunk, block_v, shared, _, _ = ctx.meta
+        chunk, block_v, shared = ctx.meta[:3]
         q, r, w, p, v, la, hist = ctx.saved_tensors
         B, L, H, K = r.shape
         V = v.shape[3]
@@ -307,11 +360,17 @@ class _ChunkDelta(torch.autograd.Function):
 
 
 def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype: str = "fp32",
-                dot_prec: str = "ieee", variants=None) -> dict:
-    """Compile both kernels for an NVIDIA target without a GPU (Triton runs its whole pipeline
-    to a cubin on the CPU). variants: (has_q, has_la, shared) triples, all eight by default;
-    dtype: the element type of the inputs ("fp32", "bf16", "fp16"). Returns
-    {(kernel, has_q, has_la, shared): cubin size}. Run it without TRITON_INTERPRET.
+                dot_prec: str = "ieee", variants=None, names=("delta_fwd", "delta_bwd"),
+                block_v: int | None = None, warps: int | None = None, detail: bool = False) -> dict:
+    """Compile kernels for an NVIDIA target without a GPU (Triton runs its whole pipeline
+    to a cubin on the CPU). names: the kernels, the walk forward and the backward by default
+    (SPLIT_KERNELS: the split forward's three; delta_out only where has_q); variants:
+    (has_q, has_la, shared) triples, all eight by default; dtype: the element type of the
+    inputs ("fp32", "bf16", "fp16"); block_v and warps: geometry's unless given.
+    Returns {(kernel, has_q, has_la, shared): cubin size}, or with detail
+    {...: {"cubin": size, "shared": bytes of shared memory, "regs": registers per thread,
+    "stack": bytes of stack per thread (spills)}} (regs and stack from the cuobjdump that
+    ships with Triton; absent without it). Run it without TRITON_INTERPRET.
     (With dot_prec="ieee", float32 tl.dot becomes unrolled FMAs: large cubins, slow compiles
     at chunk 64; "tf32" uses the tensor cores.)"""
     import itertools
@@ -320,19 +379,21 @@ def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     mod = kernels(interpreted=False)
-    geo = geometry(4 * chunk, K, V, chunk)
+    geo = geometry(4 * chunk, K, V, chunk, block_v)
     const = {n: geo[n] for n in ("C", "BK", "BV")}
     const["DOT_PREC"] = dot_prec
     # buffers allocated here (outputs, history, gradients) are float32; S0 (and the gradient
     # of S_last) is taken as float32 too; the per-step inputs and the gradient of o have dtype
+    # (the split forward's scratch, Wt and U, is float32 too)
     inputs = {"q_ptr", "r_ptr", "w_ptr", "p_ptr", "v_ptr", "la_ptr", "do_ptr"}
     out = {}
     for name, (has_q, has_la, shared) in itertools.product(
-            ("delta_fwd", "delta_bwd"), variants or itertools.product((True, False), repeat=3)):
+            names, list(variants or itertools.product((True, False), repeat=3))):
+        if name == "delta_out" and not has_q:
+            continue
         fn = getattr(mod, name)
-        consts = {**const, "HAS_Q": has_q, "HAS_LA": has_la, "SHARED": shared}
-        if name == "delta_fwd":
-            consts["STORE_HIST"] = True
+        consts = {**const, "HAS_Q": has_q, "HAS_LA": has_la, "SHARED": shared, "STORE_HIST": True}
+        consts = {k: c for k, c in consts.items() if k in fn.arg_names}
         sig = {}
         for a in fn.arg_names:
             if a in consts:
@@ -342,9 +403,34 @@ def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype
             else:
                 sig[a] = "i32"
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        out[(name, has_q, has_la, shared)] = len(
-            triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"])
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": warps or geo["warps"]})
+        cubin = k.asm["cubin"]
+        out[(name, has_q, has_la, shared)] = (
+            {"cubin": len(cubin), "shared": k.metadata.shared, **_resource_usage(cubin)}
+            if detail else len(cubin))
     return out
 
 
-__all__ = ["chunk_delta_rule", "geometry", "kernels", "compile_for"]
+def _resource_usage(cubin: bytes) -> dict:
+    """{"regs", "stack"} of a one-kernel cubin, read by Triton's bundled cuobjdump ({} where
+    there is none)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        Path(path).write_bytes(cubin)
+        text = subprocess.run([str(tool), "--dump-resource-usage", path], capture_output=True,
+                              text=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", text)
+    return {"regs": int(m.group(1)), "stack": int(m.group(2))} if m else {}
+
+
+__all__ = ["chunk_delta_rule", "geometry", "configs", "default_config", "kernels", "compile_for"]

@@ -48,7 +48,7 @@ import networkx as nx
 
 from rnnc import ir
 
-from .triton_codegen import (TEMPLATES, Tensor, Unsupported, _fill, _Kernels, _unit, align,
+from .triton_codegen import (TEMPLATES, Adjoints, Tensor, Unsupported, _fill, _Kernels, _unit, align,
                              const_text, expand, full, mask, shape_of)
 
 
@@ -438,18 +438,8 @@ def _backward_source(K: _ScanKernels, gen, analysis) -> tuple:
     chunk += [f"v{t.node} = {K.load(t)}" for t in HS + X]
     chunk += K.body()
     chunk.append("# adjoints, in reverse order of the step")
-    assigned, accumulated = set(), set(acc_nodes)
-
-    def accumulate(a, expr, lines):
-        if isinstance(rec.node(a), ir.Const):
-            return
-        if a in accumulated:
-            lines.append(f"ga{a} = ga{a} + {expr}")
-        elif a in assigned:
-            lines.append(f"g{a} = g{a} + {expr}")
-        else:
-            lines.append(f"g{a} = {expr}")
-            assigned.add(a)
+    adj = Adjoints(rec, acc_nodes)
+    assigned, accumulate = adj.assigned, adj.add
     for j, (t, o) in enumerate(zip(DY, lay.outputs)):
         chunk.append(f"dy{j} = {seed(t)}")
         arg = rec.node(o.node).arg

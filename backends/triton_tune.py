@@ -24,7 +24,7 @@ The key is built by the caller: the kernel family, B, H, K, V, L rounded up to a
 the backward, which must walk the forward's stored per-chunk states, is tuned under its own key
 with the chunk fixed to the forward's (it chooses BV and num_warps only).
 
-Cost: a key is timed once per process, about (1 + REPS) launches of each of ~15 candidates;
+Cost: a key is timed once per process, about (1 + REPS) launches of each of 10-25 candidates;
 the first time a config is seen Triton also compiles it (cached on disk by Triton afterwards).
 """
 from __future__ import annotations
@@ -48,6 +48,7 @@ class Config(NamedTuple):
     chunk: int      # steps per chunk
     block_v: int    # value channels per program (BV)
     warps: int      # num_warps
+    split: bool = False  # two-level kernels (a chunk-state pass, then every chunk in parallel)
 
 
 # The timer: (key, config, run) -> seconds (any consistent unit), where run() launches the

@@ -437,3 +437,24 @@ def random_spec_against_sequential(kind: str, seed: int, T: int, out_tol: float,
             continue
         assert rel_err(a, b) < grad_tol
     return ref
+
+
+# Diagonal specs beyond the examples that the Triton scan kernel takes (test_triton_scan*.py):
+# an output reading the state before its update, and a state reading another (two strata).
+OLD_READ_SPEC = """
+rnn old(x[D], g[D]) -> (y[D], z[D]) {
+    state h[D] = 0
+    y = h * x
+    h = exp(g) * h + x
+    z = 2 * h - y
+}
+"""
+STRATA_SPEC = """
+rnn strata(x[D], g[D]) -> y[D] {
+    state h[D] = 0
+    state c[D,N] = 0
+    h = exp(g) * h + x
+    c[d,n] = sigmoid(h[d]) * c[d,n] + x[d] * h[d]
+    y[d] = sum[n](c[d,n]) + h[d]
+}
+"""

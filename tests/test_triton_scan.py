@@ -27,7 +27,8 @@ import rnnc  # noqa: E402
 import rnnc.analysis  # noqa: E402
 from rnnc.backends import get  # noqa: E402
 
-from cases import CASES, compare_to_sequential, compile_offline, judge_float32  # noqa: E402
+from cases import (OLD_READ_SPEC, STRATA_SPEC, CASES, compare_to_sequential,  # noqa: E402
+                   compile_offline, judge_float32)
 
 triton = pytest.importorskip("triton")
 tb = get("triton")
@@ -74,23 +75,6 @@ def test_examples(case, T, grad):
 # --- specs beyond the examples ---------------------------------------------------------------
 HGRN = EX / "hgrn.rnn"
 S6 = EX / "s6.rnn"
-OLD_READ = """
-rnn old(x[D], g[D]) -> (y[D], z[D]) {
-    state h[D] = 0
-    y = h * x
-    h = exp(g) * h + x
-    z = 2 * h - y
-}
-"""
-STRATA = """
-rnn two(x[D], g[D]) -> y[D] {
-    state h[D] = 0
-    state c[D,N] = 0
-    h = exp(g) * h + x
-    c[d,n] = sigmoid(h[d]) * c[d,n] + x[d] * h[d]
-    y[d] = sum[n](c[d,n]) + h[d]
-}
-"""
 
 
 def _run(src, dims, xs, params, h0, grad=True, dtype=F32, backend="triton"):
@@ -163,19 +147,19 @@ def test_readout_of_the_state_before_its_update():
     """`y = h * x` before `h = ...` reads the old state: the kernel composes the chunk's maps
     up to the step before as well (`_affine_prev`)."""
     gen, xs = _plain_inputs(2, 33, 5, 13)
-    text = tb.emit(rnnc.load(OLD_READ), rnnc.analysis.analyse(rnnc.load(OLD_READ)))
+    text = tb.emit(rnnc.load(OLD_READ_SPEC), rnnc.analysis.analyse(rnnc.load(OLD_READ_SPEC)))
     assert "_affine_prev)" in text
-    _check("old", OLD_READ, dict(D=5), xs, {}, {"h": torch.randn(2, 5, generator=gen, dtype=F64)})
+    _check("old", OLD_READ_SPEC, dict(D=5), xs, {}, {"h": torch.randn(2, 5, generator=gen, dtype=F64)})
 
 
 def test_state_whose_coefficients_read_another_state():
     """c's decay and input read h's new value: h is scanned first, then c, in one chunk."""
-    rec = rnnc.load(STRATA)
+    rec = rnnc.load(STRATA_SPEC)
     facts = rnnc.analysis.analyse(rec)
     assert facts.plan == "elementwise_scan" and facts.state("c").depends_on == ("h",)
     gen, xs = _plain_inputs(2, 33, 3, 14)
     h0 = {"h": torch.randn(2, 3, generator=gen, dtype=F64), "c": torch.randn(2, 3, 4, generator=gen, dtype=F64)}
-    _check("two", STRATA, dict(D=3, N=4), xs, {}, h0)
+    _check("two", STRATA_SPEC, dict(D=3, N=4), xs, {}, h0)
 
 
 SCALAR = """

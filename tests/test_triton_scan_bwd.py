@@ -28,7 +28,8 @@ import rnnc  # noqa: E402
 import rnnc.analysis  # noqa: E402
 from rnnc.backends import get  # noqa: E402
 
-from cases import CASES, compare_to_sequential, compile_offline, judge_float32  # noqa: E402
+from cases import (OLD_READ_SPEC, STRATA_SPEC, CASES, compare_to_sequential,  # noqa: E402
+                   compile_offline, judge_float32, random_spec_against_sequential)
 
 triton = pytest.importorskip("triton")
 tb = get("triton")
@@ -97,23 +98,6 @@ rnn sc(x[D], g) -> y[D] {
     state s = 0
     s = sigmoid(g) * s + sum[d](x[d])
     y[d] = s * x[d] + s
-}
-"""
-OLD_READ = """
-rnn old(x[D], g[D]) -> (y[D], z[D]) {
-    state h[D] = 0
-    y = h * x
-    h = exp(g) * h + x
-    z = 2 * h - y
-}
-"""
-STRATA = """
-rnn strata(x[D], g[D]) -> y[D] {
-    state h[D] = 0
-    state c[D,N] = 0
-    h = exp(g) * h + x
-    c[d,n] = sigmoid(h[d]) * c[d,n] + x[d] * h[d]
-    y[d] = sum[n](c[d,n]) + h[d]
 }
 """
 
@@ -210,6 +194,7 @@ def test_parallel_blocks_s6():
     _check("s6", S6, dict(D=D, N=N), xs, params, h0)
 
 
+@pytest.mark.filterwarnings("ignore:.*encountered in divide:RuntimeWarning")  # the 0 / 0 above
 def test_inline_first_order_scan():
     """h = a * h + b with the decay an input: da_t = lam_t * h_{t-1}, db_t = lam_t. The
     readout y = h / c comes out 0 / 0 at the steps past T that the last chunk recomputes: the
@@ -233,7 +218,7 @@ def test_two_independent_states_and_a_scalar_state():
 
 
 # --- what falls back to the fused backward -----------------------------------------------------
-@pytest.mark.parametrize("src, why", [(OLD_READ, "before its update"), (STRATA, "several strata")],
+@pytest.mark.parametrize("src, why", [(OLD_READ_SPEC, "before its update"), (STRATA_SPEC, "several strata")],
                          ids=["old_state_readout", "strata"])
 def test_uncovered_specs_fall_back(src, why):
     """The scan forward runs, the reverse scan is not generated (with the reason), and the
@@ -244,9 +229,9 @@ def test_uncovered_specs_fall_back(src, why):
     gen = torch.Generator().manual_seed(27)
     xs = [_randn(gen, 2, 33, 3), torch.nn.functional.logsigmoid(_randn(gen, 2, 33, 3))]
     h0 = {"h": _randn(gen, 2, 3)}
-    if src == STRATA:
+    if src == STRATA_SPEC:
         h0["c"] = _randn(gen, 2, 3, 4)
-    _check("fallback", src, dict(D=3, N=4) if src == STRATA else dict(D=3), xs, h0=h0, reverse_scan=False)
+    _check("fallback", src, dict(D=3, N=4) if src == STRATA_SPEC else dict(D=3), xs, h0=h0, reverse_scan=False)
 
 
 def test_fused_kernel_keeps_the_fused_backward(monkeypatch):
@@ -285,7 +270,7 @@ def test_emit_shows_the_reverse_scan(capsys, tmp_path):
     assert 0 < out.index("def _scan_forward(") < out.index("def _scan_backward(")
     assert "tl.associative_scan((ca0, cb0, cc0, cd0), 0, _affine_prev)" in out[out.index("def _scan_backward("):]
     spec = tmp_path / "old.rnn"
-    spec.write_text(OLD_READ)
+    spec.write_text(OLD_READ_SPEC)
     assert main(["compile", str(spec), "--backend", "triton", "--emit"]) == 0
     out = capsys.readouterr().out
     assert "def _scan_forward(" in out and "_scan_backward" not in out
@@ -303,3 +288,14 @@ def test_compiles_for_gpu_without_one():
             "    assert out['_scan_backward'] > 0, out\n"
             "print('compiled')\n")
     compile_offline(code)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_random_diagonal_specs(seed, monkeypatch):
+    """Randomly built diagonal specs (`rnnc.random_spec`): both scan kernels run, and the
+    gradients of inputs and params match the float64 sequential backend across two chunk
+    boundaries and a partial last chunk."""
+    monkeypatch.delenv("RNNC_TRITON_KERNEL", raising=False)
+    f0, b0 = _counts()
+    random_spec_against_sequential("diagonal", seed, 21, out_tol=1e-4, grad_tol=1e-3, chunk_size=8)
+    assert _counts() == (f0 + 1, b0 + 1)
