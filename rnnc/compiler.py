@@ -69,9 +69,10 @@ def compile(spec, name: str | None = None, backend: str = "sequential", chunk_si
     """Compile a .rnn file, .rnn source text or builder spec into an `nn.Module`.
 
     backend: "sequential" (the reference loop), "scan" (parallel over time), "triton"
-    (generated fused GPU kernels), or "auto" (triton for CUDA float32 inputs where it applies,
+    (generated fused GPU kernels), or "auto" (triton for CUDA float32/bf16/fp16 inputs where it applies,
     else scan where the plan allows, else sequential).
-    chunk_size: time steps per chunk for the scan backend (default 64).
+    chunk_size: time steps per chunk: the scan backend's (default 64), the Triton scan kernel's
+    (default 32) and the Triton chunk kernels' (16, 32 or 64; default: tuned on the GPU).
     dims: sizes of the spec's dims (`H=4, K=16`). Dims used by params must be given; the
     others may come from the inputs at call time.
     """
@@ -102,5 +103,5 @@ def compile(spec, name: str | None = None, backend: str = "sequential", chunk_si
         triton = get("triton")
         if triton.available() is None and triton.unsupported(rec, facts) is None:
             module._runner = plan_mod.DeviceDispatch(runner, lambda: triton.build(rec, facts))
-            module.gpu_backend = "triton"  # used for CUDA float32 inputs
+            module.gpu_backend = "triton"  # used for CUDA float32/bf16/fp16 inputs
     return module
