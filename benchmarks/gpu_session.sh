@@ -11,15 +11,18 @@
 #           and s6 (B=4 T=4096 D=1536 N=16) vs mamba-ssm's selective_scan_fn where it is built
 #   rnn     issue 5: lstm, gru (B=16 T=1024 H=768) and multi-head lstm vs cuDNN
 #   fla     issue 5: gla, retnet, gated_deltanet vs fla's fused_recurrent_* (B=4 T=2048 H=8 K=V=64)
-#   chunk1  issue 6: gla, retnet at B=8 H=16 K=V=128 T=2048/8192 bf16 vs fla chunk_*
-#   chunk2  issue 6: mamba2 (vs fla chunk_simple_gla and mamba-ssm's SSD), gated_deltanet
+#   chunk1  issue 6: gla at B=8 H=16 K=V=128 T=2048/8192 bf16 vs fla chunk_gla
+#   chunk2  issue 6: retnet, same shapes, vs fla chunk_simple_gla
+#   chunk3  issue 6: mamba2 (N=P=128) vs fla chunk_simple_gla and mamba-ssm's SSD
+#   chunk4  issue 6: gated_deltanet vs fla chunk_gated_delta_rule
+#           (one spec per stage: the first call of each shape compiles and tunes both sides)
 #   all     every stage in turn (longer than one 10-minute command)
 #
 # The environment: peers and rnnc's own pure-Python dependencies are installed from
 # benchmarks/wheels/ into /tmp/rnnc-site (never over the machine's CUDA torch and triton), and
 # rnnc is put on PYTHONPATH from this checkout.
 set -u
-STAGE=${1:?"usage: bash benchmarks/gpu_session.sh check|scan|rnn|fla|chunk1|chunk2|all [OUTDIR]"}
+STAGE=${1:?"usage: bash benchmarks/gpu_session.sh check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|all [OUTDIR]"}
 OUT=${2:-benchmarks/results/gpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -62,14 +65,16 @@ stage() {
     scan)   run scan --cases scan,s6 ;;
     rnn)    run rnn --cases lstm,gru,mhlstm ;;
     fla)    run fla --cases fla ;;
-    chunk1) run chunk1 --cases chunk_gla,chunk_retnet ;;
-    chunk2) run chunk2 --cases chunk_mamba2,chunk_gated_deltanet ;;
+    chunk1) run chunk1 --cases chunk_gla ;;
+    chunk2) run chunk2 --cases chunk_retnet ;;
+    chunk3) run chunk3 --cases chunk_mamba2 ;;
+    chunk4) run chunk4 --cases chunk_gated_deltanet ;;
     *)      echo "unknown stage $1" >&2; return 2 ;;
   esac
 }
 
 if [ "$STAGE" = all ]; then
-  for s in check scan rnn fla chunk1 chunk2; do stage "$s"; done
+  for s in check scan rnn fla chunk1 chunk2 chunk3 chunk4; do stage "$s"; done
 else
   stage "$STAGE"
 fi

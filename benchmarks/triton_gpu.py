@@ -28,8 +28,8 @@ Cases (--cases, comma-separated; "fla" = gla,retnet,gated_deltanet):
              issue 6's shapes: examples/*.rnn at B=8 H=16 K=V=128 (mamba2: N=P=128),
              T in {2048, 8192}, bf16 inputs, vs fla chunk_gla / chunk_simple_gla (retnet,
              mamba2) / chunk_gated_delta_rule, and mamba-ssm mamba_chunk_scan_combined for
-             mamba2. A 10-minute budget per command fits about two of them: run
-             `--cases chunk_gla,chunk_retnet --out benchmarks/results/chunk1` and so on.
+             mamba2. Each case's first calls compile and tune both sides (minutes), so
+             run them one per command (benchmarks/gpu_session.sh chunk1 .. chunk4).
 
 Every implementation is first checked against rnnc's sequential backend (float64 reference,
 B=2, T=128, relative error max|got - want| / max|want| <= 5e-3 in fp32, since matmuls may run
