@@ -158,6 +158,19 @@ def stages(chunk: int, BK: int, BV: int, scalar: bool) -> int:
     return max([1] + [n for n in (2, 3) if (n - 1) * per <= STAGE_BYTES])
 
 
+def walk_stages(chunk: int, BK: int, scalar: bool) -> int:
+    """num_stages of the walk kernels (chunk_fwd, chunk_bwd). With a decay per key channel
+    their shared memory does not grow with the stages (3, Triton's default). With one decay
+    per head Triton prefetches the next chunks' tiles and the [C, C] decay operands: about
+    9 * chunk * BK float32 per stage (the sm_90 compiles measured 5.9-8.9 at K = 64, 128 and
+    C = 32, 64), so at C = 64 three stages need 308 KB at K = 64 and 533 KB at K = 128, more
+    than a block may have. The most stages (at most 3) whose prefetch fits STAGE_BYTES."""
+    if not scalar:
+        return 3
+    per = 9 * chunk * BK * 4
+    return max([1] + [n for n in (2, 3) if (n - 1) * per <= STAGE_BYTES])
+
+
 def default_config(K: int, V: int, chunk: int = DEFAULT_CHUNK) -> tune.Config:
     return tune.Config(chunk, geometry(K, V)[1], WARPS)
 
@@ -281,7 +294,7 @@ def _forward(c: tune.Config, cfg, q, k, v, g, S0, store, out):
     kernels().chunk_fwd[(NV, B * H)](
         q, k, v, g, S0, o if has_q else S_last, S_last, states, L, H, K, V, NC,
         C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
-        STORE=store, PREC=prec, num_warps=c.warps)
+        STORE=store, PREC=prec, num_warps=c.warps, num_stages=walk_stages(c.chunk, BK, scalar))
 
 
 def _backward_buffers(c: tune.Config, k, v, has_q):
@@ -312,7 +325,7 @@ def _backward(c: tune.Config, cfg, q, k, v, g, do, dS_last, states, out):
     kernels().chunk_bwd[(NV, B * H)](
         q, k, v, g, do, dS_last, states, dq, dk, dv, dS0, L, H, K, V, NC,
         C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
-        PREC=prec, num_warps=c.warps)
+        PREC=prec, num_warps=c.warps, num_stages=walk_stages(c.chunk, BK, scalar))
 
 
 def _only(cands: list, split: bool | None) -> list:
@@ -434,6 +447,8 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
         opts = dict(num_warps=WARPS if name == "chunk_dg" else warps)
         if name in ("chunk_states", "chunk_dstates"):
             opts["num_stages"] = stages(chunk, BK, BV, scalar)
+        elif name in ("chunk_fwd", "chunk_bwd"):
+            opts["num_stages"] = walk_stages(chunk, BK, scalar)
         src = ASTSource(fn=fn, signature=sig, constexprs=c)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
         shared = k.metadata.shared

@@ -335,3 +335,25 @@ def test_split_kernels_compile_for_gpu_without_one():
             "    raise AssertionError('three stages at K = 256 fit?')\n"
             "print('compiled')\n")
     compile_offline(code)
+
+
+def test_walk_kernels_with_a_head_decay_fit_shared_memory():
+    """The walk kernels with one decay per head (retnet, mamba2) are launched with the
+    num_stages that fit (walk_stages): at chunk 64 and K = V = 64, chunk_bwd compiles for
+    sm_90 within a block's shared memory, where Triton's default three stages (about 308 KB)
+    would not, which compile_for reports as it would otherwise only fail at launch."""
+    code = ("from rnnc.backends import triton_chunk as tc\n"
+            "from rnnc.errors import RnncError\n"
+            "kw = dict(K=64, V=64, chunk=64, scalar=True, warps=8, names=('chunk_bwd',))\n"
+            "assert tc.walk_stages(64, 64, True) < 3 and tc.walk_stages(64, 64, False) == 3\n"
+            "a = tc.compile_for(report=True, **kw)\n"
+            "assert 0 < a['chunk_bwd']['shared'] <= 232448, a\n"
+            "tc.walk_stages = lambda chunk, BK, scalar: 3\n"
+            "try:\n"
+            "    tc.compile_for(**kw)\n"
+            "except RnncError as e:\n"
+            "    assert 'shared memory' in str(e), e\n"
+            "else:\n"
+            "    raise AssertionError('three stages of a head decay fit at chunk 64?')\n"
+            "print('compiled')\n")
+    compile_offline(code)
