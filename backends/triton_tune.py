@@ -13,7 +13,8 @@ How: the kernel modules build a short candidate list per call (their `configs()`
   timer was injected (CPU under `TRITON_INTERPRET=1`: the interpreter's speed says nothing
   about a GPU's), or while a CUDA graph is being captured;
 - else the winner cached for `key` in this process;
-- else it times every candidate (and the default) once, through `TIMER` when a test injected
+- else it times every candidate (and the default) once (with RNNC_TRITON_TUNE=N, N >= 2,
+  only the default and N - 1 others spread over the list: `limit`), through `TIMER` when a test injected
   one and `cuda_timer` otherwise (one warm-up launch, which also compiles, then `REPS` timed
   launches between CUDA events; the fastest of them counts), caches the fastest and returns it.
   A candidate that fails (out of resources, out of memory) counts as infinitely slow; if every
@@ -62,6 +63,24 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
+def limit() -> int | None:
+    """The most candidates a key may time, the default included: RNNC_TRITON_TUNE=N for an
+    integer N >= 2 (each candidate's first launch compiles it, seconds apiece for the chunk
+    kernels, so a short GPU session caps the list); None (every candidate) otherwise."""
+    v = os.environ.get(ENV, "").strip()
+    return int(v) if v.isdigit() and int(v) >= 2 else None
+
+
+def _spread(cands: list, n: int) -> list:
+    """n of cands, evenly spaced over the list (its first and last included), in order: the
+    lists run from small chunks to large and walk to split, so a spread keeps each kind."""
+    if n >= len(cands):
+        return cands
+    if n == 1:
+        return cands[:1]
+    return [cands[round(i * (len(cands) - 1) / (n - 1))] for i in range(n)]
+
+
 def bucket(L: int) -> int:
     """L rounded up to a power of two: the part of a key that stands for the length."""
     return 1 << max(0, (int(L) - 1).bit_length())
@@ -99,7 +118,9 @@ def choose(key: tuple, candidates, default: Config, bench: Callable, device) -> 
         if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return default
         timer = cuda_timer
-    cands = [default] + [c for c in dict.fromkeys(candidates) if c != default]
+    others = [c for c in dict.fromkeys(candidates) if c != default]
+    cap = limit()
+    cands = [default] + (_spread(others, cap - 1) if cap else others)
     best, best_t = default, math.inf
     for c in cands:
         try:
@@ -138,5 +159,5 @@ def clear() -> None:
     _chosen.clear()
 
 
-__all__ = ["Config", "choose", "chosen", "clear", "enabled", "bucket", "device_tag", "warps_for",
+__all__ = ["Config", "choose", "chosen", "clear", "enabled", "limit", "bucket", "device_tag", "warps_for",
            "cuda_timer", "CHUNKS", "WARPS"]

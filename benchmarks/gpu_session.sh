@@ -5,7 +5,17 @@
 #
 #   bash benchmarks/gpu_session.sh STAGE [OUTDIR]
 #
+# A session lent 15 minutes of device time in all (the machine's start included) gets one
+# command: run `bash benchmarks/gpu_session.sh session $OUT` with benchmarks/wheels carried and
+# a 600 s limit. That stage starts no case after its deadline and writes its results after
+# every case, so whatever ran comes back even if the command is cut off.
+#
 # Stages (each writes OUTDIR/<stage>/, default benchmarks/results/gpu/<stage>/):
+#   session the one-command plan, in order of what is least known: issue 6's four chunk cases
+#           at T=2048 (bf16, forward and forward+backward, the tuner capped at 4 candidates a
+#           key: RNNC_TRITON_TUNE=4), then issue 5's scan, the fla fused cases, the multi-head
+#           LSTM and s6; no case starts after 400 s (SESSION_DEADLINE), the whole stage is cut
+#           at 540 s (SESSION_LIMIT); the log is OUTDIR/session/log.txt
 #   check   full-size correctness of every example, fp32 and bf16 (benchmarks/triton_check.py)
 #   scan    issue 5: first-order scan (B=8 T=4096 D=1536, fp32 and bf16) vs accelerated-scan,
 #           and s6 (B=4 T=4096 D=1536 N=16) vs mamba-ssm's selective_scan_fn where it is built
@@ -22,7 +32,7 @@
 # benchmarks/wheels/ into /tmp/rnnc-site (never over the machine's CUDA torch and triton), and
 # rnnc is put on PYTHONPATH from this checkout.
 set -u
-STAGE=${1:?"usage: bash benchmarks/gpu_session.sh check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|all [OUTDIR]"}
+STAGE=${1:?"usage: bash benchmarks/gpu_session.sh session|check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|all [OUTDIR]"}
 OUT=${2:-benchmarks/results/gpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -69,6 +79,12 @@ stage() {
     chunk2) run chunk2 --cases chunk_retnet ;;
     chunk3) run chunk3 --cases chunk_mamba2 ;;
     chunk4) run chunk4 --cases chunk_gated_deltanet ;;
+    session) mkdir -p "$OUT/session"
+            RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} timeout "${SESSION_LIMIT:-540}" \
+              "$PY" benchmarks/triton_gpu.py \
+              --cases chunk_gla,chunk_gated_deltanet,chunk_retnet,chunk_mamba2,scan,fla,mhlstm,s6 \
+              --chunk-T 2048 --rep-ms 50 --deadline-s "${SESSION_DEADLINE:-400}" \
+              --out "$OUT/session" 2>&1 | tee "$OUT/session/log.txt" ;;
     *)      echo "unknown stage $1" >&2; return 2 ;;
   esac
 }

@@ -326,8 +326,9 @@ class Case:
     peers: list = field(default_factory=list)
 
 
-def build_cases(keys, mode: str, fla_chunk: bool) -> list:
-    """mode: "full", "quick" or "dry"."""
+def build_cases(keys, mode: str, fla_chunk: bool, chunk_T=None) -> list:
+    """mode: "full", "quick" or "dry"; chunk_T: the lengths of the chunk cases (their mode's
+    when None)."""
     def pick(full, quick, dry):
         return {"full": full, "quick": quick, "dry": dry}[mode]
     two = ("float32", "bfloat16")
@@ -366,7 +367,7 @@ def build_cases(keys, mode: str, fla_chunk: bool) -> list:
             B = pick(8, 2, 2)
             H, K = pick((16, 128), (4, 64), (2, 16))
             dims = dict(H=H, N=K, P=K) if name == "mamba2" else dict(H=H, K=K, V=K)
-            for T in pick((2048, 8192), (1024,), (33,)):
+            for T in chunk_T or pick((2048, 8192), (1024,), (33,)):
                 # (the dry run uses float32: Triton's interpreter mishandles mamba-ssm's bf16 dots)
                 out.append(Case(key, name, EXAMPLES / f"{name}.rnn", dims, B, T,
                                 pick(("bfloat16",), ("bfloat16",), ("float32",)),
@@ -376,6 +377,14 @@ def build_cases(keys, mode: str, fla_chunk: bool) -> list:
     for c in out:
         c.peers = _peers_for(c.key, fla_chunk)
     return out
+
+
+def _not_run(case: Case, backend: str, why: str) -> list:
+    """The rows of a case that was not run (or whose set-up failed): one per dtype."""
+    return [{"case": case.key, "label": case.label, "B": case.B, "T": case.T, "dims": case.dims,
+             "dtype": dn, "pass": "forward", "backend": backend, "rnnc_ok": False,
+             "rnnc_error": why, "rnnc_ms": None, "peer": None, "note": case.note}
+            for dn in case.dtypes]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -780,6 +789,15 @@ def render_md(meta, rows) -> str:
     return "\n".join(L) + "\n"
 
 
+def _write(out: Path, meta: dict, rows: list) -> str:
+    """Writes out/triton_gpu.json and out/triton_gpu.md; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "triton_gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    md = render_md(meta, rows)
+    (out / "triton_gpu.md").write_text(md)
+    return md
+
+
 def _git_commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -843,8 +861,15 @@ def parse_args(argv):
                     "(default 200; 50 with --quick)")
     ap.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up window (default 25)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk-T", default=None,
+                    help="comma-separated lengths of the chunk cases (default 2048,8192)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="start no case after this many seconds (the rest are listed as not run), "
+                         "for a GPU session with a fixed budget; results are written after every "
+                         "case, so a command killed at its limit still leaves them")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.chunk_T = tuple(int(t) for t in args.chunk_T.split(",")) if args.chunk_T else None
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.backend is None:
         args.backend = "sequential" if args.dry_run else "triton"
@@ -885,7 +910,7 @@ def main(argv=None) -> int:
     meta = machine_meta(args, device)
     args.peak_bw = meta.get("peak_bw")
     mode = "dry" if args.dry_run else "quick" if args.quick else "full"
-    cases = build_cases(args.keys, mode, args.fla_chunk)
+    cases = build_cases(args.keys, mode, args.fla_chunk, args.chunk_T)
     notes = [mamba_note] if mamba_note else []
     if args.dry_run:
         notes.append("dry run: CPU, tiny sizes; times mean nothing; it checks that every spec, "
@@ -894,18 +919,28 @@ def main(argv=None) -> int:
     rows = []
     poisoned = None
     done_keys = []
+    out = args.out
+    if out is None and not args.child:
+        out = Path(tempfile.mkdtemp(prefix="triton_gpu_dry_")) if args.dry_run else \
+            HERE / "results" / ("quick" if args.quick else "")
     for i, case in enumerate(cases):
-        log(f"[{time.perf_counter() - t_start:5.0f} s] {case.label}: B={case.B} T={case.T} {case.dims}")
+        spent = time.perf_counter() - t_start
+        if args.deadline_s is not None and spent > args.deadline_s:
+            log(f"[{spent:5.0f} s] {case.label} T={case.T}: not run (deadline)")
+            rows += _not_run(case, args.backend, f"not run: the {args.deadline_s:.0f} s deadline "
+                                                 f"(--deadline-s) had passed")
+            continue
+        log(f"[{spent:5.0f} s] {case.label}: B={case.B} T={case.T} {case.dims}")
         try:
             case_rows = run_case(case, args, device, log)
         except Exception as e:  # the reference itself or the inputs: record and go on
             log(traceback.format_exc())
-            case_rows = [{"case": case.key, "label": case.label, "B": case.B, "T": case.T,
-                          "dims": case.dims, "dtype": dn, "pass": "forward", "backend": args.backend,
-                          "rnnc_ok": False, "rnnc_error": f"case set-up raised {_short(e)}",
-                          "rnnc_ms": None, "peer": None, "note": case.note} for dn in case.dtypes]
+            case_rows = _not_run(case, args.backend, f"case set-up raised {_short(e)}")
         rows += case_rows
         done_keys.append(case.key)
+        if out is not None:  # so far: what a command killed at its time limit leaves behind
+            meta["notes"], meta["elapsed_s"] = notes, time.perf_counter() - t_start
+            _write(out, meta, rows)
         text = " ".join(str(r.get("rnnc_error") or "") + " " + str(r.get("peer_error") or "")
                         for r in case_rows)
         if any(p in text for p in POISON):
@@ -922,6 +957,11 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--cases", ",".join(rest),
                        "--backend", args.backend, "--rep-ms", str(args.rep_ms), "--warmup-ms",
                        str(args.warmup_ms), "--seed", str(args.seed), "--child", str(child_out)]
+                if args.chunk_T:
+                    cmd += ["--chunk-T", ",".join(map(str, args.chunk_T))]
+                if args.deadline_s is not None:
+                    left = args.deadline_s - (time.perf_counter() - t_start)
+                    cmd += ["--deadline-s", f"{max(0.0, left):.0f}"]
                 cmd += [flag for flag, on in (("--quick", args.quick), ("--dry-run", args.dry_run),
                                               ("--forward-only", args.forward_only),
                                               ("--fla-chunk", args.fla_chunk)) if on]
@@ -937,14 +977,7 @@ def main(argv=None) -> int:
     if args.child:
         args.child.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
         return 0
-    out = args.out
-    if out is None:
-        out = Path(tempfile.mkdtemp(prefix="triton_gpu_dry_")) if args.dry_run else \
-            HERE / "results" / ("quick" if args.quick else "")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "triton_gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    md = render_md(meta, rows)
-    (out / "triton_gpu.md").write_text(md)
+    md = _write(out, meta, rows)
     print(md)
     print(f"wrote {out / 'triton_gpu.json'} and {out / 'triton_gpu.md'}")
     return 0

@@ -234,3 +234,26 @@ def test_gpu_benchmark_chunk_cases_dry_run(tmp_path):
     (row,) = rows
     assert row["rnnc_ok"] and row["rnnc_check_err"] < 1e-6 and row["rnnc_ms"] > 0
     assert row["peer"] == "fla chunk_simple_gla" and row["peer_error"] == "needs CUDA"
+
+
+def test_gpu_benchmark_deadline_and_chunk_lengths(tmp_path):
+    """triton_gpu.py for a GPU session with a fixed budget: --chunk-T picks the chunk cases'
+    lengths, and a case due after --deadline-s is listed as not run (here every case, with a
+    deadline already passed), the files still written."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import triton_gpu
+    finally:
+        sys.path.pop(0)
+    args = triton_gpu.parse_args(["--cases", "chunk_gla,scan", "--chunk-T", "2048"])
+    cases = triton_gpu.build_cases(args.keys, "full", False, args.chunk_T)
+    assert [(c.key, c.T) for c in cases] == [("chunk_gla", 2048), ("scan", 4096)]
+    import subprocess
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_gpu.py"), "--dry-run",
+                           "--cases", "chunk_gla,scan", "--deadline-s", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "triton_gpu.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["chunk_gla", "scan", "scan"]
+    assert all(not r["rnnc_ok"] and "deadline" in r["rnnc_error"] for r in rows)
+    assert "deadline" in (tmp_path / "triton_gpu.md").read_text()

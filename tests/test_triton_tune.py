@@ -387,3 +387,25 @@ def test_model_with_chunk_size_is_not_tuned(launches, monkeypatch):
     assert timer.calls == []
     assert {c for c, _, _ in launches["la"].of("chunk_fwd")} == {32}
 
+
+
+def test_a_numeric_setting_caps_the_candidates_timed(monkeypatch):
+    """RNNC_TRITON_TUNE=N times the default and N - 1 others spread over the list (its ends
+    included), and chooses the fastest of those; 1 (or unset) times them all."""
+    cands = [tune.Config(c, bv, w) for c in (16, 32, 64) for bv in (32, 64) for w in (4, 8)]
+    default = cands[5]
+    cost = {c: 10.0 - i for i, c in enumerate(cands)}   # the last candidate is the fastest
+    seen = []
+    monkeypatch.setattr(tune, "TIMER", lambda key, c, run: (seen.append(c), cost[c])[1])
+    bench = lambda c: (lambda: None)  # noqa: E731
+    monkeypatch.setenv("RNNC_TRITON_TUNE", "3")
+    assert tune.limit() == 3
+    got = tune.choose(("k", 1), cands, default, bench, torch.device("cpu"))
+    others = [c for c in cands if c != default]
+    assert seen == [default, others[0], others[-1]] and got == cands[-1]
+    seen.clear()
+    monkeypatch.setenv("RNNC_TRITON_TUNE", "1")
+    assert tune.limit() is None
+    got = tune.choose(("k", 2), cands, default, bench, torch.device("cpu"))
+    assert sorted(seen) == sorted(cands) and got == cands[-1]
+    assert tune._spread(list(range(7)), 4) == [0, 2, 4, 6]
