@@ -11,11 +11,13 @@
 # every case, so whatever ran comes back even if the command is cut off.
 #
 # Stages (each writes OUTDIR/<stage>/, default benchmarks/results/gpu/<stage>/):
-#   session the one-command plan, in order of what is least known: issue 6's four chunk cases
-#           at T=2048 (bf16, forward and forward+backward, the tuner capped at 4 candidates a
-#           key: RNNC_TRITON_TUNE=4), then issue 5's scan, the fla fused cases, the multi-head
-#           LSTM and s6; no case starts after 400 s (SESSION_DEADLINE), the whole stage is cut
-#           at 540 s (SESSION_LIMIT); the log is OUTDIR/session/log.txt
+#   session the one-command plan: first what is cheap and never measured (issue 5's scan
+#           kernel on the first-order scan and on s6, about a minute), then issue 6's four chunk
+#           cases at T=2048 (bf16, forward and forward+backward, rnnc's tuner capped at 4
+#           candidates a key: RNNC_TRITON_TUNE=4), then the multi-head LSTM and the fla fused
+#           cases (measured in session 2) if time is left; no case starts after 400 s
+#           (SESSION_DEADLINE), the whole stage is cut at 540 s (SESSION_LIMIT); the log is
+#           OUTDIR/session/log.txt
 #   check   full-size correctness of every example, fp32 and bf16 (benchmarks/triton_check.py)
 #   scan    issue 5: first-order scan (B=8 T=4096 D=1536, fp32 and bf16) vs accelerated-scan,
 #           and s6 (B=4 T=4096 D=1536 N=16) vs mamba-ssm's selective_scan_fn where it is built
@@ -82,7 +84,7 @@ stage() {
     session) mkdir -p "$OUT/session"
             RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} timeout "${SESSION_LIMIT:-540}" \
               "$PY" benchmarks/triton_gpu.py \
-              --cases chunk_gla,chunk_gated_deltanet,chunk_retnet,chunk_mamba2,scan,fla,mhlstm,s6 \
+              --cases scan,s6,chunk_gla,chunk_gated_deltanet,chunk_retnet,chunk_mamba2,mhlstm,fla \
               --chunk-T 2048 --rep-ms 50 --deadline-s "${SESSION_DEADLINE:-400}" \
               --out "$OUT/session" 2>&1 | tee "$OUT/session/log.txt" ;;
     *)      echo "unknown stage $1" >&2; return 2 ;;
