@@ -52,6 +52,8 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)  # input dtypes the kernels read
 KERNELS = ("auto", "fused", "scan", "chunked")
 CHUNK = None             # steps per chunk of the chunk kernels, by default; None: tuned (triton_tune)
 CHUNKED_BLOCK = 8192     # steps per block of the block solver (hoisted work exists a block at a time); a multiple of every chunk
+WIDE_BLOCK = 16          # state entries per program of the wide kernel (twice that past 2048)
+WIDE_BK = 32             # columns per tile of its recurrent products (sm_90, H = 768: no spills at 8 warps)
 LAUNCHES = collections.Counter()  # kernel name -> launches (tests check which ones ran)
 
 
@@ -80,6 +82,10 @@ def unsupported(rec, analysis):
     return None
 
 
+class _TooWide(RnncError):
+    """The fused kernel would not fit one program's registers at these sizes."""
+
+
 def _generate(rec, analysis):
     """(fused kernels, scan kernel or why there is none, the module's whole source)."""
     from . import triton_codegen as cg
@@ -96,7 +102,12 @@ def emit(rec, analysis) -> str:
     """The generated source (Python + Triton) for a recurrence, as `rnnc compile --emit` shows:
     the fused kernels, then the scan kernel where the recurrence has one, or the chunk
     kernels that a chunked plan runs (templates: the same for every spec of the plan)."""
-    text = _generate(rec, analysis)[2]
+    gen, _, text = _generate(rec, analysis)
+    from . import triton_wide_codegen as wcg
+    wide = wcg.generate(gen, rec)
+    if wide.source is not None:
+        text += ("\n\n# ---- wide kernel: the module generated for states too wide for the fused "
+                 "kernel's registers ----\n" + wide.source)
     if analysis.plan in ("chunked", "chunked_delta"):
         from . import triton_chunk, triton_delta
         lib = triton_chunk if analysis.plan == "chunked" else triton_delta
@@ -138,6 +149,7 @@ class Runner:
         self.pre_nodes = [i for i in rec.order() if i in need]
         self.pre_inputs = {d.name for d in rec.inputs if d.node in need}
         self._progs = {}
+        self._wide = None
 
     # --- launch geometry ---------------------------------------------------------------------
     def geometry(self, sizes: dict, B: int) -> dict:
@@ -175,10 +187,10 @@ class Runner:
                     elems *= blk.get(e[1], 1)
             held += elems
         if held > REGISTER_LIMIT:
-            raise RnncError(
+            raise _TooWide(
                 f"the fused kernel would hold {held} values per program in registers (params and "
                 f"states at these sizes; limit {REGISTER_LIMIT}): a dense recurrence this wide needs a "
-                "tiled matrix-vector product that the Triton backend does not generate yet; use "
+                "tiled matrix-vector product (the wide kernel), which does not apply here; use "
                 "backend='sequential' (or 'scan' if the plan allows), or split the state into heads")
         return {"sz": sz, "blk": blk, "bb": bb, "ng": ng, "nb": math.ceil(B / bb),
                 "programs": programs, "warps": 4 if held <= 8192 else 8,
@@ -274,12 +286,15 @@ class Runner:
         if B == 0 or T == 0:
             return ({o.name: ref.new_zeros(B, T, *out_shapes[o.name], dtype=out_dtype) for o in rec.outputs},
                     dict(state0))
+        try:
+            geo = self.geometry(sizes, B)
+        except _TooWide as err:
+            return self._wide_call(sizes, params, inputs, state0, B, T, out_dtype, out_shapes, err)
         reads, streams = self.streams(sizes, params, inputs, B, T)
         # what the kernels read where autograd follows another tensor of the same values
         raw = tuple(r if r is not x else None for r, x in zip(reads, streams))
         ps = [params[rec.node(n).name].contiguous() for n in lay.params]
         h0 = [state0[s.name].contiguous() for s in lay.states]
-        geo = self.geometry(sizes, B)
         want_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in streams + ps + h0)
         hist = sum(B * (T + 1) * math.prod(interpret.concrete(s.shape, sizes)) for s in lay.states)
@@ -294,6 +309,64 @@ class Runner:
         finals = res[len(rec.outputs):]
         return ({o.name: y for o, y in zip(rec.outputs, ys)},
                 {s.name: f for s, f in zip(lay.states, finals)})
+
+    # --- the wide kernel (triton_wide_codegen) ----------------------------------------------------
+    def wide(self):
+        """(Wide, its loaded module or None): generated on first need."""
+        if self._wide is None:
+            from rnnc import cache
+
+            from . import triton_wide_codegen as wcg
+            w = wcg.generate(self.gen, self.rec)
+            mod = None if w.source is None else cache.load_module(
+                w.source, "wide_interp" if _interpreting() else "wide")
+            self._wide = (w, mod)
+        return self._wide
+
+    def wide_geometry(self, w, sizes: dict, B: int) -> dict:
+        sz = {c: interpret.concrete((self.gen.layout.size[c],), sizes)[0] for c in w.classes}
+        A = w.axis
+        blk = WIDE_BLOCK if sz[A] <= 2048 else 2 * WIDE_BLOCK
+        ng = {c: math.ceil(sz[c] / blk) if c == A else sz[c] for c in w.grid}
+        bb = min(16, _pow2(B))
+        nb = math.ceil(B / bb)
+        const = {f"SZ{c}": v for c, v in sz.items()}
+        const.update({f"BLK{A}": blk, "BLK_B": bb, "BK": min(WIDE_BK, max(16, _pow2(sz[A]))),
+                      "DOT_PREC": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+                      "num_warps": 8})
+        return {"ng": ng, "nb": nb, "programs": nb * math.prod(ng.values()), "const": const}
+
+    def _wide_call(self, sizes, params, inputs, state0, B, T, out_dtype, out_shapes, err):
+        """Forward through the wide kernel, one launch per step (the state goes through the
+        double-buffered SB between steps): a dense recurrence too wide for the fused kernel."""
+        rec, lay = self.rec, self.gen.layout
+        w, mod = self.wide()
+        if mod is None:
+            raise RnncError(f"{err.message} (the wide kernel: {w.why})")
+        if torch.is_grad_enabled() and any(
+                t.requires_grad for t in [*inputs.values(), *params.values(), *state0.values()]):
+            raise RnncError(
+                f"rnn {rec.name}: at these sizes the recurrent matrices do not fit the fused kernel's "
+                "registers, and the wide kernel that runs such recurrences is forward-only: train "
+                "with backend='sequential' (or 'auto', which does so), or run under torch.no_grad()")
+        reads, _ = self.streams(sizes, params, inputs, B, T)
+        ps = [params[rec.node(n).name].contiguous() for n in w.params]
+        ref = reads[0] if reads else ps[0]
+        sbs = []
+        for s in lay.states:
+            h = state0[s.name].to(torch.float32)
+            sbs.append(torch.stack([h, h]).contiguous())  # slot 1 too: a constant state is read there
+        ys = [ref.new_empty(B, T, *out_shapes[o.name], dtype=out_dtype) for o in rec.outputs]
+        geo = self.wide_geometry(w, sizes, B)
+        ts = [*reads, *ps, *sbs, *ys]
+        strides = _flat_strides(ts)
+        kernel = mod.wide_forward[(geo["programs"],)]
+        with _on(ref.device):
+            for t in range(T):
+                kernel(*ts, *strides, t, t + 1, B, geo["nb"], *geo["ng"].values(), **geo["const"])
+        LAUNCHES["wide_forward"] += T
+        return ({o.name: y for o, y in zip(rec.outputs, ys)},
+                {s.name: sb[T % 2] for s, sb in zip(lay.states, sbs)})
 
     def streams(self, sizes, params, inputs, B, T) -> tuple:
         """(reads, grads): the [B, T, *shape] tensors the kernel reads per step, inputs (in
@@ -558,7 +631,9 @@ def signature(rec, arg_names, tensors, const: dict, dtype: str = "fp32") -> tupl
 
 def compile_for(rec, analysis, sizes: dict, B: int = 16, arch: int = 90, dtype: str = "fp32") -> dict:
     """Compile the generated kernels for an NVIDIA target without a GPU (Triton runs its whole
-    pipeline down to a cubin on the CPU). {kernel name: cubin size}. Run it without
+    pipeline down to a cubin on the CPU): the fused forward and backward where they fit at
+    these sizes, the wide kernel where the spec has one, the scan kernels where it has them.
+    {kernel name: cubin size}. Run it without
     TRITON_INTERPRET (interpreted kernels do not compile). dtype: the inputs' dtype ("fp32",
     "bf16" or "fp16"; see `signature`)."""
     import triton
@@ -566,8 +641,18 @@ def compile_for(rec, analysis, sizes: dict, B: int = 16, arch: int = 90, dtype: 
     from triton.compiler import ASTSource
     runner = Runner(rec, analysis)
     gen = runner.gen
-    kernels = [("forward", gen.fwd, runner.constexprs(runner.geometry(sizes, B))),
-               ("backward", gen.bwd, runner.constexprs(runner.geometry(sizes, B)))]
+    mods = {}
+    try:
+        geo = runner.geometry(sizes, B)
+        kernels = [("forward", gen.fwd, runner.constexprs(geo)), ("backward", gen.bwd, runner.constexprs(geo))]
+    except _TooWide:  # only the wide kernel runs at these sizes
+        kernels = []
+    w, wmod = runner.wide()
+    if wmod is not None:
+        kernels.append(("wide_forward", w.args, runner.wide_geometry(w, sizes, B)["const"]))
+        mods["wide_forward"] = wmod
+    if not kernels:
+        raise RnncError(w.why)
     if runner.scan.source is not None:
         kernels.append(("_scan_forward", gen.fwd,
                         runner.scan_constexprs(runner.scan_geometry(sizes, B, 4096))))
@@ -576,7 +661,7 @@ def compile_for(rec, analysis, sizes: dict, B: int = 16, arch: int = 90, dtype: 
                         _scan_backward_constexprs(runner, runner.scan_geometry(sizes, B, 4096))))
     out = {}
     for kname, tensors, const in kernels:
-        fn = getattr(runner.kernels, kname)
+        fn = getattr(mods.get(kname, runner.kernels), kname)
         sig, consts = signature(rec, fn.arg_names, tensors, const, dtype)
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
         out[kname] = len(triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"])

@@ -1,0 +1,247 @@
+"""Code generation for the Triton backend's wide kernel: dense recurrences too wide for the
+fused kernel's registers.
+
+The fused kernel (`triton_codegen`) keeps a recurrent matrix such as an LSTM's U [4H, H] in
+registers for the whole time loop, which stops at a few thousand values per program. Here
+the one axis class that the recurrent products mix (H: the rows and columns of U and the
+state h) is cut into blocks, and a program owns one block of it (and one batch block):
+
+    state, gates, outputs   tiles [BLK_B, BLK<A>]           (the program's block)
+    recurrent product W @ h acc [BLK_B, BLK<A>] += tl.dot(h [BLK_B, BK], W [BLK<A>, BK]^T)
+                            over column tiles of the whole previous state
+
+Every program needs the whole previous state, so states live in global memory between
+steps (`SB<j>`, two slots) and the runner launches the kernel once per step. Everything
+else about a tile is the fused kernel's layout (`Layout`), with class A made the tiled
+parallel class; the step's other expressions are emitted by the same `Emitter`.
+
+What it takes: each recurrent product is a `Contract` of two operands, a param matrix
+whose two axes are both in class A and a state read whose class-A axis is summed, giving a
+class-A vector; no other expression of the step sums, reduces, picks or mixes along class
+A; every class that is not A is one the grid runs over. Other specs get `Wide.source` None
+and the reason. The kernel is forward-only: training a spec this wide runs on another
+backend (the runner says so).
+
+Entry point: `generate(gen, rec) -> Wide`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rnnc import ir
+
+from .triton_codegen import (TEMPLATES, Tensor, Unsupported, _fill, _Kernels, _unit, comment, full)
+
+
+@dataclass
+class Product:
+    node: int        # the Contract node
+    param: int       # its matrix operand (a Param node)
+    out_axis: int    # the param's axis along the product's output
+    sum_axis: int    # the param's axis summed against the state
+    state: int       # index of the state in Layout.states
+    state_axis: int  # the state's axis in class A
+
+
+@dataclass
+class Wide:
+    source: str | None            # the kernel module's text (None: no wide kernel)
+    why: str = ""                 # why there is none
+    axis: int | None = None       # the class cut into blocks
+    products: list = field(default_factory=list)
+    args: list = field(default_factory=list)   # Tensor arguments, in order
+    params: list = field(default_factory=list)  # param node ids, in the order of `args`
+    grid: list = field(default_factory=list)   # classes the grid runs over (A included)
+    classes: list = field(default_factory=list)
+
+
+def _products(lay, rec, A) -> list:
+    """The recurrent products of the step, or Unsupported naming what stands in the way."""
+    reads = {st.read: j for j, st in enumerate(lay.states)}
+    out = []
+    for n in lay.loop:
+        node = rec.node(n)
+        if not (isinstance(node, ir.Contract)
+                and any(ch not in node.out for sub in node.subscripts for ch in sub)):
+            continue
+        pos = rec.attr(n, "pos")
+        where = f"the product at line {pos.line}" if pos and pos.line else "a product"
+        if len(node.args) != 2:
+            raise Unsupported(f"{where} has {len(node.args)} operands; the wide kernel takes "
+                              "a param matrix times a state")
+        kinds = [isinstance(rec.node(a), ir.Param) for a in node.args]
+        if sorted(kinds) != [False, True] or not any(a in reads for a in node.args):
+            raise Unsupported(f"{where} is not a param matrix times a state read")
+        jp = kinds.index(True)
+        p, s = node.args[jp], node.args[1 - jp]
+        psub, ssub = node.subscripts[jp], node.subscripts[1 - jp]
+        paxes = [k for k, d in enumerate(rec.attr(p, "shape")) if lay.cls.get((p, k)) == A]
+        saxes = [k for k, d in enumerate(rec.attr(s, "shape")) if lay.cls.get((s, k)) == A]
+        oaxes = [k for k, d in enumerate(rec.attr(n, "shape")) if lay.cls.get((n, k)) == A]
+        if len(paxes) != 2 or len(saxes) != 1 or len(oaxes) != 1:
+            raise Unsupported(f"{where} is not a matrix-vector product along one axis")
+        summed = ssub[saxes[0]]
+        if summed in node.out or node.out[oaxes[0]] not in psub:
+            raise Unsupported(f"{where} does not sum the state's recurrent axis")
+        sum_axis = next(k for k in paxes if psub[k] == summed)
+        out_axis = next(k for k in paxes if k != sum_axis)
+        if psub[out_axis] != node.out[oaxes[0]]:
+            raise Unsupported(f"{where} does not sum the state's recurrent axis")
+        out.append(Product(n, p, out_axis, sum_axis, reads[s], saxes[0]))
+    if not out:
+        raise Unsupported("the step has no recurrent matrix-vector product")
+    return out
+
+
+def _check_rest(lay, rec, A, products) -> None:
+    """Nothing but the recurrent products may mix along class A."""
+    skip = {pr.node for pr in products}
+    mats = {pr.param for pr in products}
+    for n in lay.loop + lay.invariant:
+        node = rec.node(n)
+        if n in skip:
+            continue
+        if any(a in mats for a in ir.operands(node)):
+            raise Unsupported("a recurrent matrix is read by something other than its product")
+        pos = rec.attr(n, "pos")
+        where = f" (line {pos.line})" if pos and pos.line else ""
+        classes = [lay.cls.get((n, k)) for k in range(len(rec.attr(n, "shape")))]
+        if classes.count(A) > 1:
+            raise Unsupported(f"a value with two recurrent axes{where}")
+        if isinstance(node, ir.Contract):
+            for a, sub in zip(node.args, node.subscripts):
+                for k, ch in enumerate(sub):
+                    if ch not in node.out and lay.cls.get((a, k)) == A:
+                        raise Unsupported(f"a sum along the recurrent axis{where} other than a "
+                                          "param matrix times a state")
+        elif isinstance(node, ir.Reduce):
+            if any(lay.cls.get((node.arg, k)) == A for k in node.axes):
+                raise Unsupported(f"a reduction along the recurrent axis{where}")
+        elif isinstance(node, ir.Select):
+            for k, v in enumerate(node.index):
+                if lay.cls.get((node.arg, k)) == A and (isinstance(v, int) or node.index.count(v) > 1):
+                    raise Unsupported(f"an index or diagonal along the recurrent axis{where}")
+
+
+class _WideKernels(_Kernels):
+    def __init__(self, lay, products, A):
+        super().__init__(lay)
+        self.products, self.A = products, A
+        self.product_nodes = {pr.node for pr in products}
+
+    def fwd(self, i) -> list:
+        return [] if i in self.product_nodes else super().fwd(i)
+
+    def matrix_base(self, t: Tensor) -> str:
+        """A matrix param's scalar base: its axes outside class A are grid-indexed."""
+        base = [t.name]
+        for k, size in enumerate(self.rec.attr(t.node, "shape")):
+            c = self.lay.cls.get((t.node, k))
+            if not _unit(size) and c != self.A:
+                base.append(f"pid{c} * {t.name}_s{k}")
+        return " + ".join(base)
+
+    def product_block(self, SB: list, mats: dict) -> list:
+        """The recurrent products, one column loop per state they read."""
+        A, lines = self.A, []
+        for j in sorted({pr.state for pr in self.products}):
+            prods = [pr for pr in self.products if pr.state == j]
+            sb = SB[j].name
+            lines.append("# recurrent products: the whole previous state, a column tile at a time")
+            lines += [f"v{pr.node} = tl.zeros((BLK_B, BLK{A}), tl.float32)" for pr in prods]
+            lines += [f"for k0 in range(0, SZ{A}, BK):",
+                      "    ok = k0 + tl.arange(0, BK).to(tl.int64)",
+                      f"    mk = ok < SZ{A}",
+                      f"    hk = tl.load(base_{sb} + cur * {sb}_s0 + ob[:, None] * {sb}_s1 + "
+                      f"ok[None, :] * {sb}_s{2 + prods[0].state_axis}, "
+                      "mask=mb[:, None] & mk[None, :], other=0.0)"]
+            for pr in prods:
+                m = mats[pr.param]
+                lines += [f"    w = tl.load(wbase_{m} + o{A}[:, None] * {m}_s{pr.out_axis} + "
+                          f"ok[None, :] * {m}_s{pr.sum_axis}, mask=m{A}[:, None] & mk[None, :], "
+                          "other=0.0).to(tl.float32)",
+                          f"    v{pr.node} += (tl.dot(hk, tl.trans(w), input_precision=DOT_PREC) "
+                          f"if BLK_B >= 16 and BLK{A} >= 16 and BK >= 16 "
+                          "else tl.sum(hk[:, None, :] * w[None, :, :], axis=2))"
+                          + self.note(pr.node)]
+        return lines
+
+
+def generate(gen, rec) -> Wide:
+    """The wide kernel for a recurrence with recurrent matrix products, or why there is none."""
+    lay0 = gen.layout
+    if not lay0.batch_kept:
+        return Wide(None, "the step has no recurrent matrix-vector product")
+    mixed = sorted(set(lay0.size) - lay0.parallel)
+    if len(mixed) != 1:
+        return Wide(None, f"the step mixes {len(mixed)} axis classes; the wide kernel cuts one")
+    A = mixed[0]
+    lay = replace(lay0, parallel=lay0.parallel | {A}, kept_parallel=A)
+    try:
+        products = _products(lay, rec, A)
+        _check_rest(lay, rec, A, products)
+        for st in lay.states:
+            if [k for k, s in enumerate(st.shape) if not _unit(s) and lay.cls.get((st.read, k)) != A
+                    and lay.cls.get((st.read, k)) not in lay.parallel]:
+                raise Unsupported(f"state {st.name} has an axis that is neither recurrent nor parallel")
+        K = _WideKernels(lay, products, A)
+        for pr in products:
+            st = lay.states[pr.state]
+            if (K.entries(pr.node) != ["b", (next(k for k, e in enumerate(rec.attr(pr.node, "shape"))
+                                                  if lay.cls.get((pr.node, k)) == A), A)]
+                    or K.entries(st.read) != ["b", (pr.state_axis, A)]):
+                raise Unsupported(f"state {st.name} or its product has a second tiled axis")
+        return _source(K, gen, rec, products, A)
+    except Unsupported as e:
+        return Wide(None, e.message)
+
+
+def _source(K: _WideKernels, gen, rec, products, A) -> Wide:
+    lay = K.lay
+    mats = {pr.param for pr in products}
+    X = [Tensor(f"X{j}", n, ("B", "T")) for j, n in enumerate(lay.streams)]
+    P = [Tensor(f"P{j}", n, ()) for j, n in enumerate(lay.params)]
+    SB = [Tensor(f"SB{j}", st.read, ("S", "B")) for j, st in enumerate(lay.states)]
+    Y = [Tensor(f"Y{j}", o.node, ("B", "T"), store=True) for j, o in enumerate(lay.outputs)]
+    ts = X + P + SB + Y
+
+    def args(ts):
+        out = [", ".join(t.name for t in ts) + ","] if ts else []
+        return out + [", ".join(K.strides(t)) + "," for t in ts]
+
+    const = [", ".join(f"SZ{c}: tl.constexpr" for c in sorted(lay.size)),
+             ", ".join(f"BLK{c}: tl.constexpr" for c in K.kept)]
+    const = [x + "," for x in const if x]
+    vec = [t for t in P if t.node not in mats]
+    pro = K.prologue(vec)
+    pro.append("# the recurrent matrices, read a tile at a time in the step")
+    by_node = {}
+    for t in P:
+        if t.node in mats:
+            by_node[t.node] = t.name
+            pro.append(f"wbase_{t.name} = {K.matrix_base(t)}")
+    start = ["# the program's block of each state, from the slot step t0 reads"]
+    for t in SB:
+        start += K.access(t, "0") + [f"v{t.node} = {full(f'tl.load(base_{t.name} + (t0 % 2) * {t.name}_s0 + off_{t.name}, mask=msk_{t.name}, other=0.0)', K.entries(t.node))}"]
+    for t in X + Y:
+        start += K.access(t) + [f"base_{t.name} += t0.to(tl.int64) * {K.step_stride(t)}"]
+    step = ["# this step's inputs"] + [f"v{t.node} = {K.load(t)}" for t in X]
+    step += K.product_block(SB, by_node)
+    step += ["# the rest of the step"] + K.body() + K.new_states()
+    for t, o in zip(Y, lay.outputs):
+        step.append(K.store(t, K.output_value(o)))
+    step.append("# the new state's block, for every program's next step")
+    for j, (t, st) in enumerate(zip(SB, lay.states)):
+        if st.write is not None:
+            step += [f"tl.store(base_{t.name} + nxt * {t.name}_s0 + off_{t.name}, n{j}, mask=msk_{t.name})",
+                     f"v{st.read} = n{j}"]
+    step += [f"base_{t.name} += {K.step_stride(t)}" for t in X + Y]
+    fused = (TEMPLATES / "fused.py.tmpl").read_text()
+    helpers = fused[fused.index("@triton.jit"):fused.index("@triton.jit\ndef forward(")].rstrip()
+    fragments = {"SOURCE": comment(Path(rec.filename).name), "NAME": comment(rec.name),
+                 "AXIS": str(A), "HELPERS": helpers.splitlines(), "ARGS": args(ts),
+                 "GRID_ARGS": "".join(f"NG{c}, " for c in K.grid), "CONST_ARGS": const,
+                 "PROLOGUE": pro, "START": start, "STEP": step}
+    text = _fill((TEMPLATES / "wide.py.tmpl").read_text(), fragments)
+    return Wide(text, "", A, products, ts, [t.node for t in P], K.grid, sorted(lay.size))

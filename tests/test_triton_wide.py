@@ -1,0 +1,162 @@
+"""The Triton backend's wide kernel (`triton_wide_codegen`): dense recurrences whose recurrent
+matrices do not fit the fused kernel's registers (an LSTM at H = 768), under Triton's
+interpreter. The fused kernel's register limit is lowered here so that small sizes take the
+wide path; H = 40 is cut into three blocks of 16 (the last one padded), and B = 17 makes two
+batch blocks of 16, where the recurrent products run as tl.dot.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rnnc
+from rnnc.backends import triton_backend as tb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cases import CASE_BY_NAME, compile_offline, judge_float32, rel_err, run_case  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DENSE = ("elman", "lstm", "gru", "slstm")
+
+
+@pytest.fixture
+def wide(monkeypatch):
+    """Every spec with a recurrent matrix takes the wide kernel; launches are counted."""
+    monkeypatch.setattr(tb, "REGISTER_LIMIT", 64)
+    tb.LAUNCHES.clear()
+
+
+def widened(name: str, H: int = 40, D: int = 8):
+    case = CASE_BY_NAME[name]
+    return dataclasses.replace(case, dims={**case.dims, "H": H, "D": D})
+
+
+@pytest.mark.parametrize("B,T", [(3, 1), (3, 7), (17, 5)], ids=["T1", "T7", "B17"])
+@pytest.mark.parametrize("name", DENSE)
+def test_matches_sequential(wide, name, B, T):
+    """Outputs and final states, from a random initial state, against the float64 reference:
+    within 20x the float32 sequential backend's own error; one launch per step."""
+    case = widened(name)
+    with torch.no_grad():
+        got = run_case(case, "triton", torch.float32, B, T)
+        ref = run_case(case, "sequential", torch.float64, B, T)
+        s32 = run_case(case, "sequential", torch.float32, B, T)
+    judge_float32(name, got, ref, s32)
+    assert tb.LAUNCHES["wide_forward"] == T and tb.LAUNCHES["forward"] == 0
+
+
+def test_step_by_step_equals_the_sequence(wide):
+    """.step() (one launch of the wide kernel) carried over T steps gives the full call's
+    outputs and final state."""
+    m = rnnc.compile("examples/lstm.rnn", backend="triton", D=8, H=40)
+    x = torch.randn(3, 6, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y, final = m(x, output_final_state=True)
+        st, ys = None, []
+        for t in range(x.shape[1]):
+            yt, st = m.step(x[:, t], state=st)
+            ys.append(yt)
+    assert rel_err(torch.stack(ys, 1), y) < 1e-6
+    assert all(rel_err(st[k], final[k]) < 1e-6 for k in final)
+
+
+def test_bf16_inputs_round_the_outputs_once(wide):
+    """bf16 inputs are read as they are and computed in float32: the outputs are a float32
+    run on the same values, rounded to bf16 once (within one ulp: the interpreter rounds
+    toward zero, a GPU to nearest)."""
+    m = rnnc.compile("examples/gru.rnn", backend="triton", D=8, H=40)
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        y16 = m(x)
+        y32 = m(x.float())
+    assert y16.dtype == torch.bfloat16
+    eps = torch.finfo(torch.bfloat16).eps
+    assert ((y16.float() - y32).abs() <= eps * y32.abs() + 1e-30).all()
+    assert not torch.equal(y16.float(), y32)  # the outputs were rounded
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_nonlinear_specs(wide, seed):
+    """Random Elman-like specs (`rnnc.random_spec`, kind nonlinear) at H = 20."""
+    src, dims = rnnc.random_spec(seed, "nonlinear")
+    dims = {**dims, "H": 20}
+    ref = rnnc.compile(src, backend="sequential", **dims).double()
+    tri = rnnc.compile(src, backend="triton", **dims)
+    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 9, dims["D"], generator=g, dtype=torch.float64)
+    h0 = {"h": torch.randn(2, 20, generator=g, dtype=torch.float64)}
+    with torch.no_grad():
+        want, wf = ref(x, initial_state=h0, output_final_state=True)
+        got, gf = tri(x.float(), initial_state={"h": h0["h"].float()}, output_final_state=True)
+    assert rel_err(got, want) < 1e-5 and rel_err(gf["h"], wf["h"]) < 1e-5
+    assert tb.LAUNCHES["wide_forward"] == 9
+
+
+def test_training_is_refused_with_a_clear_error(wide):
+    """The wide kernel is forward-only: a call that needs gradients says so (backend="auto"
+    then runs the reference loop) instead of returning outputs without a backward."""
+    m = rnnc.compile("examples/lstm.rnn", backend="triton", D=8, H=40)
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(rnnc.RnncError, match="forward-only"):
+        m(x)
+    assert tb.LAUNCHES["wide_forward"] == 0
+
+
+@pytest.mark.parametrize("stmt,why", [
+    ("s = sum[u](h[u] * h[u])", "the wide kernel: the product at line 4 is not a param matrix"),
+    ("s = max[u](h[u])", "the wide kernel: a reduction along the recurrent axis .line 4"),
+], ids=["sum", "max"])
+def test_a_spec_it_cannot_take_names_the_reason(wide, stmt, why):
+    """Anything else that mixes along the recurrent axis keeps the register-limit error, with
+    the wide kernel's reason and line."""
+    src = ("rnn normed(x[D]) -> h[H] {\n"
+           "    param W[H,D], U[H,H]\n"
+           "    state h[H] = 0\n"
+           f"    {stmt}\n"
+           "    h = tanh(W @ x + U @ h) / (1 + s * s)\n"
+           "}\n")
+    m = rnnc.compile(src, backend="triton", D=4, H=20)
+    with torch.no_grad(), pytest.raises(rnnc.RnncError, match=why):
+        m(torch.randn(2, 3, 4))
+
+
+def test_emit_shows_the_wide_kernel():
+    from rnnc.backends import get
+    backend = get("triton")
+    lstm = rnnc.load("examples/lstm.rnn")
+    text = backend.emit(lstm, rnnc.analysis.analyse(lstm))
+    assert "def wide_forward(" in text and "tl.dot(hk, tl.trans(w)" in text
+    mingru = rnnc.load("examples/mingru.rnn")
+    assert "wide_forward" not in backend.emit(mingru, rnnc.analysis.analyse(mingru))
+
+
+def test_compiles_for_gpu_at_full_width():
+    """At H = 768 only the wide kernel is compiled (the fused one does not fit), down to an
+    sm_90 cubin, fp32 and bf16, for lstm and gru; at B = 16 (tl.dot rows) it spills nothing."""
+    code = ("import rnnc, triton\n"
+            "from triton.backends.compiler import GPUTarget\n"
+            "from triton.compiler import ASTSource\n"
+            "from rnnc.backends import triton_backend as tb, triton_chunk as tc\n"
+            "for name in ('lstm', 'gru'):\n"
+            "    rec = rnnc.load(f'examples/{name}.rnn')\n"
+            "    a = rnnc.analysis.analyse(rec)\n"
+            "    for dt in ('fp32', 'bf16'):\n"
+            "        got = tb.compile_for(rec, a, dict(D=768, H=768), B=16, dtype=dt)\n"
+            "        assert set(got) == {'wide_forward'} and got['wide_forward'] > 0, got\n"
+            "rec = rnnc.load('examples/lstm.rnn')\n"
+            "r = tb.Runner(rec, rnnc.analysis.analyse(rec))\n"
+            "w, mod = r.wide()\n"
+            "geo = r.wide_geometry(w, dict(D=768, H=768), 16)\n"
+            "assert geo['programs'] == 48, geo\n"
+            "sig, consts = tb.signature(rec, mod.wide_forward.arg_names, w.args, geo['const'])\n"
+            "k = triton.compile(ASTSource(fn=mod.wide_forward, signature=sig, constexprs=consts),\n"
+            "                   target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))\n"
+            "use = tc._usage(k.asm['cubin'])\n"
+            "assert use['stack'] in (0, None), use\n"
+            "print('compiled')\n")
+    compile_offline(code)
