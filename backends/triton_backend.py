@@ -53,6 +53,7 @@ KERNELS = ("auto", "fused", "scan", "chunked")
 CHUNK = None             # steps per chunk of the chunk kernels, by default; None: tuned (triton_tune)
 CHUNKED_BLOCK = 8192     # steps per block of the block solver (hoisted work exists a block at a time); a multiple of every chunk
 WIDE_BLOCK = 16          # state entries per program of the wide kernel (twice that past 2048)
+WIDE_SPINS = 1 << 20     # waits a persistent wide launch may spend (plus 64 per step) before it gives up
 WIDE_BK = 32             # columns per tile of its recurrent products (sm_90, H = 768: no spills at 8 warps)
 LAUNCHES = collections.Counter()  # kernel name -> launches (tests check which ones ran)
 
@@ -150,6 +151,7 @@ class Runner:
         self.pre_inputs = {d.name for d in rec.inputs if d.node in need}
         self._progs = {}
         self._wide = None
+        self._wide_fell_back = False
 
     # --- launch geometry ---------------------------------------------------------------------
     def geometry(self, sizes: dict, B: int) -> dict:
@@ -334,11 +336,28 @@ class Runner:
         const.update({f"BLK{A}": blk, "BLK_B": bb, "BK": min(WIDE_BK, max(16, _pow2(sz[A]))),
                       "DOT_PREC": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
                       "num_warps": 8})
-        return {"ng": ng, "nb": nb, "programs": nb * math.prod(ng.values()), "const": const}
+        programs = nb * math.prod(ng.values())
+        const["NPROG_P2"] = _pow2(programs)
+        return {"ng": ng, "nb": nb, "programs": programs, "const": const}
+
+    def _wide_sync(self, device, programs: int) -> bool:
+        """Whether one launch runs every step (programs wait for each other between steps):
+        RNNC_TRITON_WIDE = step (never), persistent (always; the interpreter runs programs one
+        after another, so there it only completes with one program, else falls back), or auto
+        (default: on CUDA when every program can be resident at once, one per SM at most, and
+        no earlier call of this runner had to fall back)."""
+        mode = os.environ.get("RNNC_TRITON_WIDE", "auto") or "auto"
+        if mode not in ("auto", "step", "persistent"):
+            raise RnncError(f"RNNC_TRITON_WIDE must be auto, step or persistent, got {mode!r}")
+        if mode != "auto":
+            return mode == "persistent"
+        return (device.type == "cuda" and not self._wide_fell_back
+                and programs <= torch.cuda.get_device_properties(device).multi_processor_count)
 
     def _wide_call(self, sizes, params, inputs, state0, B, T, out_dtype, out_shapes, err):
-        """Forward through the wide kernel, one launch per step (the state goes through the
-        double-buffered SB between steps): a dense recurrence too wide for the fused kernel."""
+        """Forward through the wide kernel: a dense recurrence too wide for the fused kernel.
+        The state goes through the double-buffered SB between steps; one launch per step, or
+        one for all of them where the programs can wait for each other (`_wide_sync`)."""
         rec, lay = self.rec, self.gen.layout
         w, mod = self.wide()
         if mod is None:
@@ -352,19 +371,33 @@ class Runner:
         reads, _ = self.streams(sizes, params, inputs, B, T)
         ps = [params[rec.node(n).name].contiguous() for n in w.params]
         ref = reads[0] if reads else ps[0]
-        sbs = []
-        for s in lay.states:
-            h = state0[s.name].to(torch.float32)
-            sbs.append(torch.stack([h, h]).contiguous())  # slot 1 too: a constant state is read there
         ys = [ref.new_empty(B, T, *out_shapes[o.name], dtype=out_dtype) for o in rec.outputs]
         geo = self.wide_geometry(w, sizes, B)
-        ts = [*reads, *ps, *sbs, *ys]
-        strides = _flat_strides(ts)
         kernel = mod.wide_forward[(geo["programs"],)]
-        with _on(ref.device):
-            for t in range(T):
-                kernel(*ts, *strides, t, t + 1, B, geo["nb"], *geo["ng"].values(), **geo["const"])
-        LAUNCHES["wide_forward"] += T
+        sync = self._wide_sync(ref.device, geo["programs"])
+        while True:
+            sbs = []
+            for s in lay.states:
+                h = state0[s.name].to(torch.float32)
+                sbs.append(torch.stack([h, h]).contiguous())  # slot 1 too: a constant state is read there
+            flags = torch.zeros(geo["programs"] if sync else 1, dtype=torch.int32, device=ref.device)
+            failed = torch.zeros(1, dtype=torch.int32, device=ref.device)
+            ts = [*reads, *ps, *sbs, *ys]
+            args = (*ts, *_flat_strides(ts), flags, failed)
+            tail = (B, geo["nb"], *geo["ng"].values(), geo["programs"], WIDE_SPINS + 64 * T)
+            with _on(ref.device):
+                if sync:
+                    kernel(*args, 0, T, *tail, SYNC=True, **geo["const"])
+                    LAUNCHES["wide_forward"] += 1
+                else:
+                    for t in range(T):
+                        kernel(*args, t, t + 1, *tail, SYNC=False, **geo["const"])
+                    LAUNCHES["wide_forward"] += T
+            if not sync or not bool(failed.item()):
+                break
+            # some program waited past the cap: not all were resident; redo it a step a launch
+            LAUNCHES["wide_fallback"] += 1
+            self._wide_fell_back, sync = True, False
         return ({o.name: y for o, y in zip(rec.outputs, ys)},
                 {s.name: sb[T % 2] for s, sb in zip(lay.states, sbs)})
 
@@ -649,7 +682,7 @@ def compile_for(rec, analysis, sizes: dict, B: int = 16, arch: int = 90, dtype: 
         kernels = []
     w, wmod = runner.wide()
     if wmod is not None:
-        kernels.append(("wide_forward", w.args, runner.wide_geometry(w, sizes, B)["const"]))
+        kernels.append(("wide_forward", w.args, {**runner.wide_geometry(w, sizes, B)["const"], "SYNC": True}))
         mods["wide_forward"] = wmod
     if not kernels:
         raise RnncError(w.why)
@@ -663,6 +696,8 @@ def compile_for(rec, analysis, sizes: dict, B: int = 16, arch: int = 90, dtype: 
     for kname, tensors, const in kernels:
         fn = getattr(mods.get(kname, runner.kernels), kname)
         sig, consts = signature(rec, fn.arg_names, tensors, const, dtype)
+        if kname == "wide_forward":
+            sig["FLAGS"] = sig["ERR"] = "*i32"
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
         out[kname] = len(triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"])
     return out

@@ -155,7 +155,8 @@ class _WideKernels(_Kernels):
                       f"    mk = ok < SZ{A}",
                       f"    hk = tl.load(base_{sb} + cur * {sb}_s0 + ob[:, None] * {sb}_s1 + "
                       f"ok[None, :] * {sb}_s{2 + prods[0].state_axis}, "
-                      "mask=mb[:, None] & mk[None, :], other=0.0)"]
+                      "mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=\".cg\")"
+                      "  # other programs wrote it: not from L1"]
             for pr in prods:
                 m = mats[pr.param]
                 lines += [f"    w = tl.load(wbase_{m} + o{A}[:, None] * {m}_s{pr.out_axis} + "

@@ -153,10 +153,37 @@ def test_compiles_for_gpu_at_full_width():
             "w, mod = r.wide()\n"
             "geo = r.wide_geometry(w, dict(D=768, H=768), 16)\n"
             "assert geo['programs'] == 48, geo\n"
-            "sig, consts = tb.signature(rec, mod.wide_forward.arg_names, w.args, geo['const'])\n"
+            "sig, consts = tb.signature(rec, mod.wide_forward.arg_names, w.args,\n"
+            "                           {**geo['const'], 'SYNC': True})\n"
+            "sig['FLAGS'] = sig['ERR'] = '*i32'\n"
             "k = triton.compile(ASTSource(fn=mod.wide_forward, signature=sig, constexprs=consts),\n"
             "                   target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))\n"
             "use = tc._usage(k.asm['cubin'])\n"
             "assert use['stack'] in (0, None), use\n"
             "print('compiled')\n")
     compile_offline(code)
+
+
+def test_one_launch_for_all_steps_where_programs_wait(wide, monkeypatch):
+    """RNNC_TRITON_WIDE=persistent: one launch runs every step, the programs waiting for each
+    other between steps. Under the interpreter, which runs programs one after another, that
+    completes with a single program (H = 16, B = 3); with three, the first waits past its cap,
+    raises the flag, and the runner redoes the call a step a launch: the same results."""
+    monkeypatch.setenv("RNNC_TRITON_WIDE", "persistent")
+    monkeypatch.setattr(tb, "WIDE_SPINS", 8)
+    for H, launches, fallbacks in ((16, 1, 0), (40, 1 + 5, 1)):
+        case = widened("lstm", H=H)
+        tb.LAUNCHES.clear()
+        with torch.no_grad():
+            got = run_case(case, "triton", torch.float32, 3, 5)
+            ref = run_case(case, "sequential", torch.float64, 3, 5)
+            s32 = run_case(case, "sequential", torch.float32, 3, 5)
+        judge_float32("lstm", got, ref, s32)
+        assert tb.LAUNCHES["wide_forward"] == launches and tb.LAUNCHES["wide_fallback"] == fallbacks
+
+
+def test_wide_mode_setting_is_checked(wide, monkeypatch):
+    monkeypatch.setenv("RNNC_TRITON_WIDE", "sometimes")
+    m = rnnc.compile("examples/elman.rnn", backend="triton", D=4, H=20)
+    with torch.no_grad(), pytest.raises(rnnc.RnncError, match="RNNC_TRITON_WIDE must be"):
+        m(torch.randn(2, 3, 4))
