@@ -704,6 +704,17 @@ class _Kernels(Emitter):
     def step_stride(self, t: Tensor) -> str:
         return self.strides(t)[t.lead.index("T")]
 
+    def arg_lines(self, ts) -> list:
+        """A kernel's pointer arguments, then their strides a line per tensor."""
+        out = [", ".join(t.name for t in ts) + ","] if ts else []
+        return out + [", ".join(self.strides(t)) + "," for t in ts]
+
+    def const_lines(self) -> list:
+        """The constexpr parameters SZ<c> of every class and BLK<c> of the tiled ones."""
+        const = [", ".join(f"SZ{c}: tl.constexpr" for c in sorted(self.lay.size)),
+                 ", ".join(f"BLK{c}: tl.constexpr" for c in self.kept)]
+        return [x + "," for x in const if x]
+
     # --- fragments ---------------------------------------------------------------------------
     def prologue(self, params) -> list:
         lay, lines = self.lay, ["pid = tl.program_id(0)", "pid_b = (pid % NB).to(tl.int64)",
@@ -765,12 +776,6 @@ def generate(rec, analysis) -> Generated:
     DH0 = [Tensor(f"DH0_{j}", r, ("S", "B")) for j, r in enumerate(st_read)]
     fwd_t = X + P + H0 + Y + HT + HS
     bwd_t = X + P + HS + DY + DHT + DX + DP + DH0
-
-    def args(ts):
-        out = [", ".join(t.name for t in ts) + ","] if ts else []
-        for t in ts:
-            out.append(", ".join(K.strides(t)) + ",")
-        return out
 
     grid_args = "".join(f"NG{c}, " for c in K.grid)
     const = [", ".join(f"SZ{c}: tl.constexpr" for c in sorted(lay.size))]
@@ -880,7 +885,7 @@ def generate(rec, analysis) -> Generated:
     fragments = {
         # the file name without its directory: the text must not depend on where the spec lives
         "SOURCE": comment(Path(rec.filename).name), "NAME": comment(rec.name),
-        "FWD_ARGS": args(fwd_t), "BWD_ARGS": args(bwd_t), "GRID_ARGS": grid_args,
+        "FWD_ARGS": K.arg_lines(fwd_t), "BWD_ARGS": K.arg_lines(bwd_t), "GRID_ARGS": grid_args,
         "CONST_ARGS": const, "PROLOGUE": K.prologue(P),
         "FWD_START": fs, "FWD_STEP": step, "FWD_END": fe,
         "BWD_START": bs, "BWD_STEP": bstep, "BWD_END": be,

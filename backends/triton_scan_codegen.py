@@ -308,13 +308,7 @@ def _source(K: _ScanKernels, gen) -> str:
                                  len(lay.outputs))
     timed = X + Y + HS
 
-    def args(ts):
-        out = [", ".join(t.name for t in ts) + ","] if ts else []
-        return out + [", ".join(K.strides(t)) + "," for t in ts]
-
-    const = [", ".join(f"SZ{c}: tl.constexpr" for c in sorted(lay.size)),
-             ", ".join(f"BLK{c}: tl.constexpr" for c in K.kept)]
-    const = [x + "," for x in const if x]
+    const = K.const_lines()
 
     pro = K.prologue(P)
 
@@ -347,7 +341,7 @@ def _source(K: _ScanKernels, gen) -> str:
     for j, t in enumerate(HT):
         end += K.access(t) + [K.store(t, f"cs{j}")]
 
-    fragments = {"FWD_ARGS": args(gen.fwd), "GRID_ARGS": "".join(f"NG{c}, " for c in K.grid),
+    fragments = {"FWD_ARGS": K.arg_lines(gen.fwd), "GRID_ARGS": "".join(f"NG{c}, " for c in K.grid),
                  "CONST_ARGS": const, "PROLOGUE": _rename(pro), "START": _rename(start),
                  "CHUNK": _rename(chunk), "END": _rename(end)}
     return _fill((TEMPLATES / "scan.py.tmpl").read_text(), fragments)
@@ -400,13 +394,7 @@ def _backward_source(K: _ScanKernels, gen, analysis) -> tuple:
     timed = X + HS + DY + DX
     arg_of = {rec.node(st.write).arg: j for j, st in enumerate(lay.states)}
 
-    def args(ts):
-        out = [", ".join(t.name for t in ts) + ","] if ts else []
-        return out + [", ".join(K.strides(t)) + "," for t in ts]
-
-    const = [", ".join(f"SZ{c}: tl.constexpr" for c in sorted(lay.size)),
-             ", ".join(f"BLK{c}: tl.constexpr" for c in K.kept)]
-    const = [x + "," for x in const if x]
+    const = K.const_lines()
 
     def seed(t):  # a value replicated along a grid axis takes its gradient in one program
         lacking = [c for c in K.grid if c not in lay.classes_of(t.node)]
@@ -478,7 +466,7 @@ def _backward_source(K: _ScanKernels, gen, analysis) -> tuple:
         splits[t.name] = lacking
         end += K.access(t, expr) + [K.store(t, f"ga{t.node}")]
 
-    fragments = {"BWD_ARGS": args(gen.bwd), "GRID_ARGS": "".join(f"NG{c}, " for c in K.grid),
+    fragments = {"BWD_ARGS": K.arg_lines(gen.bwd), "GRID_ARGS": "".join(f"NG{c}, " for c in K.grid),
                  "CONST_ARGS": const, "PROLOGUE": _rename(K.prologue(P)), "START": _rename(start),
                  "CHUNK": _rename(chunk), "END": _rename(end)}
     return _fill((TEMPLATES / "scan_bwd.py.tmpl").read_text(), fragments), splits

@@ -207,13 +207,7 @@ def _source(K: _WideKernels, gen, rec, products, A) -> Wide:
     Y = [Tensor(f"Y{j}", o.node, ("B", "T"), store=True) for j, o in enumerate(lay.outputs)]
     ts = X + P + SB + Y
 
-    def args(ts):
-        out = [", ".join(t.name for t in ts) + ","] if ts else []
-        return out + [", ".join(K.strides(t)) + "," for t in ts]
-
-    const = [", ".join(f"SZ{c}: tl.constexpr" for c in sorted(lay.size)),
-             ", ".join(f"BLK{c}: tl.constexpr" for c in K.kept)]
-    const = [x + "," for x in const if x]
+    const = K.const_lines()
     vec = [t for t in P if t.node not in mats]
     pro = K.prologue(vec)
     pro.append("# the recurrent matrices, read a tile at a time in the step")
@@ -241,7 +235,7 @@ def _source(K: _WideKernels, gen, rec, products, A) -> Wide:
     fused = (TEMPLATES / "fused.py.tmpl").read_text()
     helpers = fused[fused.index("@triton.jit"):fused.index("@triton.jit\ndef forward(")].rstrip()
     fragments = {"SOURCE": comment(Path(rec.filename).name), "NAME": comment(rec.name),
-                 "AXIS": str(A), "HELPERS": helpers.splitlines(), "ARGS": args(ts),
+                 "AXIS": str(A), "HELPERS": helpers.splitlines(), "ARGS": K.arg_lines(ts),
                  "GRID_ARGS": "".join(f"NG{c}, " for c in K.grid), "CONST_ARGS": const,
                  "PROLOGUE": pro, "START": start, "STEP": step}
     text = _fill((TEMPLATES / "wide.py.tmpl").read_text(), fragments)

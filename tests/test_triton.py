@@ -151,7 +151,8 @@ _FIXED = {"import", "triton", "tl", "jit", "def", "return", "for", "in", "range"
           "NUM_STAGES", "BLK_B", "not", "or", "True", "False", "None", "as",
           "axis", "mask", "other", "input_precision", "num_stages", "propagate_nan",
           "a", "x2", "small", "u", "d", "z",
-          "wide_forward", "t0", "t1", "k0", "hk", "w", "BK"}
+          "wide_forward", "t0", "t1", "k0", "hk", "w", "BK", "FLAGS", "ERR", "NPROG", "NPROG_P2",
+          "MAX_SPINS", "SYNC", "spins", "pf", "done", "sem", "scope", "cache_modifier", "while"}
 _TL = set(dir(__import__("triton.language", fromlist=["x"])))
 
 
@@ -164,7 +165,8 @@ def _names(text):
             out.add(tok.string)
         prev = tok.string
         if tok.type == tokenize.STRING:
-            assert tok.string in ('"nan"', '"inf"', '"-inf"'), f"unexpected string {tok.string}"
+            assert tok.string in ('"nan"', '"inf"', '"-inf"', '".cg"', '"release"', '"acquire"', '"gpu"'), \
+                f"unexpected string {tok.string}"
     return out
 
 
