@@ -355,51 +355,50 @@ class Runner:
                 and programs <= torch.cuda.get_device_properties(device).multi_processor_count)
 
     def _wide_call(self, sizes, params, inputs, state0, B, T, out_dtype, out_shapes, err):
-        """Forward through the wide kernel: a dense recurrence too wide for the fused kernel.
-        The state goes through the double-buffered SB between steps; one launch per step, or
-        one for all of them where the programs can wait for each other (`_wide_sync`)."""
+        """Through the wide kernels: a dense recurrence too wide for the fused kernel."""
         rec, lay = self.rec, self.gen.layout
         w, mod = self.wide()
         if mod is None:
             raise RnncError(f"{err.message} (the wide kernel: {w.why})")
-        if torch.is_grad_enabled() and any(
-                t.requires_grad for t in [*inputs.values(), *params.values(), *state0.values()]):
+        reads, streams = self.streams(sizes, params, inputs, B, T)
+        raw = tuple(r if r is not x else None for r, x in zip(reads, streams))
+        ps = [params[rec.node(n).name].contiguous() for n in w.params]
+        h0 = [state0[s.name].to(torch.float32).contiguous() for s in lay.states]
+        want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in streams + ps + h0)
+        if want_grad and w.why_backward:
             raise RnncError(
                 f"rnn {rec.name}: at these sizes the recurrent matrices do not fit the fused kernel's "
-                "registers, and the wide kernel that runs such recurrences is forward-only: train "
-                "with backend='sequential' (or 'auto', which does so), or run under torch.no_grad()")
-        reads, _ = self.streams(sizes, params, inputs, B, T)
-        ps = [params[rec.node(n).name].contiguous() for n in w.params]
-        ref = reads[0] if reads else ps[0]
-        ys = [ref.new_empty(B, T, *out_shapes[o.name], dtype=out_dtype) for o in rec.outputs]
-        geo = self.wide_geometry(w, sizes, B)
-        kernel = mod.wide_forward[(geo["programs"],)]
+                f"registers, and the wide kernel that runs them has no backward here ({w.why_backward}): "
+                "train with backend='sequential' (or 'auto', which does so), or run under torch.no_grad()")
+        meta = (self, w, mod, self.wide_geometry(w, sizes, B), B, T, len(streams), len(ps),
+                out_shapes, out_dtype)
+        res = _Wide.apply(meta, want_grad, raw, *streams, *ps, *h0)
+        no = len(rec.outputs)
+        return ({o.name: y for o, y in zip(rec.outputs, res[:no])},
+                {s.name: f for s, f in zip(lay.states, res[no:])})
+
+    def wide_launch(self, kernel, name: str, T: int, ts: list, geo: dict, per_step, whole, reset) -> None:
+        """Runs a wide kernel over T steps: one launch for all (`whole`, the programs waiting
+        for each other) where `_wide_sync` allows, else one launch per step (`per_step(t)` gives
+        the launch's (t0, t1)); a whole launch that some program gave up on is redone per step,
+        after `reset()` has set the buffers it writes back to their starting values."""
+        ref = ts[0]
         sync = self._wide_sync(ref.device, geo["programs"])
         while True:
-            sbs = []
-            for s in lay.states:
-                h = state0[s.name].to(torch.float32)
-                sbs.append(torch.stack([h, h]).contiguous())  # slot 1 too: a constant state is read there
+            reset()
             flags = torch.zeros(geo["programs"] if sync else 1, dtype=torch.int32, device=ref.device)
             failed = torch.zeros(1, dtype=torch.int32, device=ref.device)
-            ts = [*reads, *ps, *sbs, *ys]
             args = (*ts, *_flat_strides(ts), flags, failed)
-            tail = (B, geo["nb"], *geo["ng"].values(), geo["programs"], WIDE_SPINS + 64 * T)
             with _on(ref.device):
-                if sync:
-                    kernel(*args, 0, T, *tail, SYNC=True, **geo["const"])
-                    LAUNCHES["wide_forward"] += 1
-                else:
-                    for t in range(T):
-                        kernel(*args, t, t + 1, *tail, SYNC=False, **geo["const"])
-                    LAUNCHES["wide_forward"] += T
+                for t0, t1, rest in ([whole] if sync else (per_step(t) for t in range(T))):
+                    kernel[(geo["programs"],)](*args, t0, t1, *rest, geo["programs"], WIDE_SPINS + 64 * T,
+                                               SYNC=sync, **geo["const"])
+                    LAUNCHES[name] += 1
             if not sync or not bool(failed.item()):
-                break
-            # some program waited past the cap: not all were resident; redo it a step a launch
+                return
+            # some program waited past the cap (not all were resident): a step a launch
             LAUNCHES["wide_fallback"] += 1
             self._wide_fell_back, sync = True, False
-        return ({o.name: y for o, y in zip(rec.outputs, ys)},
-                {s.name: sb[T % 2] for s, sb in zip(lay.states, sbs)})
 
     def streams(self, sizes, params, inputs, B, T) -> tuple:
         """(reads, grads): the [B, T, *shape] tensors the kernel reads per step, inputs (in
@@ -591,6 +590,81 @@ class _Fused(torch.autograd.Function):
         return (None, None, None, *gx, *gp, *gh)
 
 
+class _Wide(torch.autograd.Function):
+    """streams, params, initial states -> outputs [B, T, ...], final states [B, ...], through
+    the wide kernels (`triton_wide_codegen`). Training keeps every step's state: the state
+    buffer gets T + 1 slots instead of two, and is the history the backward replays."""
+
+    @staticmethod
+    def forward(ctx, meta, want_grad, raw, *tensors):
+        runner, w, mod, geo, B, T, nx_, np_, out_shapes, out_dtype = meta
+        rec, lay = runner.rec, runner.gen.layout
+        ctx.x_dtypes = [x.dtype for x in tensors[:nx_]]
+        xs = [x if r is None else r for x, r in zip(tensors[:nx_], raw)]
+        ps, h0 = tensors[nx_:nx_ + np_], tensors[nx_ + np_:]
+        slots = T + 1 if want_grad else 2
+        sbs = [h.new_empty(slots, *h.shape) for h in h0]
+
+        def reset():  # every slot starts as the initial state: a constant state is read from any
+            for sb, h in zip(sbs, h0):
+                sb.copy_(h.unsqueeze(0).expand_as(sb))
+        ref = h0[0]
+        ys = [ref.new_empty(B, T, *out_shapes[o.name], dtype=out_dtype) for o in rec.outputs]
+        tail = (slots, B, geo["nb"], *geo["ng"].values())
+        runner.wide_launch(mod.wide_forward, "wide_forward", T, [*xs, *ps, *sbs, *ys], geo,
+                           lambda t: (t, t + 1, tail), (0, T, tail), reset)
+        if want_grad:
+            ctx.save_for_backward(*xs, *ps, *sbs)
+        ctx.meta = meta
+        return (*ys, *[sb[T % slots] for sb in sbs])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        runner, w, mod, geo, B, T, nx_, np_, out_shapes, _ = ctx.meta
+        rec, lay = runner.rec, runner.gen.layout
+        saved = ctx.saved_tensors
+        xs, ps, sbs = saved[:nx_], saved[nx_:nx_ + np_], saved[nx_ + np_:]
+        no = len(rec.outputs)
+        dev = sbs[0].device
+        dys = [g.contiguous() if g is not None else torch.zeros(B, T, *out_shapes[o.name], device=dev)
+               for g, o in zip(grads[:no], rec.outputs)]
+        # LAM: the adjoint of the state after the step being undone, the final state's first
+        dhts = [g.to(torch.float32) if g is not None else torch.zeros_like(sb[0])
+                for g, sb in zip(grads[no:], sbs)]
+        lams = [torch.empty_like(sb[0]) for sb in sbs]
+        mats = {pr.param for pr in w.products}
+        gps = [torch.empty(T + 1, B, *sbs[pr.state].shape[2:], device=dev) for pr in w.products]
+        dxs = [torch.empty(x.shape, device=dev) for x in xs]
+        vec = [j for j, n in enumerate(w.params) if n not in mats]
+        dps = [torch.empty(geo["nb"], *ps[j].shape, device=dev) for j in vec]
+
+        def reset():
+            for lam, d in zip(lams, dhts):
+                lam.copy_(d)
+            for z in gps + dxs + dps:  # GP's slot T (after the last step) stays zero
+                z.zero_()
+        ts = [*xs, *ps, *sbs, *dys, *lams, *gps, *dxs, *dps]
+        tail = (T, B, geo["nb"], *geo["ng"].values())
+        runner.wide_launch(mod.wide_backward, "wide_backward", T, ts, geo,
+                           lambda t: (T - 1 - t, T - t, tail), (0, T, tail), reset)
+        # What the kernel leaves to GEMMs: each matrix's gradient, sum over steps and batch of
+        # g_t h_{t-1}^T, and the initial state's share of the products of the first step.
+        gp = [None] * len(ps)
+        for pr, g in zip(w.products, gps):
+            order = (pr.out_axis, pr.sum_axis)
+            hist = sbs[pr.state][:T]
+            dW = torch.einsum("tbe,tbu->eu", g[:T], hist)
+            dW = dW if order == (0, 1) else dW.t()
+            gp_j = w.params.index(pr.param)
+            gp[gp_j] = dW if gp[gp_j] is None else gp[gp_j] + dW
+            W = ps[gp_j] if order == (0, 1) else ps[gp_j].t()
+            lams[pr.state] = lams[pr.state] + g[0] @ W
+        for j, d in zip(vec, dps):
+            gp[j] = d.sum(0)
+        gx = [d.to(dt) for d, dt in zip(dxs, ctx.x_dtypes)]
+        return (None, None, None, *gx, *gp, *lams)
+
+
 def _scan_backward(runner, sgeo, B, T, xs, ps, hs, dys, dhts, x_dtypes) -> tuple:
     """Gradients of streams, params and initial states by the generated `_scan_backward`
     (`triton_scan_codegen`): the adjoint recurrence scanned in reverse time, chunk by chunk,
@@ -682,8 +756,12 @@ def compile_for(rec, analysis, sizes: dict, B: int = 16, arch: int = 90, dtype: 
         kernels = []
     w, wmod = runner.wide()
     if wmod is not None:
-        kernels.append(("wide_forward", w.args, {**runner.wide_geometry(w, sizes, B)["const"], "SYNC": True}))
+        wconst = {**runner.wide_geometry(w, sizes, B)["const"], "SYNC": True}
+        kernels.append(("wide_forward", w.args, wconst))
         mods["wide_forward"] = wmod
+        if not w.why_backward:
+            kernels.append(("wide_backward", w.bwd_args, wconst))
+            mods["wide_backward"] = wmod
     if not kernels:
         raise RnncError(w.why)
     if runner.scan.source is not None:
@@ -696,7 +774,7 @@ def compile_for(rec, analysis, sizes: dict, B: int = 16, arch: int = 90, dtype: 
     for kname, tensors, const in kernels:
         fn = getattr(mods.get(kname, runner.kernels), kname)
         sig, consts = signature(rec, fn.arg_names, tensors, const, dtype)
-        if kname == "wide_forward":
+        if kname.startswith("wide_"):
             sig["FLAGS"] = sig["ERR"] = "*i32"
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
         out[kname] = len(triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"])

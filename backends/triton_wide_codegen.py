@@ -31,7 +31,8 @@ from pathlib import Path
 
 from rnnc import ir
 
-from .triton_codegen import (TEMPLATES, Tensor, Unsupported, _fill, _Kernels, _unit, comment, full)
+from .triton_codegen import (TEMPLATES, Adjoints, Tensor, Unsupported, _fill, _Kernels, _unit, comment, full,
+                             shape_of)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Wide:
     params: list = field(default_factory=list)  # param node ids, in the order of `args`
     grid: list = field(default_factory=list)   # classes the grid runs over (A included)
     classes: list = field(default_factory=list)
+    bwd_args: list = field(default_factory=list)  # Tensor arguments of wide_backward
+    why_backward: str = ""        # why wide_backward cannot run ("" when it can)
 
 
 def _products(lay, rec, A) -> list:
@@ -142,7 +145,12 @@ class _WideKernels(_Kernels):
                 base.append(f"pid{c} * {t.name}_s{k}")
         return " + ".join(base)
 
-    def product_block(self, SB: list, mats: dict) -> list:
+    def slot_load(self, t: Tensor, slot: str) -> str:
+        """The program's block of a state buffer's slot `slot`, as a full tile."""
+        return full(f"tl.load(base_{t.name} + {slot} * {t.name}_s0 + off_{t.name}, "
+                    f"mask=msk_{t.name}, other=0.0)", self.entries(t.node))
+
+    def product_block(self, SB: list, mats: dict, slot: str = "cur") -> list:
         """The recurrent products, one column loop per state they read."""
         A, lines = self.A, []
         for j in sorted({pr.state for pr in self.products}):
@@ -153,7 +161,7 @@ class _WideKernels(_Kernels):
             lines += [f"for k0 in range(0, SZ{A}, BK):",
                       "    ok = k0 + tl.arange(0, BK).to(tl.int64)",
                       f"    mk = ok < SZ{A}",
-                      f"    hk = tl.load(base_{sb} + cur * {sb}_s0 + ob[:, None] * {sb}_s1 + "
+                      f"    hk = tl.load(base_{sb} + {slot} * {sb}_s0 + ob[:, None] * {sb}_s1 + "
                       f"ok[None, :] * {sb}_s{2 + prods[0].state_axis}, "
                       "mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=\".cg\")"
                       "  # other programs wrote it: not from L1"]
@@ -218,7 +226,7 @@ def _source(K: _WideKernels, gen, rec, products, A) -> Wide:
             pro.append(f"wbase_{t.name} = {K.matrix_base(t)}")
     start = ["# the program's block of each state, from the slot step t0 reads"]
     for t in SB:
-        start += K.access(t, "0") + [f"v{t.node} = {full(f'tl.load(base_{t.name} + (t0 % 2) * {t.name}_s0 + off_{t.name}, mask=msk_{t.name}, other=0.0)', K.entries(t.node))}"]
+        start += K.access(t, "0") + [f"v{t.node} = {K.slot_load(t, '(t0 % SLOTS)')}"]
     for t in X + Y:
         start += K.access(t) + [f"base_{t.name} += t0.to(tl.int64) * {K.step_stride(t)}"]
     step = ["# this step's inputs"] + [f"v{t.node} = {K.load(t)}" for t in X]
@@ -232,11 +240,105 @@ def _source(K: _WideKernels, gen, rec, products, A) -> Wide:
             step += [f"tl.store(base_{t.name} + nxt * {t.name}_s0 + off_{t.name}, n{j}, mask=msk_{t.name})",
                      f"v{st.read} = n{j}"]
     step += [f"base_{t.name} += {K.step_stride(t)}" for t in X + Y]
+    bwd, bwd_ts, why_bwd = _backward(K, X, P, SB, by_node, vec)
     fused = (TEMPLATES / "fused.py.tmpl").read_text()
     helpers = fused[fused.index("@triton.jit"):fused.index("@triton.jit\ndef forward(")].rstrip()
     fragments = {"SOURCE": comment(Path(rec.filename).name), "NAME": comment(rec.name),
                  "AXIS": str(A), "HELPERS": helpers.splitlines(), "ARGS": K.arg_lines(ts),
                  "GRID_ARGS": "".join(f"NG{c}, " for c in K.grid), "CONST_ARGS": const,
-                 "PROLOGUE": pro, "START": start, "STEP": step}
+                 "PROLOGUE": pro, "START": start, "STEP": step, "BWD_ARGS": K.arg_lines(bwd_ts), **bwd}
     text = _fill((TEMPLATES / "wide.py.tmpl").read_text(), fragments)
-    return Wide(text, "", A, products, ts, [t.node for t in P], K.grid, sorted(lay.size))
+    return Wide(text, "", A, products, ts, [t.node for t in P], K.grid, sorted(lay.size),
+                bwd_ts, why_bwd)
+
+
+def _backward(K: _WideKernels, X, P, SB, mats: dict, vec: list) -> tuple:
+    """(template fragments of `wide_backward`, its Tensor arguments, why it cannot run or "").
+    A step, in reverse: the state's adjoint is LAM (left by the step after) plus the products'
+    transposes over GP of the step after; the step is recomputed from the history (SB); the
+    adjoints of the rest of the step go back as in the fused backward, except that a product's
+    adjoint is stored in GP (its matrix's and its state's shares are taken from there)."""
+    lay, rec, A = K.lay, K.rec, K.A
+    why = ""
+    if any(not isinstance(rec.node(n), ir.Const) for n in K.invariant):
+        why = "the step computes values from params alone"
+    for n in lay.streams + [t.node for t in vec] + [o.node for o in lay.outputs] + [s.read for s in lay.states]:
+        if len(rec.attr(n, "shape")) != 1 or lay.classes_of(n) != {A}:
+            why = why or "a value it reads or writes is not a vector along the recurrent axis"
+    if any(len(rec.attr(pr.param, "shape")) != 2 for pr in K.products):
+        why = why or "a recurrent matrix has more than two axes"
+    DY = [Tensor(f"DY{j}", o.node, ("B", "T"), store=True) for j, o in enumerate(lay.outputs)]
+    LAM = [Tensor(f"LAM{j}", st.read, ("B",)) for j, st in enumerate(lay.states)]
+    GP = [Tensor(f"GP{k}", pr.node, ("S", "B")) for k, pr in enumerate(K.products)]
+    DX = [Tensor(f"DX{j}", t.node, ("B", "T")) for j, t in enumerate(X)]
+    DP = [Tensor(f"DP{j}", t.node, ("S",)) for j, t in enumerate(vec)]
+    ts = X + P + SB + DY + LAM + GP + DX + DP
+    gp_of = {pr.node: g for pr, g in zip(K.products, GP)}
+    start = ["# gradient accumulators of the params read whole (the matrices' come from GP)"]
+    start += [f"ga{t.node} = tl.zeros({shape_of(K.entries(t.node))}, tl.float32)" for t in vec]
+    for t in SB + LAM + GP:
+        start += K.access(t, "0")
+    for t in X + DY + DX:
+        start += K.access(t) + [f"base_{t.name} += (t1 - 1).to(tl.int64) * {K.step_stride(t)}"]
+    step = ["# the adjoint of the state after step t: its block in LAM, plus the products' transposes"]
+    for j, (t, st) in enumerate(zip(LAM, lay.states)):
+        step.append(f"gs{st.read} = {full(K.load(t), K.entries(st.read))}")
+    for j in sorted({pr.state for pr in K.products}):
+        read = lay.states[j].read
+        for k, pr in enumerate(K.products):
+            if pr.state != j:
+                continue
+            g, m = GP[k].name, mats[pr.param]
+            step += [f"for k0 in range(0, SZ{A}, BK):",
+                     "    ok = k0 + tl.arange(0, BK).to(tl.int64)",
+                     f"    mk = ok < SZ{A}",
+                     f"    gk = tl.load(base_{g} + (t + 1) * {g}_s0 + ob[:, None] * {g}_s1 + ok[None, :] * {g}_s2, "
+                     "mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=\".cg\")",
+                     f"    w = tl.load(wbase_{m} + ok[:, None] * {m}_s{pr.out_axis} + o{A}[None, :] * {m}_s{pr.sum_axis}, "
+                     f"mask=mk[:, None] & m{A}[None, :], other=0.0)",
+                     f"    gs{read} += (tl.dot(gk, w, input_precision=DOT_PREC) "
+                     f"if BLK_B >= 16 and BLK{A} >= 16 and BK >= 16 "
+                     "else tl.sum(gk[:, :, None] * w[None, :, :], axis=1))"]
+    step += ["# recompute step t from the state before it"]
+    step += [f"v{t.node} = {K.slot_load(t, 't')}" for t in SB]
+    step += [f"v{t.node} = {K.load(t)}" for t in X]
+    step += K.product_block(SB, mats, slot="t") + K.body()
+    step.append("# adjoints, in reverse order of the step")
+    adj = Adjoints(rec, [t.node for t in vec])
+    for j, (t, o) in enumerate(zip(DY, lay.outputs)):
+        step.append(f"dy{j} = {K.load(t)}")
+        arg = rec.node(o.node).arg
+        SE = K.store_entries(o.node)
+        adj.add(arg, K.reduce_to(f"dy{j}", SE, K.pos(arg, SE)), step)
+    for st in lay.states:
+        if st.write is not None:
+            arg = rec.node(st.write).arg
+            ER = K.entries(st.read)
+            adj.add(arg, K.reduce_to(f"gs{st.read}", ER, K.pos(arg, ER)), step)
+    for i in reversed(K.loop):
+        if i not in adj.assigned:
+            continue
+        step.append(f"g{i} = {full(f'g{i}', K.entries(i))}")
+        if i in gp_of:
+            g = gp_of[i]
+            step.append(f"tl.store(base_{g.name} + t * {g.name}_s0 + off_{g.name}, g{i}, mask=msk_{g.name})")
+            continue
+        lines, contrib = K.vjp(i)
+        step += lines
+        for a, expr in contrib:
+            adj.add(a, expr, step)
+    for t, dx in zip(X, DX):
+        if t.node in adj.assigned:
+            step.append(K.store(dx, full(f"g{t.node}", K.tile(dx))))
+    step.append("# the rest of the adjoint of the state before step t, for the next launch")
+    for t, st in zip(LAM, lay.states):
+        E = K.entries(st.read)
+        new = full(f"g{st.read}", E) if st.read in adj.assigned else f"tl.zeros({shape_of(E)}, tl.float32)"
+        if st.write is None:
+            new = f"gs{st.read} + {new}"
+        step.append(K.store(t, new))
+    step += [f"base_{t.name} -= {K.step_stride(t)}" for t in X + DY + DX]
+    end = ["# the params' gradients: this program's block, added to what earlier launches left"]
+    for t in DP:
+        end += K.access(t, "pid_b") + [K.store(t, f"{K.load(t)} + ga{t.node}")]
+    return {"BWD_START": start, "BWD_STEP": step, "BWD_END": end}, ts, why

@@ -12,7 +12,7 @@
 #
 # Stages (each writes OUTDIR/<stage>/, default benchmarks/results/gpu/<stage>/):
 #   session the one-command plan: first what is cheap and never measured (issue 5's scan
-#           kernel on the first-order scan and on s6, and the wide kernel on lstm at H=768
+#           kernel on the first-order scan and on s6, and the wide kernels on lstm at H=768
 #           against cuDNN, a minute or two), then issue 6's four chunk
 #           cases at T=2048 (bf16, forward and forward+backward, rnnc's tuner capped at 4
 #           candidates a key: RNNC_TRITON_TUNE=4), then the multi-head LSTM and the fla fused

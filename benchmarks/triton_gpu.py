@@ -341,7 +341,7 @@ def build_cases(keys, mode: str, fla_chunk: bool, chunk_T=None) -> list:
             out.append(Case(key, key, EXAMPLES / f"{key}.rnn", dict(D=H, H=H), B, T, two,
                             note="cuDNN in bf16 computes with bf16 weights; rnnc computes in fp32 "
                                  "(bf16 inputs are read as they are); at H=768 rnnc runs its wide "
-                                 "kernel, forward only, checked at B=16 (its tl.dot path)",
+                                 "kernels, checked at B=16 (their tl.dot path)",
                             check_B=16))
         elif key == "mhlstm":
             H = pick(768, 256, 16)

@@ -143,7 +143,7 @@ def test_golden_source(name):
     assert path.read_text() == text, f"generated source for {name} changed; see {path}"
 
 
-_VOCAB = re.compile(r"^(v|g|ga|gs|n|c|dy|o|m|pid|NG|SZ|BLK|X|Y|P|H0_|HT|HS|DY|DHT|DX|DP|DH0_|SB|base_|off_|msk_|wbase_)"
+_VOCAB = re.compile(r"^(v|g|ga|gs|n|c|dy|o|m|pid|NG|SZ|BLK|X|Y|P|H0_|HT|HS|DY|DHT|DX|DP|DH0_|SB|GP|LAM|base_|off_|msk_|wbase_)"
                     r"[A-Za-z0-9_]*$")
 _FIXED = {"import", "triton", "tl", "jit", "def", "return", "for", "in", "range", "if", "else", "and",
           "pass", "float", "x", "y", "c", "e", "r", "odd", "whole", "zeros", "pid", "pid_b", "rest",
@@ -152,7 +152,8 @@ _FIXED = {"import", "triton", "tl", "jit", "def", "return", "for", "in", "range"
           "axis", "mask", "other", "input_precision", "num_stages", "propagate_nan",
           "a", "x2", "small", "u", "d", "z",
           "wide_forward", "t0", "t1", "k0", "hk", "w", "BK", "FLAGS", "ERR", "NPROG", "NPROG_P2",
-          "MAX_SPINS", "SYNC", "spins", "pf", "done", "sem", "scope", "cache_modifier", "while"}
+          "MAX_SPINS", "SYNC", "spins", "pf", "done", "sem", "scope", "cache_modifier", "while",
+          "SLOTS", "step", "wide_backward", "gk", "tt"}
 _TL = set(dir(__import__("triton.language", fromlist=["x"])))
 
 

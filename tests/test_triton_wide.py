@@ -1,6 +1,6 @@
-"""The Triton backend's wide kernel (`triton_wide_codegen`): dense recurrences whose recurrent
-matrices do not fit the fused kernel's registers (an LSTM at H = 768), under Triton's
-interpreter. The fused kernel's register limit is lowered here so that small sizes take the
+"""The Triton backend's wide kernels (`triton_wide_codegen`): dense recurrences whose recurrent
+matrices do not fit the fused kernel's registers (an LSTM at H = 768), forward and backward,
+under Triton's interpreter. The fused kernel's register limit is lowered here so that small sizes take the
 wide path; H = 40 is cut into three blocks of 16 (the last one padded), and B = 17 makes two
 batch blocks of 16, where the recurrent products run as tl.dot.
 """
@@ -97,14 +97,35 @@ def test_random_nonlinear_specs(wide, seed):
     assert tb.LAUNCHES["wide_forward"] == 9
 
 
-def test_training_is_refused_with_a_clear_error(wide):
-    """The wide kernel is forward-only: a call that needs gradients says so (backend="auto"
-    then runs the reference loop) instead of returning outputs without a backward."""
-    m = rnnc.compile("examples/lstm.rnn", backend="triton", D=8, H=40)
-    x = torch.randn(2, 3, 8)
-    with pytest.raises(rnnc.RnncError, match="forward-only"):
+@pytest.mark.parametrize("B,T", [(3, 5), (17, 4)], ids=["B3", "B17"])
+@pytest.mark.parametrize("name", DENSE)
+def test_gradients_match_sequential(wide, name, B, T):
+    """Gradients of inputs, params and initial states (of a random projection of the outputs
+    and final states) through wide_backward, one launch per step, and the GEMMs after it."""
+    case = widened(name)
+    got = run_case(case, "triton", torch.float32, B, T, grad=True)
+    assert tb.LAUNCHES["wide_backward"] == T
+    ref = run_case(case, "sequential", torch.float64, B, T, grad=True)
+    s32 = run_case(case, "sequential", torch.float32, B, T, grad=True)
+    judge_float32(name, got, ref, s32)
+
+
+def test_training_without_a_backward_is_refused_with_a_clear_error(wide):
+    """A spec the wide forward takes but its backward does not (here a value computed from
+    params alone, exp(b)) says so when a call needs gradients, instead of returning outputs
+    without one; under torch.no_grad() it runs."""
+    src = ("rnn expbias(x[D]) -> h[H] {\n"
+           "    param W[H,D], U[H,H], b[H]\n"
+           "    state h[H] = 0\n"
+           "    h = tanh(W @ x + U @ h + exp(b))\n"
+           "}\n")
+    m = rnnc.compile(src, backend="triton", D=4, H=20)
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(rnnc.RnncError, match="no backward here .the step computes values from params"):
         m(x)
     assert tb.LAUNCHES["wide_forward"] == 0
+    with torch.no_grad():
+        assert m(x).shape == (2, 3, 20)
 
 
 @pytest.mark.parametrize("stmt,why", [
@@ -136,8 +157,9 @@ def test_emit_shows_the_wide_kernel():
 
 
 def test_compiles_for_gpu_at_full_width():
-    """At H = 768 only the wide kernel is compiled (the fused one does not fit), down to an
-    sm_90 cubin, fp32 and bf16, for lstm and gru; at B = 16 (tl.dot rows) it spills nothing."""
+    """At H = 768 only the wide kernels are compiled (the fused ones do not fit), down to sm_90
+    cubins, fp32 and bf16, for lstm and gru; at B = 16 (tl.dot rows) the forward, waiting
+    between steps, spills nothing."""
     code = ("import rnnc, triton\n"
             "from triton.backends.compiler import GPUTarget\n"
             "from triton.compiler import ASTSource\n"
@@ -147,7 +169,7 @@ def test_compiles_for_gpu_at_full_width():
             "    a = rnnc.analysis.analyse(rec)\n"
             "    for dt in ('fp32', 'bf16'):\n"
             "        got = tb.compile_for(rec, a, dict(D=768, H=768), B=16, dtype=dt)\n"
-            "        assert set(got) == {'wide_forward'} and got['wide_forward'] > 0, got\n"
+            "        assert set(got) == {'wide_forward', 'wide_backward'} and min(got.values()) > 0, got\n"
             "rec = rnnc.load('examples/lstm.rnn')\n"
             "r = tb.Runner(rec, rnnc.analysis.analyse(rec))\n"
             "w, mod = r.wide()\n"
@@ -166,7 +188,7 @@ def test_compiles_for_gpu_at_full_width():
 
 def test_one_launch_for_all_steps_where_programs_wait(wide, monkeypatch):
     """RNNC_TRITON_WIDE=persistent: one launch runs every step, the programs waiting for each
-    other between steps. Under the interpreter, which runs programs one after another, that
+    other between steps, forward and backward. Under the interpreter, which runs programs one after another, that
     completes with a single program (H = 16, B = 3); with three, the first waits past its cap,
     raises the flag, and the runner redoes the call a step a launch: the same results."""
     monkeypatch.setenv("RNNC_TRITON_WIDE", "persistent")
@@ -180,6 +202,12 @@ def test_one_launch_for_all_steps_where_programs_wait(wide, monkeypatch):
             s32 = run_case(case, "sequential", torch.float32, 3, 5)
         judge_float32("lstm", got, ref, s32)
         assert tb.LAUNCHES["wide_forward"] == launches and tb.LAUNCHES["wide_fallback"] == fallbacks
+        tb.LAUNCHES.clear()
+        got = run_case(case, "triton", torch.float32, 3, 5, grad=True)
+        ref = run_case(case, "sequential", torch.float64, 3, 5, grad=True)
+        s32 = run_case(case, "sequential", torch.float32, 3, 5, grad=True)
+        judge_float32("lstm", got, ref, s32)
+        assert tb.LAUNCHES["wide_backward"] == launches and tb.LAUNCHES["wide_fallback"] == 2 * fallbacks
 
 
 def test_wide_mode_setting_is_checked(wide, monkeypatch):
