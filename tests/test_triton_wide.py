@@ -215,3 +215,20 @@ def test_wide_mode_setting_is_checked(wide, monkeypatch):
     m = rnnc.compile("examples/elman.rnn", backend="triton", D=4, H=20)
     with torch.no_grad(), pytest.raises(rnnc.RnncError, match="RNNC_TRITON_WIDE must be"):
         m(torch.randn(2, 3, 4))
+
+
+def test_bf16_input_gradients_are_the_float32_ones_rounded(wide):
+    """Training on bf16 inputs: the kernels read them as they are, every gradient accumulates
+    in float32, and the inputs' gradients come back in bf16, rounded once."""
+    m = rnnc.compile("examples/gru.rnn", backend="triton", D=8, H=40)
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    # cotangents that bf16 holds exactly: both runs then backpropagate the same values
+    wy = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).float()
+    grads = []
+    for xin in (x.clone().requires_grad_(), x.float().requires_grad_()):
+        m.zero_grad()
+        (m(xin).float() * wy).sum().backward()
+        grads.append((xin.grad, [p.grad.clone() for p in m.parameters()]))
+    (g16, p16), (g32, p32) = grads
+    assert g16.dtype == torch.bfloat16 and torch.equal(g16, g32.to(torch.bfloat16))
+    assert all(torch.equal(a, b) for a, b in zip(p16, p32))
