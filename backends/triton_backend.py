@@ -342,11 +342,12 @@ class Runner:
 
     def _wide_sync(self, device, programs: int) -> bool:
         """Whether one launch runs every step (programs wait for each other between steps):
-        RNNC_TRITON_WIDE = step (never), persistent (always; the interpreter runs programs one
-        after another, so there it only completes with one program, else falls back), or auto
-        (default: on CUDA when every program can be resident at once, one per SM at most, and
-        no earlier call of this runner had to fall back)."""
-        mode = os.environ.get("RNNC_TRITON_WIDE", "auto") or "auto"
+        RNNC_TRITON_WIDE = step (the default: the one-launch form has not yet run on a GPU, and
+        a memory-ordering mistake there would give wrong numbers, not an error), persistent
+        (always; the interpreter runs programs one after another, so there it only completes
+        with one program, else falls back), or auto (on CUDA when every program can be
+        resident at once, one per SM at most, and no earlier call had to fall back)."""
+        mode = os.environ.get("RNNC_TRITON_WIDE", "step") or "step"
         if mode not in ("auto", "step", "persistent"):
             raise RnncError(f"RNNC_TRITON_WIDE must be auto, step or persistent, got {mode!r}")
         if mode != "auto":

@@ -12,7 +12,8 @@
 #
 # Stages (each writes OUTDIR/<stage>/, default benchmarks/results/gpu/<stage>/):
 #   session the one-command plan: first what is cheap and never measured (issue 5's scan
-#           kernel on the first-order scan and on s6, and the wide kernels on lstm at H=768
+#           kernel on the first-order scan and on s6, and the wide kernels on lstm at H=768, a launch
+#           per step and, as lstm_sync, one launch per pass
 #           against cuDNN, a minute or two), then issue 6's four chunk
 #           cases at T=2048 (bf16, forward and forward+backward, rnnc's tuner capped at 4
 #           candidates a key: RNNC_TRITON_TUNE=4), then the multi-head LSTM and the fla fused
@@ -85,7 +86,7 @@ stage() {
     session) mkdir -p "$OUT/session"
             RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} timeout "${SESSION_LIMIT:-540}" \
               "$PY" benchmarks/triton_gpu.py \
-              --cases scan,s6,lstm,chunk_gla,chunk_gated_deltanet,chunk_retnet,chunk_mamba2,mhlstm,fla \
+              --cases scan,s6,lstm,lstm_sync,chunk_gla,chunk_gated_deltanet,chunk_retnet,chunk_mamba2,mhlstm,fla \
               --chunk-T 2048 --rep-ms 50 --deadline-s "${SESSION_DEADLINE:-400}" \
               --out "$OUT/session" 2>&1 | tee "$OUT/session/log.txt" ;;
     *)      echo "unknown stage $1" >&2; return 2 ;;

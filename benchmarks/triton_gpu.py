@@ -12,6 +12,7 @@ benchmarks/results/quick with --quick) and prints the table.
 Cases (--cases, comma-separated; "fla" = gla,retnet,gated_deltanet):
 
     lstm     examples/lstm.rnn, B=16 T=1024 D=H=768, fp32 and bf16 inputs, vs torch.nn.LSTM (cuDNN)
+    lstm_sync  lstm with RNNC_TRITON_WIDE=persistent (the wide kernels in one launch per pass)
     gru      examples/gru.rnn, same sizes, vs torch.nn.GRU (cuDNN)
     mhlstm   an inline multi-head LSTM (NH heads of width E, NH*E = 768, E = 64 and 32), vs
              torch.nn.LSTM(768) with the block-diagonal weights copied in: the same function,
@@ -68,7 +69,8 @@ ROOT = HERE.parent
 EXAMPLES = ROOT / "examples"
 
 CHUNK_CASES = ("chunk_gla", "chunk_retnet", "chunk_mamba2", "chunk_gated_deltanet")
-ALL_CASES = ("lstm", "gru", "mhlstm", "s6", "scan", "gla", "retnet", "gated_deltanet") + CHUNK_CASES
+ALL_CASES = ("lstm", "lstm_sync", "gru", "mhlstm", "s6", "scan", "gla", "retnet",
+             "gated_deltanet") + CHUNK_CASES
 ALIASES = {"fla": ("gla", "retnet", "gated_deltanet"), "chunk": CHUNK_CASES, "all": ALL_CASES}
 
 CHECK_B, CHECK_T = 2, 128
@@ -262,8 +264,8 @@ def _peers_for(case: str, fla_chunk: bool) -> list:
     from rnnc import peers as P
     Peer = P.Peer
     fla = dict(package="fla", pip="fla-core triton")
-    if case in ("lstm", "gru"):
-        return [PeerSpec(P.peers_for(case)[0])]  # torch.nn.LSTM / GRU with our weights (cuDNN)
+    if case in ("lstm", "gru", "lstm_sync"):  # torch.nn.LSTM / GRU with our weights (cuDNN)
+        return [PeerSpec(P.peers_for(case.removesuffix("_sync"))[0])]
     if case == "mhlstm":
         return [PeerSpec(Peer("mhlstm", "torch.nn.LSTM(NH*E) cuDNN, block-diagonal weights", "torch",
                               "torch", ("cpu", "cuda"), _mhlstm_cudnn))]
@@ -324,6 +326,7 @@ class Case:
     bandwidth: bool = False   # report 3 * B*T*D * element size / time
     note: str = ""
     check_B: int = CHECK_B    # batch of the correctness check
+    env: dict = field(default_factory=dict)  # environment variables set while the case runs
     peers: list = field(default_factory=list)
 
 
@@ -343,6 +346,13 @@ def build_cases(keys, mode: str, fla_chunk: bool, chunk_T=None) -> list:
                                  "(bf16 inputs are read as they are); at H=768 rnnc runs its wide "
                                  "kernels, checked at B=16 (their tl.dot path)",
                             check_B=16))
+        elif key == "lstm_sync":  # the wide kernels' one-launch form, not yet the default
+            H = pick(768, 256, 16)
+            B, T = pick((16, 1024), (4, 256), (2, 16))
+            out.append(Case(key, "lstm, wide kernels in one launch", EXAMPLES / "lstm.rnn",
+                            dict(D=H, H=H), B, T, note="RNNC_TRITON_WIDE=persistent: the wide "
+                            "kernels' programs wait for each other between steps inside one launch",
+                            check_B=16, env={"RNNC_TRITON_WIDE": "persistent"}))
         elif key == "mhlstm":
             H = pick(768, 256, 16)
             D = H
@@ -934,11 +944,19 @@ def main(argv=None) -> int:
                                                  f"(--deadline-s) had passed")
             continue
         log(f"[{spent:5.0f} s] {case.label}: B={case.B} T={case.T} {case.dims}")
+        saved = {k: os.environ.get(k) for k in case.env}
+        os.environ.update(case.env)
         try:
             case_rows = run_case(case, args, device, log)
         except Exception as e:  # the reference itself or the inputs: record and go on
             log(traceback.format_exc())
             case_rows = _not_run(case, args.backend, f"case set-up raised {_short(e)}")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         rows += case_rows
         done_keys.append(case.key)
         if out is not None:  # so far: what a command killed at its time limit leaves behind
