@@ -53,9 +53,22 @@ def _first_poisoned(kin: dict) -> tuple:
     return int(steps.nonzero()[0]), clean
 
 
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may be views of the same memory."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _coef(t: Term) -> Term:
     """The coefficient of a state term: the same term with the state dropped."""
     return Term(t.scale, t.factors, None, t.out)
+
+
+def _small_first(terms) -> list:
+    """terms with each product's factors ordered by their axes, fewest first. einsum multiplies
+    left to right, so factors over the same axes meet before the product grows: s6's input
+    dt[d] * B[n] * x[d] costs one pass over [B*L, D, N] instead of two."""
+    return [Term(t.scale, tuple(sorted(t.factors, key=lambda fc: (len(fc.labels), fc.labels))),
+                 t.state, t.out) for t in terms]
 
 
 class _Chunked:
@@ -97,14 +110,16 @@ class BlockSolver:
     primitives (`scan_kernels`' signatures: linear_scan, maxplus_scan, chunk_linear_attention,
     chunk_delta_rule, dense_scan). chunk_size is passed to the chunk forms as their `chunk`
     (None: kernels that choose their own, as the Triton ones do; then `block` is needed) and
-    is the block length when `block` is not given; nothing else here uses it."""
+    is the block length when `block` is not given; nothing else here uses it. block_elements
+    (optional) lengthens the blocks of small states, see _block_length."""
 
-    def __init__(self, rec, analysis, kernels, chunk_size=64, block=None):
+    def __init__(self, rec, analysis, kernels, chunk_size=64, block=None, block_elements=None):
         self.rec, self.analysis, self.chunk = rec, analysis, chunk_size
         self.K = kernels
         # Hoisted work and materialised states exist one block at a time (bounded memory);
         # inside a block the chunk kernels work on all its chunks at once.
         self.block = block or chunk_size
+        self.block_elements = block_elements
         if not self.block:
             raise RnncError("internal: the block solver needs a block length when the chunk "
                             "kernels choose their chunk")
@@ -138,37 +153,76 @@ class BlockSolver:
                 continue
             deps = {reads[a] for a in nx.ancestors(g, n) | {n} if a in reads}
             phases[max((index[d] + 1 for d in deps), default=0)].append(n)
-        self.phases = phases
-        # Hoisted work that something reads: the phases, the outputs, and the factors of the
-        # normal forms (never the materialised k ⊗ v that a chunked state only has in factors).
-        want = {a for p in phases for n in p for a in ir.operands(rec.node(n))}
-        want |= {o.node for o in rec.outputs}
+        # What the solver itself reads: the outputs, and the factors of the normal forms
+        # (never the materialised k ⊗ v that a chunked state only has in factors).
+        roots = {o.node for o in rec.outputs}
         for name, f in facts.items():
             terms = list(f.terms) + [t for ts in f.readouts.values() for t in ts]
             if f.maxplus is not None:
                 terms += list(f.maxplus[0])
-                want |= set(f.maxplus[1])
+                roots |= set(f.maxplus[1])
             for t in terms:
                 for fc in t.factors:
-                    want.add(fc.node)
+                    roots.add(fc.node)
                     node = rec.node(fc.node)
                     if isinstance(node, ir.Elementwise) and node.op is Op.EXP:
-                        want.add(node.args[0])  # _log_coef reads the exponent itself
-        self.want = want
+                        roots.add(node.args[0])  # _log_coef reads the exponent itself
+        # Phase nodes nothing reads are dropped: the step's own a * h_old of a diagonal update
+        # is such a node (the scan supplies the new state), and evaluating it would cost a full
+        # pass over the block and a copy of the old states (s6, mingru).
+        live = set(roots)
+        for n in reversed([n for p in phases for n in p]):  # phases run in topological order
+            if n in live:
+                live |= set(ir.operands(rec.node(n)))
+        self.phases = [[n for n in p if n in live] for p in phases]
+        # Hoisted work (and old state values) that something reads.
+        self.want = want = roots | {a for p in self.phases for n in p for a in ir.operands(rec.node(n))}
+        # A chunked state's decay exp(x) is read by the chunk forms as x (_log_coef); the
+        # decay itself only where a block is solved step by step or materialised. So it is
+        # computed lazily, for those blocks only, unless something else reads it: gla's
+        # exp(g) over each block was ~10% of its scan time.
+        lazy = set()
+        for name, lay in self.layout.items():
+            diag = [_coef(t) for t in lay.diag]
+            if self._exp_factors(diag):
+                lazy |= {fc.node for t in diag for fc in t.factors}
+        for name, f in facts.items():
+            lay = self.layout.get(name)
+            terms = list(f.terms) + [t for ts in f.readouts.values() for t in ts]
+            if f.maxplus is not None:
+                terms += list(f.maxplus[0])
+            if lay is not None and self._exp_factors([_coef(t) for t in lay.diag]):
+                terms = [t for t in terms if t not in lay.diag]
+            lazy -= {fc.node for t in terms for fc in t.factors}
+        lazy -= {o.node for o in rec.outputs} | {a for p in self.phases for n in p
+                                                 for a in ir.operands(rec.node(n))}
         needed = set()
-        for n in want:
+        for n in want - lazy:
             if n in analysis.hoisted:
                 needed.add(n)
                 needed |= nx.ancestors(g, n)
         self.hoisted = [i for i in self.hoisted if i in needed]
+        self.lazy = [i for i in rec.order() if i in lazy and i not in needed]
         self._cache = {}
+
+    def _exp_factors(self, terms) -> bool:
+        """Whether terms (a coefficient) are one positive multiple of a product of exp(...)
+        nodes, whose logarithm _log_coef takes from the exponents."""
+        return len(terms) == 1 and terms[0].scale > 0 and bool(terms[0].factors) and all(
+            isinstance(self.rec.node(fc.node), ir.Elementwise)
+            and self.rec.node(fc.node).op is Op.EXP for fc in terms[0].factors)
 
     def _programs(self, sizes, dtype, device):
         key = (tuple(sorted(sizes.items())), dtype, device)
         if key not in self._cache:
             low = lambda ids: interpret.lower_nodes(self.rec, ids, sizes, dtype, device)  # noqa: E731
-            self._cache[key] = (low(self.hoisted), [low(p) for p in self.phases])
+            self._cache[key] = (low(self.hoisted), [low(p) for p in self.phases], low(self.lazy))
         return self._cache[key]
+
+    def _fill_lazy(self, env):
+        """Computes the lazily evaluated decays (see __init__) for this block, once."""
+        if self.lazy and self.lazy[0] not in env:
+            interpret.run_program(self._lazy_prog, env)
 
     def __call__(self, sizes, params, inputs, state0):
         rec = self.rec
@@ -178,7 +232,7 @@ class BlockSolver:
         if B == 0 or T == 0:  # nothing to scan: empty outputs, the initial state unchanged
             return ({o.name: x0.new_zeros(B, T, *interpret.concrete(o.shape, sizes)) for o in rec.outputs},
                     dict(state0))
-        hoist_prog, phase_progs = self._programs(sizes, dtype, device)
+        hoist_prog, phase_progs, self._lazy_prog = self._programs(sizes, dtype, device)
         self._sizes = sizes
         shapes = {s.name: interpret.concrete(s.shape, sizes) for s in rec.states}
         carry = {}
@@ -188,9 +242,15 @@ class BlockSolver:
                 carry[s.name] = lay.to_kernel(state0[s.name], shapes[s.name], B, 1)[:, 0]
             else:
                 carry[s.name] = state0[s.name]
+        # Without autograd each block's outputs go straight into [B, T, ...] tensors, while
+        # they are still in cache, instead of a list of blocks concatenated at the end.
+        grad = torch.is_grad_enabled() and any(
+            t.requires_grad for d in (inputs, params, state0) for t in d.values())
         outs = {o.name: [] for o in rec.outputs}
-        for t0 in range(0, T, self.block):
-            L = min(self.block, T - t0)
+        block = self._block_length(B, shapes)
+        single = block >= T  # one block: its outputs are returned as they are where they may be
+        for t0 in range(0, T, block):
+            L = min(block, T - t0)
             env = {}
             for d in rec.inputs:
                 x = inputs[d.name][:, t0:t0 + L]
@@ -205,17 +265,46 @@ class BlockSolver:
             for o in rec.outputs:
                 v = env[o.node]
                 shape = interpret.concrete(o.shape, sizes)
-                outs[o.name].append(v.expand(B * L if v.shape[0] == 1 else v.shape[0], *shape)
-                                    .reshape(B, L, *shape))
+                v = v.expand(B * L if v.shape[0] == 1 else v.shape[0], *shape).reshape(B, L, *shape)
+                if grad or single:
+                    outs[o.name].append(v)
+                    continue
+                if not outs[o.name]:
+                    outs[o.name].append(v.new_empty(B, T, *shape))
+                outs[o.name][0][:, t0:t0 + L] = v
         final = {}
         for s in rec.states:
             c = carry[s.name]
             if s.name in self.layout:
                 c = self._from_kernel(s.name, c, shapes[s.name])
             final[s.name] = c
-        outputs = {o.name: (torch.cat(outs[o.name], 1) if outs[o.name] else
-                            x0.new_zeros(B, 0, *interpret.concrete(o.shape, sizes))) for o in rec.outputs}
+        outputs, taken = {}, [*inputs.values(), *params.values(), *state0.values(), *final.values()]
+        for o in rec.outputs:
+            v = outs[o.name][0]
+            if grad or (single and not v.is_contiguous() or any(_shares(v, x) for x in taken)):
+                # a fresh tensor, as the sequential backend gives: a single block's output may
+                # be a view (of an input, a state, another output, or expanded over the batch)
+                v = torch.cat(outs[o.name], 1)
+            outputs[o.name] = v
+            taken.append(v)
         return outputs, final
+
+    def _block_length(self, B, shapes):
+        """Steps per block: `block`, or with block_elements, the largest power-of-two multiple
+        of it whose materialised states ([B, L, *shape] per elementwise or max-plus state,
+        [B, L, n, n] transitions per dense one) stay within block_elements."""
+        if not self.block_elements:
+            return self.block
+        per_step = 0
+        for name, f in self.facts.items():
+            if name in self.layout:
+                continue
+            n = math.prod(shapes[name])
+            per_step += n * n if f.method == "dense" else n
+        L = self.block
+        while B * 2 * L * max(per_step, 1) <= self.block_elements:
+            L *= 2
+        return L
 
     # --- per-state solvers -------------------------------------------------------------------
     def _bl(self, x, shape, B, L):
@@ -255,10 +344,10 @@ class BlockSolver:
         if f.method in ("chunked", "chunked_delta"):
             self._solve_chunked(name, env, carry, shape, B, L)
             return
-        diag = [_coef(t) for t in f.terms if t.state is not None and t.state[1] == labels]
-        inputs = [t for t in f.terms if t.state is None]
-        zeros = carry[name].new_zeros(B, L, *shape)
-        b = self._bl(eval_terms(inputs, env, labels), shape, B, L) if inputs else zeros
+        diag = _small_first(_coef(t) for t in f.terms if t.state is not None and t.state[1] == labels)
+        inputs = _small_first(t for t in f.terms if t.state is None)
+        b = (self._bl(eval_terms(inputs, env, labels), shape, B, L) if inputs
+             else carry[name].new_zeros(B, L, *shape))
         if f.method == "elementwise":
             if any(t.state is not None and t.state[1] != labels for t in f.terms):
                 raise RnncError(f"internal: state {name} has a non-diagonal term but an elementwise plan")
@@ -286,9 +375,7 @@ class BlockSolver:
 
     def _log_coef(self, terms, env, labels, what):
         """log of a positive coefficient; exact for products of exp(...) factors."""
-        if len(terms) == 1 and terms[0].scale > 0 and terms[0].factors and all(
-                isinstance(self.rec.node(fc.node), ir.Elementwise)
-                and self.rec.node(fc.node).op is Op.EXP for fc in terms[0].factors):
+        if self._exp_factors(terms):
             t = terms[0]
             parts = [Term(float(fc.power), (Factor(self.rec.node(fc.node).args[0], fc.labels),),
                           None, t.out) for fc in t.factors]
@@ -411,6 +498,7 @@ class BlockSolver:
         (the chunk forms need logarithms), used for blocks where a decay is negative."""
         lay = self.layout[name]
         labels = lay.labels
+        self._fill_lazy(env)
         S0 = self._from_kernel(name, carry[name], shape)
         diag = [_coef(t) for t in lay.diag]
         a = self._bl(eval_terms(diag, env, labels), shape, B, L)
@@ -423,6 +511,7 @@ class BlockSolver:
         (as the sequential backend does), from S, the state before step t0 [B, *shape]."""
         f = self.facts[name]
         labels = self.layout[name].labels
+        self._fill_lazy(env)
         S_t0 = S
         nodes = {fc.node for t in f.terms for fc in t.factors}
         per_step = {n: env[n].reshape(B, L, *env[n].shape[1:]) for n in nodes if env[n].shape[0] == B * L}

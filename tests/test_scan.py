@@ -28,6 +28,9 @@ import torch  # noqa: E402
 
 import rnnc  # noqa: E402
 import rnnc.analysis  # noqa: E402
+import rnnc.backends.scan  # noqa: E402
+import rnnc.backends.scan_kernels  # noqa: E402
+import rnnc.ir  # noqa: E402
 from rnnc.interpret import concrete  # noqa: E402
 
 import oracles  # noqa: E402
@@ -569,3 +572,84 @@ def test_chunked_plan_with_negative_decays_is_exact():
     yr, fr = ref(*xs, initial_state=init, output_final_state=True)
     torch.testing.assert_close(ya, yr, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fa["S"], fr["S"], rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# 10. the no-autograd path
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize("case", ASSOC, ids=ids)
+def test_no_grad_path_matches_autograd_path(case, T, monkeypatch):
+    """Without autograd the scan backend writes its results in place: outputs into [B, T, ...]
+    tensors block by block, elementwise states and chunk chains in place, chunk groups into
+    one output; with inputs that require grad it builds them functionally and concatenates.
+    Both agree with each other and with the sequential backend, from an initial state, with
+    its final state, for T=1 and for T=37 in blocks of 8 steps (elementwise plans) or of 2
+    chunks of 8 (matrix plans, one chunk per group), the last block partial."""
+    monkeypatch.setattr(rnnc.backends.scan, "BLOCK_CHUNKS", 2)
+    monkeypatch.setattr(rnnc.backends.scan_kernels, "_GROUP_ELEMENTS", 1)
+    B = 2
+    scan, seq, _ = compile_pair(case, chunk_size=8)
+    xs = make_inputs(case, B, T, F64, seed=400 + T)
+    init = make_initial_state(case, B, F64, seed=500 + T)
+    with torch.no_grad():
+        out, final = run(scan, xs, init)
+        want, want_final = run(seq, xs, init)
+    assert not out.requires_grad
+    close_all(out, final, want, want_final, f"{case.name} no grad")
+    g_out, g_final = run(scan, [x.clone().requires_grad_() for x in xs], init)
+    assert g_out.requires_grad
+    close_all(out, final, g_out.detach(), {k: v.detach() for k, v in g_final.items()},
+              f"{case.name} no grad vs autograd")
+
+
+def test_elementwise_blocks_follow_the_state_size(monkeypatch):
+    """Elementwise plans without a chunk_size get blocks of at least 64 steps, longer for small
+    states (about 2^20 state elements per block); a chunk_size asked for is the block length.
+    Results stay those of the sequential backend when T is not a multiple of the block."""
+    def block(name, shape, **kw):
+        solver = rnnc.compile(str(CASE_BY_NAME[name].path), backend="scan", **kw)._runner
+        return solver._block_length(4, {"h": shape})
+    assert block("s6", (256, 16), D=256, N=16) == 64
+    assert block("mingru", (256,), D=256, H=256) == 1024
+    assert block("mingru", (256,), D=256, H=256, chunk_size=8) == 8
+    case = CASE_BY_NAME["mingru"]
+    B, T = 2, 300
+    H = case.state_shape("h")[0]
+    monkeypatch.setattr(rnnc.backends.scan, "ELEMENTWISE_BLOCK_ELEMENTS", B * 128 * H)
+    scan, seq, _ = compile_pair(case, chunk_size=None)
+    assert scan._runner._block_length(B, {"h": (H,)}) == 128   # blocks of 128, 128 and 44
+    xs = make_inputs(case, B, T, F64, seed=71)
+    init = make_initial_state(case, B, F64, seed=72)
+    with torch.no_grad():
+        close_all(*run(scan, xs, init), *run(seq, xs, init), "mingru, 128-step blocks")
+
+
+@pytest.mark.parametrize("name", ["s6", "mingru"])
+def test_unread_old_state_is_not_materialised(name):
+    """A diagonal update's a * h_old is the scan's own work: the solver neither evaluates that
+    node nor copies the old states out for it when nothing else reads them."""
+    m = rnnc.compile(str(CASE_BY_NAME[name].path), backend="scan", **CASE_BY_NAME[name].dims)
+    solver = m._runner
+    assert all(s.read not in solver.want for s in m.recurrence.states)
+    assert not any(s.read in rnnc.ir.operands(m.recurrence.node(n))
+                   for p in solver.phases for n in p for s in m.recurrence.states)
+
+
+def test_lazy_decay_of_a_block_solved_step_by_step():
+    """gla's decay exp(g) is not computed for blocks the chunk form solves (it reads g); a block
+    with a NaN input is solved step by step from the NaN on, and there the decay is computed.
+    Outputs before the NaN, after it, and the final state match the sequential backend."""
+    case = CASE_BY_NAME["gla"]
+    scan, seq, _ = compile_pair(case, chunk_size=4)
+    assert scan._runner.lazy
+    xs = make_inputs(case, 2, 21, F64, seed=81)
+    init = make_initial_state(case, 2, F64, seed=82)
+    xs[1][1, 13] = float("nan")  # k of batch row 1 at step 13
+    with torch.no_grad():
+        out, final = run(scan, xs, init)
+        want, want_final = run(seq, xs, init)
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10, equal_nan=True)
+    torch.testing.assert_close(final["S"], want_final["S"], rtol=1e-9, atol=1e-10, equal_nan=True)
+    assert torch.isfinite(out[:, :13]).all() and torch.isfinite(out[0]).all()

@@ -218,6 +218,37 @@ def test_linear_scan_float32():
     pair_close(got, ref_linear(a, b, h0), rtol=1e-4)
 
 
+def _grad_path(fn, *args):
+    """fn's results on its autograd path (the inputs require grad), detached."""
+    args = [None if x is None else x.detach().clone().requires_grad_() for x in args]
+    out = fn(*args)
+    assert any(x is not None and x.requires_grad for x in out)
+    return tuple(None if x is None else x.detach() for x in out)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 7, 16, 17, 64, 300])
+def test_linear_scan_no_grad_path_matches_autograd_path(L):
+    """Without autograd, linear_scan writes every state in place into one tensor (three
+    passes over sub-chunks, the last L mod sub steps one at a time); with inputs that require
+    grad it builds them functionally. Both agree with each other and with the loop, for a
+    full and for broadcast decays of both signs (zeros included) and a nonzero h0."""
+    randn, rand = gen(60 + L)
+    b, h0 = randn(2, L, 4, 3), randn(2, 4, 3)
+    full = 2 * rand(2, L, 4, 3) - 1
+    full[:, L // 2] = 0.0
+    for a in (full, rand(2, L, 4, 1), rand(1, L, 1, 3), rand(2, 1, 4, 3)):
+        got = sk.linear_scan(a, b, h0)
+        assert not got[0].requires_grad
+        pair_close(got, ref_linear(a.expand_as(b), b, h0))
+        pair_close(got, _grad_path(sk.linear_scan, a, b, h0))
+        with torch.no_grad():  # inputs that require grad, autograd off: the in-place path too
+            pair_close(sk.linear_scan(*(x.clone().requires_grad_() for x in (a, b, h0))), got,
+                       rtol=0)
+    got32 = sk.linear_scan(full.float(), b.float(), h0.float())
+    assert all(x.dtype == F32 for x in got32)
+    pair_close(got32, ref_linear(full, b, h0), rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- 2. maxplus_scan
 
 @pytest.mark.parametrize("L", LENGTHS)
@@ -530,6 +561,37 @@ def test_long_odd_chunks_and_groups(chunk, monkeypatch):
         q, r, w, p, v, la, S0 = delta_inputs(L, kind, seed=200 + L)
         want = _ref_cached(("delta", L, kind, True), ref_delta, q, r, w, p, v, la, S0)
         pair_close(sk.chunk_delta_rule(q, r, w, p, v, la, S0, chunk=chunk), want)
+
+
+@pytest.mark.parametrize("groups", ["batched", "one chunk each"])
+def test_chunk_forms_no_grad_path_matches_autograd_path(groups, monkeypatch):
+    """Without autograd the chunk forms chain the chunk states in place and copy each group's
+    outputs into one tensor; with inputs that require grad they stack and concatenate. Same
+    results, and the same as the loops, over 37 steps in chunks of 8 (the last one partial),
+    in one group or one group per chunk, with and without queries, from a nonzero state."""
+    L, chunk = 37, 8
+    if groups != "batched":
+        _groups_of(monkeypatch, 1, 3, chunk)
+    for per_channel in (False, True):
+        q, k, v, ld, S0 = la_inputs(L, per_channel, seed=300)
+        for inc in (True, False):
+            fn = lambda *x: sk.chunk_linear_attention(*x, include_current=inc, chunk=chunk)  # noqa: B023,E731
+            got = fn(q, k, v, ld, S0)
+            pair_close(got, ref_linear_attention(q, k, v, ld, S0, inc))
+            pair_close(got, _grad_path(fn, q, k, v, ld, S0))
+        got = sk.chunk_linear_attention(None, k, v, ld, S0, chunk=chunk)
+        assert got[0] is None
+        close(got[1], _grad_path(lambda *x: sk.chunk_linear_attention(None, *x, chunk=chunk),
+                                 k, v, ld, S0)[1])
+    for kind in ("deltanet", "general"):
+        q, r, w, p, v, la, S0 = delta_inputs(L, kind, seed=301)
+        got = sk.chunk_delta_rule(q, r, w, p, v, la, S0, chunk=chunk)
+        pair_close(got, ref_delta(q, r, w, p, v, la, S0))
+        shared = p is w  # deltanet: w itself as p, the kernel's shorter path, on both paths
+        pair_close(got, _grad_path(
+            lambda q, r, w, p, v, la, S0: sk.chunk_delta_rule(q, r, w, w if shared else p, v, la,
+                                                              S0, chunk=chunk),
+            q, r, w, p, v, la, S0))
 
 
 def test_long_chunk_must_be_positive():
