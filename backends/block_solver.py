@@ -251,13 +251,7 @@ class BlockSolver:
         single = block >= T  # one block: its outputs are returned as they are where they may be
         for t0 in range(0, T, block):
             L = min(block, T - t0)
-            env = {}
-            for d in rec.inputs:
-                x = inputs[d.name][:, t0:t0 + L]
-                env[d.node] = x.reshape(B * L, *x.shape[2:])
-            for d in rec.params:
-                env[d.node] = params[d.name].unsqueeze(0)
-            interpret.run_program(hoist_prog, env)
+            env = interpret.hoisted_env(rec, hoist_prog, params, inputs, t0, L)
             for k, name in enumerate(self.order):
                 interpret.run_program(phase_progs[k], env)
                 self._solve(name, env, carry, shapes[name], B, L)

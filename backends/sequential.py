@@ -41,12 +41,7 @@ class Runner:
         hoist_prog, core_prog = self._programs(sizes, dtype, device)
 
         # Hoisted work: inputs flattened to [B*T, ...], params with a batch axis of 1.
-        env = {}
-        for d in rec.inputs:
-            env[d.node] = inputs[d.name].reshape(B * T, *inputs[d.name].shape[2:])
-        for d in rec.params:
-            env[d.node] = params[d.name].unsqueeze(0)
-        interpret.run_program(hoist_prog, env)
+        env = interpret.hoisted_env(rec, hoist_prog, params, inputs)
 
         # Values the core reads from hoisted work: per-step slices, or as they are when
         # they do not vary over the batch.

@@ -76,14 +76,7 @@ def hoisted_timer(module, xs):
 
     def run():
         for t0 in range(0, T, block):
-            L = min(block, T - t0)
-            env = {}
-            for d in rec.inputs:
-                x = inputs[d.name][:, t0:t0 + L]
-                env[d.node] = x.reshape(B * L, *x.shape[2:])
-            for d in rec.params:
-                env[d.node] = params[d.name].unsqueeze(0)
-            interpret.run_program(prog, env)
+            interpret.hoisted_env(rec, prog, params, inputs, t0, min(block, T - t0))
     return run
 
 

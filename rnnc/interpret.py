@@ -106,3 +106,19 @@ def run_program(prog: list, env: dict) -> dict:
     for i, fn, args in prog:
         env[i] = fn(*(env[a] for a in args))
     return env
+
+
+def hoisted_env(rec: ir.Recurrence, prog: list, params: dict, inputs: dict, t0: int = 0,
+                L: int | None = None) -> dict:
+    """The values of steps [t0, t0 + L) (every step by default) that need no state: each input
+    [B, T, ...] sliced and flattened to [B*L, ...], each param with a batch axis of 1, and what
+    the state-free program `prog` (from `lower_nodes`) computes from them."""
+    env = {}
+    for d in rec.inputs:
+        x = inputs[d.name]
+        x = x[:, t0:] if L is None else x[:, t0:t0 + L]
+        env[d.node] = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    for d in rec.params:
+        env[d.node] = params[d.name].unsqueeze(0)
+    run_program(prog, env)
+    return env
