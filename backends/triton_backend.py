@@ -368,7 +368,7 @@ class Runner:
         want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in streams + ps + h0)
         if want_grad and w.why_backward:
             raise RnncError(
-                f"rnn {rec.name}: at these sizes the recurrent matrices do not fit the fused kernel's "
+                "at these sizes the recurrent matrices do not fit the fused kernel's "
                 f"registers, and the wide kernel that runs them has no backward here ({w.why_backward}): "
                 "train with backend='sequential' (or 'auto', which does so), or run under torch.no_grad()")
         meta = (self, w, mod, self.wide_geometry(w, sizes, B), B, T, len(streams), len(ps),

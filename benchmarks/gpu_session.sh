@@ -17,8 +17,8 @@
 #           against cuDNN, a minute or two), then issue 6's four chunk
 #           cases at T=2048 (bf16, forward and forward+backward, rnnc's tuner capped at 4
 #           candidates a key: RNNC_TRITON_TUNE=4), then the multi-head LSTM and the fla fused
-#           cases (measured in session 2) if time is left; no case starts after 400 s
-#           (SESSION_DEADLINE), the whole stage is cut at 540 s (SESSION_LIMIT); the log is
+#           cases (measured in session 2) if time is left; no case starts after 390 s
+#           (SESSION_DEADLINE), the whole stage is cut at 520 s (SESSION_LIMIT); the log is
 #           OUTDIR/session/log.txt
 #   check   full-size correctness of every example, fp32 and bf16 (benchmarks/triton_check.py)
 #   scan    issue 5: first-order scan (B=8 T=4096 D=1536, fp32 and bf16) vs accelerated-scan,
@@ -84,10 +84,10 @@ stage() {
     chunk3) run chunk3 --cases chunk_mamba2 ;;
     chunk4) run chunk4 --cases chunk_gated_deltanet ;;
     session) mkdir -p "$OUT/session"
-            RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} timeout "${SESSION_LIMIT:-540}" \
+            RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} timeout "${SESSION_LIMIT:-520}" \
               "$PY" benchmarks/triton_gpu.py \
               --cases scan,s6,lstm,lstm_sync,chunk_gla,chunk_gated_deltanet,chunk_retnet,chunk_mamba2,mhlstm,fla \
-              --chunk-T 2048 --rep-ms 50 --deadline-s "${SESSION_DEADLINE:-400}" \
+              --chunk-T 2048 --rep-ms 50 --deadline-s "${SESSION_DEADLINE:-390}" \
               --out "$OUT/session" 2>&1 | tee "$OUT/session/log.txt" ;;
     *)      echo "unknown stage $1" >&2; return 2 ;;
   esac

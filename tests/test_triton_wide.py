@@ -232,3 +232,23 @@ def test_bf16_input_gradients_are_the_float32_ones_rounded(wide):
     (g16, p16), (g32, p32) = grads
     assert g16.dtype == torch.bfloat16 and torch.equal(g16, g32.to(torch.bfloat16))
     assert all(torch.equal(a, b) for a, b in zip(p16, p32))
+
+
+def test_heads_run_forward_and_say_why_they_do_not_train(wide):
+    """A multi-head LSTM (heads a parallel axis of the grid, E the recurrent one): the forward
+    runs; its backward, which takes vectors along the recurrent axis only, says so."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from triton_gpu import MHLSTM_SPEC
+    finally:
+        sys.path.pop(0)
+    dims = dict(D=8, NH=3, E=40)
+    ref = rnnc.compile(MHLSTM_SPEC, backend="sequential", **dims).double()
+    tri = rnnc.compile(MHLSTM_SPEC, backend="triton", **dims)
+    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    x = torch.randn(3, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert rel_err(tri(x.float()), ref(x)) < 1e-5
+    assert tb.LAUNCHES["wide_forward"] == 4
+    with pytest.raises(rnnc.RnncError, match="no backward here .a value it reads or writes"):
+        tri(x.float())
