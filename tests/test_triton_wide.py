@@ -110,6 +110,31 @@ def test_gradients_match_sequential(wide, name, B, T):
     judge_float32(name, got, ref, s32)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_random_nonlinear_specs_train(wide, seed):
+    """Gradients of inputs, params and the initial state of random Elman-like specs at H = 20
+    (a random projection of outputs and final state), against the float64 reference."""
+    src, dims = rnnc.random_spec(seed, "nonlinear")
+    dims = {**dims, "H": 20}
+    ref = rnnc.compile(src, backend="sequential", **dims).double()
+    tri = rnnc.compile(src, backend="triton", **dims)
+    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    g = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(2, 7, dims["D"], generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, 20, generator=g, dtype=torch.float64)
+    wy, wh = torch.randn(2, 7, 20, generator=g, dtype=torch.float64), torch.randn(2, 20, generator=g, dtype=torch.float64)
+
+    def grads(m, dtype):
+        xs, s0 = x.to(dtype).requires_grad_(), h0.to(dtype).requires_grad_()
+        y, fin = m(xs, initial_state={"h": s0}, output_final_state=True)
+        loss = (y.double() * wy).sum() + (fin["h"].double() * wh).sum()
+        return torch.autograd.grad(loss, [xs, s0, *m.parameters()])
+    want, got = grads(ref, torch.float64), grads(tri, torch.float32)
+    assert tb.LAUNCHES["wide_backward"] == 7
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-4
+
+
 def test_training_without_a_backward_is_refused_with_a_clear_error(wide):
     """A spec the wide forward takes but its backward does not (here a value computed from
     params alone, exp(b)) says so when a call needs gradients, instead of returning outputs
