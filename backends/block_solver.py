@@ -26,6 +26,8 @@ from rnnc.affine import Factor, Term, eval_terms, state_labels as _labels
 from rnnc.errors import RnncError
 from rnnc.ir import Op
 
+from .scan_kernels import _needs_grad, _shares  # tensor predicates, not the kernels table
+
 DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
 
 
@@ -53,9 +55,11 @@ def _first_poisoned(kin: dict) -> tuple:
     return int(steps.nonzero()[0]), clean
 
 
-def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b may be views of the same memory."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+def _solver_terms(f) -> list:
+    """Every normal-form term the solver reads for one state: its update, its readouts and
+    its max-plus terms."""
+    terms = list(f.terms) + [t for ts in f.readouts.values() for t in ts]
+    return terms + list(f.maxplus[0]) if f.maxplus is not None else terms
 
 
 def _coef(t: Term) -> Term:
@@ -157,11 +161,9 @@ class BlockSolver:
         # (never the materialised k ⊗ v that a chunked state only has in factors).
         roots = {o.node for o in rec.outputs}
         for name, f in facts.items():
-            terms = list(f.terms) + [t for ts in f.readouts.values() for t in ts]
             if f.maxplus is not None:
-                terms += list(f.maxplus[0])
                 roots |= set(f.maxplus[1])
-            for t in terms:
+            for t in _solver_terms(f):
                 for fc in t.factors:
                     roots.add(fc.node)
                     node = rec.node(fc.node)
@@ -176,26 +178,19 @@ class BlockSolver:
                 live |= set(ir.operands(rec.node(n)))
         self.phases = [[n for n in p if n in live] for p in phases]
         # Hoisted work (and old state values) that something reads.
-        self.want = want = roots | {a for p in self.phases for n in p for a in ir.operands(rec.node(n))}
+        phase_reads = {a for p in self.phases for n in p for a in ir.operands(rec.node(n))}
+        self.want = want = roots | phase_reads
         # A chunked state's decay exp(x) is read by the chunk forms as x (_log_coef); the
         # decay itself only where a block is solved step by step or materialised. So it is
         # computed lazily, for those blocks only, unless something else reads it: gla's
         # exp(g) over each block was ~10% of its scan time.
-        lazy = set()
-        for name, lay in self.layout.items():
-            diag = [_coef(t) for t in lay.diag]
-            if self._exp_factors(diag):
-                lazy |= {fc.node for t in diag for fc in t.factors}
+        exp_diag = {name: lay.diag for name, lay in self.layout.items()
+                    if self._exp_factors([_coef(t) for t in lay.diag])}
+        lazy = {fc.node for ts in exp_diag.values() for t in ts for fc in t.factors}
         for name, f in facts.items():
-            lay = self.layout.get(name)
-            terms = list(f.terms) + [t for ts in f.readouts.values() for t in ts]
-            if f.maxplus is not None:
-                terms += list(f.maxplus[0])
-            if lay is not None and self._exp_factors([_coef(t) for t in lay.diag]):
-                terms = [t for t in terms if t not in lay.diag]
-            lazy -= {fc.node for t in terms for fc in t.factors}
-        lazy -= {o.node for o in rec.outputs} | {a for p in self.phases for n in p
-                                                 for a in ir.operands(rec.node(n))}
+            lazy -= {fc.node for t in _solver_terms(f) if t not in exp_diag.get(name, ())
+                     for fc in t.factors}
+        lazy -= {o.node for o in rec.outputs} | phase_reads
         needed = set()
         for n in want - lazy:
             if n in analysis.hoisted:
@@ -244,8 +239,7 @@ class BlockSolver:
                 carry[s.name] = state0[s.name]
         # Without autograd each block's outputs go straight into [B, T, ...] tensors, while
         # they are still in cache, instead of a list of blocks concatenated at the end.
-        grad = torch.is_grad_enabled() and any(
-            t.requires_grad for d in (inputs, params, state0) for t in d.values())
+        grad = _needs_grad(*inputs.values(), *params.values(), *state0.values())
         outs = {o.name: [] for o in rec.outputs}
         block = self._block_length(B, shapes)
         single = block >= T  # one block: its outputs are returned as they are where they may be

@@ -288,10 +288,6 @@ class Runner:
         if B == 0 or T == 0:
             return ({o.name: ref.new_zeros(B, T, *out_shapes[o.name], dtype=out_dtype) for o in rec.outputs},
                     dict(state0))
-        try:
-            geo = self.geometry(sizes, B)
-        except _TooWide as err:
-            return self._wide_call(sizes, params, inputs, state0, B, T, out_dtype, out_shapes, err)
         reads, streams = self.streams(sizes, params, inputs, B, T)
         # what the kernels read where autograd follows another tensor of the same values
         raw = tuple(r if r is not x else None for r, x in zip(reads, streams))
@@ -299,6 +295,11 @@ class Runner:
         h0 = [state0[s.name].contiguous() for s in lay.states]
         want_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in streams + ps + h0)
+        try:
+            geo = self.geometry(sizes, B)
+        except _TooWide as err:
+            return self._wide_call(sizes, B, T, raw, streams, ps, h0, want_grad, out_shapes,
+                                   out_dtype, err)
         hist = sum(B * (T + 1) * math.prod(interpret.concrete(s.shape, sizes)) for s in lay.states)
         if want_grad and hist > HISTORY_LIMIT:
             raise RnncError(f"training through the fused kernel stores every step's state ({hist:.3g} "
@@ -355,17 +356,14 @@ class Runner:
         return (device.type == "cuda" and not self._wide_fell_back
                 and programs <= torch.cuda.get_device_properties(device).multi_processor_count)
 
-    def _wide_call(self, sizes, params, inputs, state0, B, T, out_dtype, out_shapes, err):
-        """Through the wide kernels: a dense recurrence too wide for the fused kernel."""
+    def _wide_call(self, sizes, B, T, raw, streams, ps, h0, want_grad, out_shapes, out_dtype, err):
+        """Through the wide kernels: a dense recurrence too wide for the fused kernel. The
+        arguments are __call__'s: the wide kernels take the fused kernel's streams, params (in
+        `Layout.params` order, as `Wide.params`) and initial states."""
         rec, lay = self.rec, self.gen.layout
         w, mod = self.wide()
         if mod is None:
             raise RnncError(f"{err.message} (the wide kernel: {w.why})")
-        reads, streams = self.streams(sizes, params, inputs, B, T)
-        raw = tuple(r if r is not x else None for r, x in zip(reads, streams))
-        ps = [params[rec.node(n).name].contiguous() for n in w.params]
-        h0 = [state0[s.name].to(torch.float32).contiguous() for s in lay.states]
-        want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in streams + ps + h0)
         if want_grad and w.why_backward:
             raise RnncError(
                 "at these sizes the recurrent matrices do not fit the fused kernel's "
@@ -385,6 +383,8 @@ class Runner:
         after `reset()` has set the buffers it writes back to their starting values."""
         ref = ts[0]
         sync = self._wide_sync(ref.device, geo["programs"])
+        launch = kernel[(geo["programs"],)]
+        spins = WIDE_SPINS + 64 * T
         while True:
             reset()
             flags = torch.zeros(geo["programs"] if sync else 1, dtype=torch.int32, device=ref.device)
@@ -392,8 +392,7 @@ class Runner:
             args = (*ts, *_flat_strides(ts), flags, failed)
             with _on(ref.device):
                 for t0, t1, rest in ([whole] if sync else (per_step(t) for t in range(T))):
-                    kernel[(geo["programs"],)](*args, t0, t1, *rest, geo["programs"], WIDE_SPINS + 64 * T,
-                                               SYNC=sync, **geo["const"])
+                    launch(*args, t0, t1, *rest, geo["programs"], spins, SYNC=sync, **geo["const"])
                     LAUNCHES[name] += 1
             if not sync or not bool(failed.item()):
                 return
@@ -709,13 +708,14 @@ def build(rec, analysis, chunk_size=None):
     return Runner(rec, analysis, chunk_size)  # chunk_size: the scan kernel's chunk
 
 
-def signature(rec, arg_names, tensors, const: dict, dtype: str = "fp32") -> tuple:
+def signature(rec, arg_names, tensors, const: dict, dtype: str = "fp32", flags=()) -> tuple:
     """(signature, constexprs) of one generated kernel for `triton.compile`: its pointer
     arguments `tensors` (`Generated.fwd` or `.bwd`), `const` its constexpr values. dtype is
     the inputs' dtype, "fp32", "bf16" or "fp16": the tensors a call with such inputs passes
     in it are typed so (the raw input streams, the outputs, and the outputs' gradients as the
     backward reads them); hoisted contractions, params, states, the history and every
-    gradient the kernels write stay fp32."""
+    gradient the kernels write stay fp32. `flags` names int32 pointer arguments (the wide
+    kernels' `Wide.flag_args`)."""
     import re
     if dtype not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
@@ -732,6 +732,8 @@ def signature(rec, arg_names, tensors, const: dict, dtype: str = "fp32") -> tupl
             consts[name] = const.get(name, True)
         elif name in by_name:
             sig[name] = "*" + element(by_name[name])
+        elif name in flags:
+            sig[name] = "*i32"
         else:
             sig[name] = "i32"
     return sig, consts
@@ -749,34 +751,31 @@ def compile_for(rec, analysis, sizes: dict, B: int = 16, arch: int = 90, dtype: 
     from triton.compiler import ASTSource
     runner = Runner(rec, analysis)
     gen = runner.gen
-    mods = {}
+    fused = runner.kernels
     try:
         geo = runner.geometry(sizes, B)
-        kernels = [("forward", gen.fwd, runner.constexprs(geo)), ("backward", gen.bwd, runner.constexprs(geo))]
-    except _TooWide:  # only the wide kernel runs at these sizes
+        kernels = [(fused, "forward", gen.fwd, runner.constexprs(geo)),
+                   (fused, "backward", gen.bwd, runner.constexprs(geo))]
+    except _TooWide:  # only the wide kernels run at these sizes
         kernels = []
     w, wmod = runner.wide()
     if wmod is not None:
         wconst = {**runner.wide_geometry(w, sizes, B)["const"], "SYNC": True}
-        kernels.append(("wide_forward", w.args, wconst))
-        mods["wide_forward"] = wmod
+        kernels.append((wmod, "wide_forward", w.args, wconst))
         if not w.why_backward:
-            kernels.append(("wide_backward", w.bwd_args, wconst))
-            mods["wide_backward"] = wmod
+            kernels.append((wmod, "wide_backward", w.bwd_args, wconst))
     if not kernels:
         raise RnncError(w.why)
     if runner.scan.source is not None:
-        kernels.append(("_scan_forward", gen.fwd,
+        kernels.append((fused, "_scan_forward", gen.fwd,
                         runner.scan_constexprs(runner.scan_geometry(sizes, B, 4096))))
     if runner.scan.backward:
-        kernels.append(("_scan_backward", gen.bwd,
+        kernels.append((fused, "_scan_backward", gen.bwd,
                         _scan_backward_constexprs(runner, runner.scan_geometry(sizes, B, 4096))))
     out = {}
-    for kname, tensors, const in kernels:
-        fn = getattr(mods.get(kname, runner.kernels), kname)
-        sig, consts = signature(rec, fn.arg_names, tensors, const, dtype)
-        if kname.startswith("wide_"):
-            sig["FLAGS"] = sig["ERR"] = "*i32"
+    for mod, kname, tensors, const in kernels:
+        fn = getattr(mod, kname)
+        sig, consts = signature(rec, fn.arg_names, tensors, const, dtype, w.flag_args)
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
         out[kname] = len(triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"])
     return out

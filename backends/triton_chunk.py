@@ -154,7 +154,12 @@ def stages(chunk: int, BK: int, BV: int, scalar: bool) -> int:
     that is 389 KB at K = 256 per key channel, more than a block may have. The most stages
     (at most 3) whose prefetch fits STAGE_BYTES, so that two such programs can share an SM;
     1 (no prefetch) where even one chunk does not fit."""
-    per = chunk * (BK + BV + 2 * (1 if scalar else BK)) * 4
+    return _fitting_stages(chunk * (BK + BV + 2 * (1 if scalar else BK)) * 4)
+
+
+def _fitting_stages(per: int) -> int:
+    """The most pipeline stages (at most 3, at least 1) whose prefetch of `per` bytes per
+    stage beyond the first fits STAGE_BYTES."""
     return max([1] + [n for n in (2, 3) if (n - 1) * per <= STAGE_BYTES])
 
 
@@ -165,10 +170,7 @@ def walk_stages(chunk: int, BK: int, scalar: bool) -> int:
     9 * chunk * BK float32 per stage (the sm_90 compiles measured 5.9-8.9 at K = 64, 128 and
     C = 32, 64), so at C = 64 three stages need 308 KB at K = 64 and 533 KB at K = 128, more
     than a block may have. The most stages (at most 3) whose prefetch fits STAGE_BYTES."""
-    if not scalar:
-        return 3
-    per = 9 * chunk * BK * 4
-    return max([1] + [n for n in (2, 3) if (n - 1) * per <= STAGE_BYTES])
+    return _fitting_stages(9 * chunk * BK * 4) if scalar else 3
 
 
 def default_config(K: int, V: int, chunk: int = DEFAULT_CHUNK) -> tune.Config:

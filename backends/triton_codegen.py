@@ -715,6 +715,39 @@ class _Kernels(Emitter):
                  ", ".join(f"BLK{c}: tl.constexpr" for c in self.kept)]
         return [x + "," for x in const if x]
 
+    def step_adjoints(self, adj, DY, dy_value, X, DX, stored=None) -> list:
+        """One step's adjoints, in reverse order of the step (the fused and the wide backward):
+        the outputs' gradients (`dy_value(t)` of DY tensor t) and the new states' (gs<read>)
+        seed the values they come from, every value's vjp sends its adjoint on to its operands
+        (through `adj`), and the streams' gradients are stored in DX. `stored`: {node: line}
+        for values whose adjoint that line stores instead of sending it on."""
+        rec, lay, lines = self.rec, self.lay, []
+        for j, (t, o) in enumerate(zip(DY, lay.outputs)):
+            lines.append(f"dy{j} = {dy_value(t)}")
+            arg = rec.node(o.node).arg
+            SE = self.store_entries(o.node)
+            adj.add(arg, self.reduce_to(f"dy{j}", SE, self.pos(arg, SE)), lines)
+        for st in lay.states:
+            if st.write is not None:
+                arg = rec.node(st.write).arg
+                ER = self.entries(st.read)
+                adj.add(arg, self.reduce_to(f"gs{st.read}", ER, self.pos(arg, ER)), lines)
+        for i in reversed(self.loop):
+            if i not in adj.assigned:
+                continue
+            lines.append(f"g{i} = {full(f'g{i}', self.entries(i))}")
+            if stored and i in stored:
+                lines.append(stored[i])
+                continue
+            more, contrib = self.vjp(i)
+            lines += more
+            for a, expr in contrib:
+                adj.add(a, expr, lines)
+        for t, dx in zip(X, DX):
+            if t.node in adj.assigned:
+                lines.append(self.store(dx, full(f"g{t.node}", self.tile(dx))))
+        return lines
+
     # --- fragments ---------------------------------------------------------------------------
     def prologue(self, params) -> list:
         lay, lines = self.lay, ["pid = tl.program_id(0)", "pid_b = (pid % NB).to(tl.int64)",
@@ -840,27 +873,7 @@ def generate(rec, analysis) -> Generated:
     bstep.append("# adjoints, in reverse order of the step")
     adj = Adjoints(rec, acc_nodes)
     assigned, accumulate = adj.assigned, adj.add
-    for j, (t, o) in enumerate(zip(DY, lay.outputs)):
-        bstep.append(f"dy{j} = {seed(t)}")
-        arg = rec.node(o.node).arg
-        SE = K.store_entries(o.node)
-        accumulate(arg, K.reduce_to(f"dy{j}", SE, K.pos(arg, SE)), bstep)
-    for j, st in enumerate(lay.states):
-        if st.write is not None:
-            arg = rec.node(st.write).arg
-            ER = K.entries(st.read)
-            accumulate(arg, K.reduce_to(f"gs{st.read}", ER, K.pos(arg, ER)), bstep)
-    for i in reversed(K.loop):
-        if i not in assigned:
-            continue
-        bstep.append(f"g{i} = {full(f'g{i}', K.entries(i))}")
-        lines, contrib = K.vjp(i)
-        bstep += lines
-        for a, expr in contrib:
-            accumulate(a, expr, bstep)
-    for t, dx in zip(X, DX):
-        if t.node in assigned:
-            bstep.append(K.store(dx, full(f"g{t.node}", K.tile(dx))))
+    bstep += K.step_adjoints(adj, DY, seed, X, DX)
     for j, st in enumerate(lay.states):
         r = st.read
         E = K.entries(r)

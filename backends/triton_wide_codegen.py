@@ -57,6 +57,13 @@ class Wide:
     classes: list = field(default_factory=list)
     bwd_args: list = field(default_factory=list)  # Tensor arguments of wide_backward
     why_backward: str = ""        # why wide_backward cannot run ("" when it can)
+    flag_args: tuple = ("FLAGS", "ERR")  # int32 pointer arguments of both kernels
+
+
+def _line(rec, n: int, fmt: str) -> str:
+    """fmt with node n's source line, or "" where it has none."""
+    pos = rec.attr(n, "pos")
+    return fmt.format(pos.line) if pos and pos.line else ""
 
 
 def _products(lay, rec, A) -> list:
@@ -68,8 +75,8 @@ def _products(lay, rec, A) -> list:
         if not (isinstance(node, ir.Contract)
                 and any(ch not in node.out for sub in node.subscripts for ch in sub)):
             continue
-        pos = rec.attr(n, "pos")
-        where = f"the product at line {pos.line}" if pos and pos.line else "a product"
+        at = _line(rec, n, " at line {}")
+        where = f"the product{at}" if at else "a product"
         if len(node.args) != 2:
             raise Unsupported(f"{where} has {len(node.args)} operands; the wide kernel takes "
                               "a param matrix times a state")
@@ -85,7 +92,7 @@ def _products(lay, rec, A) -> list:
         if len(paxes) != 2 or len(saxes) != 1 or len(oaxes) != 1:
             raise Unsupported(f"{where} is not a matrix-vector product along one axis")
         summed = ssub[saxes[0]]
-        if summed in node.out or node.out[oaxes[0]] not in psub:
+        if summed in node.out:
             raise Unsupported(f"{where} does not sum the state's recurrent axis")
         sum_axis = next(k for k in paxes if psub[k] == summed)
         out_axis = next(k for k in paxes if k != sum_axis)
@@ -107,8 +114,7 @@ def _check_rest(lay, rec, A, products) -> None:
             continue
         if any(a in mats for a in ir.operands(node)):
             raise Unsupported("a recurrent matrix is read by something other than its product")
-        pos = rec.attr(n, "pos")
-        where = f" (line {pos.line})" if pos and pos.line else ""
+        where = _line(rec, n, " (line {})")
         classes = [lay.cls.get((n, k)) for k in range(len(rec.attr(n, "shape")))]
         if classes.count(A) > 1:
             raise Unsupported(f"a value with two recurrent axes{where}")
@@ -145,6 +151,12 @@ class _WideKernels(_Kernels):
                 base.append(f"pid{c} * {t.name}_s{k}")
         return " + ".join(base)
 
+    def column_tiles(self) -> list:
+        """The header of a loop over column tiles of the recurrent axis: ok/mk in its body."""
+        A = self.A
+        return [f"for k0 in range(0, SZ{A}, BK):", "    ok = k0 + tl.arange(0, BK).to(tl.int64)",
+                f"    mk = ok < SZ{A}"]
+
     def slot_load(self, t: Tensor, slot: str) -> str:
         """The program's block of a state buffer's slot `slot`, as a full tile."""
         return full(f"tl.load(base_{t.name} + {slot} * {t.name}_s0 + off_{t.name}, "
@@ -158,9 +170,7 @@ class _WideKernels(_Kernels):
             sb = SB[j].name
             lines.append("# recurrent products: the whole previous state, a column tile at a time")
             lines += [f"v{pr.node} = tl.zeros((BLK_B, BLK{A}), tl.float32)" for pr in prods]
-            lines += [f"for k0 in range(0, SZ{A}, BK):",
-                      "    ok = k0 + tl.arange(0, BK).to(tl.int64)",
-                      f"    mk = ok < SZ{A}",
+            lines += self.column_tiles() + [
                       f"    hk = tl.load(base_{sb} + {slot} * {sb}_s0 + ob[:, None] * {sb}_s1 + "
                       f"ok[None, :] * {sb}_s{2 + prods[0].state_axis}, "
                       "mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=\".cg\")"
@@ -188,20 +198,11 @@ def generate(gen, rec) -> Wide:
     A = mixed[0]
     lay = replace(lay0, parallel=lay0.parallel | {A}, kept_parallel=A)
     try:
+        # Every class but A is parallel (grid-indexed, no tile axis), so a product and the
+        # state it reads are [BLK_B, BLK<A>] tiles.
         products = _products(lay, rec, A)
         _check_rest(lay, rec, A, products)
-        for st in lay.states:
-            if [k for k, s in enumerate(st.shape) if not _unit(s) and lay.cls.get((st.read, k)) != A
-                    and lay.cls.get((st.read, k)) not in lay.parallel]:
-                raise Unsupported(f"state {st.name} has an axis that is neither recurrent nor parallel")
-        K = _WideKernels(lay, products, A)
-        for pr in products:
-            st = lay.states[pr.state]
-            if (K.entries(pr.node) != ["b", (next(k for k, e in enumerate(rec.attr(pr.node, "shape"))
-                                                  if lay.cls.get((pr.node, k)) == A), A)]
-                    or K.entries(st.read) != ["b", (pr.state_axis, A)]):
-                raise Unsupported(f"state {st.name} or its product has a second tiled axis")
-        return _source(K, gen, rec, products, A)
+        return _source(_WideKernels(lay, products, A), gen, rec, products, A)
     except Unsupported as e:
         return Wide(None, e.message)
 
@@ -273,7 +274,6 @@ def _backward(K: _WideKernels, X, P, SB, mats: dict, vec: list) -> tuple:
     DX = [Tensor(f"DX{j}", t.node, ("B", "T")) for j, t in enumerate(X)]
     DP = [Tensor(f"DP{j}", t.node, ("S",)) for j, t in enumerate(vec)]
     ts = X + P + SB + DY + LAM + GP + DX + DP
-    gp_of = {pr.node: g for pr, g in zip(K.products, GP)}
     start = ["# gradient accumulators of the params read whole (the matrices' come from GP)"]
     start += [f"ga{t.node} = tl.zeros({shape_of(K.entries(t.node))}, tl.float32)" for t in vec]
     for t in SB + LAM + GP:
@@ -283,15 +283,9 @@ def _backward(K: _WideKernels, X, P, SB, mats: dict, vec: list) -> tuple:
     step = ["# the adjoint of the state after step t: its block in LAM, plus the products' transposes"]
     for j, (t, st) in enumerate(zip(LAM, lay.states)):
         step.append(f"gs{st.read} = {full(K.load(t), K.entries(st.read))}")
-    for j in sorted({pr.state for pr in K.products}):
-        read = lay.states[j].read
-        for k, pr in enumerate(K.products):
-            if pr.state != j:
-                continue
-            g, m = GP[k].name, mats[pr.param]
-            step += [f"for k0 in range(0, SZ{A}, BK):",
-                     "    ok = k0 + tl.arange(0, BK).to(tl.int64)",
-                     f"    mk = ok < SZ{A}",
+    for pr, gt in sorted(zip(K.products, GP), key=lambda pg: pg[0].state):  # stable: by state
+        read, g, m = lay.states[pr.state].read, gt.name, mats[pr.param]
+        step += K.column_tiles() + [
                      f"    gk = tl.load(base_{g} + (t + 1) * {g}_s0 + ob[:, None] * {g}_s1 + ok[None, :] * {g}_s2, "
                      "mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=\".cg\")",
                      f"    w = tl.load(wbase_{m} + ok[:, None] * {m}_s{pr.out_axis} + o{A}[None, :] * {m}_s{pr.sum_axis}, "
@@ -305,31 +299,9 @@ def _backward(K: _WideKernels, X, P, SB, mats: dict, vec: list) -> tuple:
     step += K.product_block(SB, mats, slot="t") + K.body()
     step.append("# adjoints, in reverse order of the step")
     adj = Adjoints(rec, [t.node for t in vec])
-    for j, (t, o) in enumerate(zip(DY, lay.outputs)):
-        step.append(f"dy{j} = {K.load(t)}")
-        arg = rec.node(o.node).arg
-        SE = K.store_entries(o.node)
-        adj.add(arg, K.reduce_to(f"dy{j}", SE, K.pos(arg, SE)), step)
-    for st in lay.states:
-        if st.write is not None:
-            arg = rec.node(st.write).arg
-            ER = K.entries(st.read)
-            adj.add(arg, K.reduce_to(f"gs{st.read}", ER, K.pos(arg, ER)), step)
-    for i in reversed(K.loop):
-        if i not in adj.assigned:
-            continue
-        step.append(f"g{i} = {full(f'g{i}', K.entries(i))}")
-        if i in gp_of:
-            g = gp_of[i]
-            step.append(f"tl.store(base_{g.name} + t * {g.name}_s0 + off_{g.name}, g{i}, mask=msk_{g.name})")
-            continue
-        lines, contrib = K.vjp(i)
-        step += lines
-        for a, expr in contrib:
-            adj.add(a, expr, step)
-    for t, dx in zip(X, DX):
-        if t.node in adj.assigned:
-            step.append(K.store(dx, full(f"g{t.node}", K.tile(dx))))
+    stored = {pr.node: f"tl.store(base_{g.name} + t * {g.name}_s0 + off_{g.name}, g{pr.node}, mask=msk_{g.name})"
+              for pr, g in zip(K.products, GP)}
+    step += K.step_adjoints(adj, DY, K.load, X, DX, stored)
     step.append("# the rest of the adjoint of the state before step t, for the next launch")
     for t, st in zip(LAM, lay.states):
         E = K.entries(st.read)

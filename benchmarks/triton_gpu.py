@@ -59,6 +59,7 @@ import sys
 import tempfile
 import time
 import traceback
+from unittest import mock
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -944,19 +945,12 @@ def main(argv=None) -> int:
                                                  f"(--deadline-s) had passed")
             continue
         log(f"[{spent:5.0f} s] {case.label}: B={case.B} T={case.T} {case.dims}")
-        saved = {k: os.environ.get(k) for k in case.env}
-        os.environ.update(case.env)
         try:
-            case_rows = run_case(case, args, device, log)
+            with mock.patch.dict(os.environ, case.env):
+                case_rows = run_case(case, args, device, log)
         except Exception as e:  # the reference itself or the inputs: record and go on
             log(traceback.format_exc())
             case_rows = _not_run(case, args.backend, f"case set-up raised {_short(e)}")
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         rows += case_rows
         done_keys.append(case.key)
         if out is not None:  # so far: what a command killed at its time limit leaves behind
