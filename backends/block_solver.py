@@ -75,6 +75,10 @@ def _small_first(terms) -> list:
                  t.state, t.out) for t in terms]
 
 
+class _Unfit(Exception):
+    """A stream's leaf does not fit the chunk kernels' layout."""
+
+
 class _Chunked:
     """How one matrix state maps to the chunk kernels: axis groups and term pieces."""
 
@@ -115,7 +119,9 @@ class BlockSolver:
     chunk_delta_rule, dense_scan). chunk_size is passed to the chunk forms as their `chunk`
     (None: kernels that choose their own, as the Triton ones do; then `block` is needed) and
     is the block length when `block` is not given; nothing else here uses it. block_elements
-    (optional) lengthens the blocks of small states, see _block_length."""
+    (optional) lengthens the blocks of small states, see _block_length. When `kernels` has
+    `gate_streams` (the triton_gates module), the linear-attention chunk kernels get their
+    operands as streams (_plan_streams): the gates are computed inside the kernels."""
 
     def __init__(self, rec, analysis, kernels, chunk_size=64, block=None, block_elements=None):
         self.rec, self.analysis, self.chunk = rec, analysis, chunk_size
@@ -158,17 +164,50 @@ class BlockSolver:
             deps = {reads[a] for a in nx.ancestors(g, n) | {n} if a in reads}
             phases[max((index[d] + 1 for d in deps), default=0)].append(n)
         # What the solver itself reads: the outputs, and the factors of the normal forms
-        # (never the materialised k ⊗ v that a chunked state only has in factors).
+        # (never the materialised k ⊗ v that a chunked state only has in factors). `keep`: what
+        # must be computed for every block; the rest of the roots only where a block is solved
+        # another way (lazy, below).
         roots = {o.node for o in rec.outputs}
+        keep = set(roots)
+        self.streams = self._plan_streams() if getattr(kernels, "gate_streams", None) else {}
+        # A chunked state's decay exp(x) is read by the chunk forms as x (_log_coef); the
+        # decay itself only where a block is solved step by step or materialised. So it is
+        # computed lazily, for those blocks only, unless something else reads it: gla's
+        # exp(g) over each block was ~10% of its scan time. With streams every factor of the
+        # state's update and queries is such a value: the kernels compute them from the leaves.
+        lazy = set()
         for name, f in facts.items():
             if f.maxplus is not None:
                 roots |= set(f.maxplus[1])
+                keep |= set(f.maxplus[1])
+            if name in self.streams:
+                for prog in self.streams[name].values():
+                    roots |= {n for n, _ in prog.leaves}
+                    keep |= {n for n, _ in prog.leaves}
+                    lazy |= prog.inlined
+                fused = {fc.node for t in f.terms for fc in t.factors}
+                for node, terms in f.readouts.items():
+                    for t in terms:
+                        qf, of = self._query_factors(name, t)
+                        roots |= {fc.node for fc in of}
+                        keep |= {fc.node for fc in of}
+                        fused |= {fc.node for fc in qf}
+                # values computed beside the states (mLSTM's gates) stay where they are
+                stay = {n for n in fused if n not in analysis.hoisted}
+                roots |= stay
+                keep |= stay
+                lazy |= fused
+                continue
+            lay = self.layout.get(name)
+            exp_diag = lay.diag if lay and self._exp_factors([_coef(t) for t in lay.diag]) else ()
             for t in _solver_terms(f):
                 for fc in t.factors:
                     roots.add(fc.node)
+                    (lazy if t in exp_diag else keep).add(fc.node)
                     node = rec.node(fc.node)
                     if isinstance(node, ir.Elementwise) and node.op is Op.EXP:
                         roots.add(node.args[0])  # _log_coef reads the exponent itself
+                        keep.add(node.args[0])
         # Phase nodes nothing reads are dropped: the step's own a * h_old of a diagonal update
         # is such a node (the scan supplies the new state), and evaluating it would cost a full
         # pass over the block and a copy of the old states (s6, mingru).
@@ -180,17 +219,7 @@ class BlockSolver:
         # Hoisted work (and old state values) that something reads.
         phase_reads = {a for p in self.phases for n in p for a in ir.operands(rec.node(n))}
         self.want = want = roots | phase_reads
-        # A chunked state's decay exp(x) is read by the chunk forms as x (_log_coef); the
-        # decay itself only where a block is solved step by step or materialised. So it is
-        # computed lazily, for those blocks only, unless something else reads it: gla's
-        # exp(g) over each block was ~10% of its scan time.
-        exp_diag = {name: lay.diag for name, lay in self.layout.items()
-                    if self._exp_factors([_coef(t) for t in lay.diag])}
-        lazy = {fc.node for ts in exp_diag.values() for t in ts for fc in t.factors}
-        for name, f in facts.items():
-            lazy -= {fc.node for t in _solver_terms(f) if t not in exp_diag.get(name, ())
-                     for fc in t.factors}
-        lazy -= {o.node for o in rec.outputs} | phase_reads
+        lazy -= keep | phase_reads
         needed = set()
         for n in want - lazy:
             if n in analysis.hoisted:
@@ -199,6 +228,65 @@ class BlockSolver:
         self.hoisted = [i for i in self.hoisted if i in needed]
         self.lazy = [i for i in rec.order() if i in lazy and i not in needed]
         self._cache = {}
+
+    def _query_factors(self, name, t: Term) -> tuple:
+        """(q's factors, the others) of a readout term t of chunked state `name`: q's carry
+        the key axis the readout sums over (t.state is None: no q)."""
+        if t.state is None:
+            return (), tuple(t.factors)
+        summed = t.state[1][self.layout[name].key]
+        return (tuple(fc for fc in t.factors if summed in fc.labels),
+                tuple(fc for fc in t.factors if summed not in fc.labels))
+
+    def _plan_streams(self) -> dict:
+        """{state: {operand: triton_gates.Program}} for the linear-attention chunked states:
+        "k" and "v" (the input's factors with and without the key axis), "g" (the log-decay)
+        and ("q", readout node, term index) per readout through the state."""
+        G = self.K.gate_streams
+        hoisted = set(self.analysis.hoisted)
+        out = {}
+        for name, lay in self.layout.items():
+            f = self.facts[name]
+            if f.method != "chunked":
+                continue
+            labels = lay.labels
+            key = labels[lay.key]
+            t = lay.input
+            factors = tuple(t.factors) if t is not None else ()
+            plans = {
+                "k": G.plan_product(self.rec, hoisted, Term(t.scale if t is not None else 0.0, tuple(
+                    fc for fc in factors if key in fc.labels), None, labels)),
+                "v": G.plan_product(self.rec, hoisted, Term(1.0, tuple(
+                    fc for fc in factors if key not in fc.labels), None, labels)),
+                "g": G.plan_log(self.rec, hoisted, [_coef(d) for d in lay.diag],
+                                self._exp_factors([_coef(d) for d in lay.diag]))}
+            for node, terms in f.readouts.items():
+                for i, r in enumerate(terms):
+                    if r.state is not None:
+                        qf, _ = self._query_factors(name, r)
+                        plans[("q", node, i)] = G.plan_product(self.rec, hoisted,
+                                                               Term(1.0, qf, None, r.state[1]))
+            out[name] = plans
+        return out
+
+    def stream_signatures(self, name) -> tuple:
+        """The (q, k, v, g) stream signatures of a streamed state (its first readout's q, or k
+        without one) with the leaf kinds that sizes above 1 give: the chunk kernels that
+        `rnnc compile --emit` shows for it."""
+        lay, plans, rec = self.layout[name], self.streams[name], self.rec
+        inputs = {d.node for d in rec.inputs}
+
+        def kinds(prog, labels, chan_axes):
+            heads = {labels[k] for k in lay.ind}
+            chans = {labels[k] for k in chan_axes}
+            return tuple((bool((nx.ancestors(rec.graph, n) | {n}) & inputs), bool(heads & set(lab)),
+                          bool(chans & set(lab))) for n, lab in prog.leaves)
+        labels = lay.labels
+        qs = [(k, self.facts[name].readouts[k[1]][k[2]].state[1]) for k in plans if k[0] == "q"]
+        qkey, qlabels = qs[0] if qs else ("k", labels)
+        return tuple((plans[op].key(), kinds(plans[op], lab, axes)) for op, lab, axes in (
+            (qkey, qlabels, [lay.key]), ("k", labels, [lay.key]), ("v", labels, lay.val),
+            ("g", labels, [lay.key])))
 
     def _exp_factors(self, terms) -> bool:
         """Whether terms (a coefficient) are one positive multiple of a product of exp(...)
@@ -374,7 +462,84 @@ class BlockSolver:
             return None  # a negative decay: the caller solves this block exactly instead
         return torch.log(coef)  # exact zeros give -inf, which the chunk forms handle
 
+    def _chunk_readouts(self, name, env, shape, B, L, through) -> tuple:
+        """({readout node: value [B*L, *shape]}, S_last or None) of chunked state `name`, with
+        through(node, i, term) -> (o [B, L, H, V], S_last) running the chunk form for the
+        term's query."""
+        f, lay = self.facts[name], self.layout[name]
+        got, S_last = {}, None
+        for node, terms in f.readouts.items():
+            total = None
+            for i, t in enumerate(terms):
+                if t.state is None:
+                    val = eval_terms([t], env, t.out)
+                else:
+                    o, S_last = through(node, i, t)
+                    # o: [B, L, H, V] -> [B*L, *state shape without the key axis]
+                    rest = [k for k in range(len(shape)) if k != lay.key]
+                    o = o.reshape(B * L, *[shape[k] for k in lay.ind], *[shape[k] for k in lay.val])
+                    order = lay.ind + lay.val
+                    o = o.permute(0, *[1 + order.index(k) for k in rest])
+                    st_labels = tuple(t.state[1][k] for k in rest)
+                    of = self._query_factors(name, t)[1]
+                    val = eval_terms([Term(t.scale, of, ("old", st_labels), t.out)], env, t.out,
+                                     state_value=o)
+                total = val if total is None else total + val
+            shape_n = interpret.concrete(self.rec.attr(node, "shape"), self._sizes)
+            got[node] = total.expand(total.shape[0], *shape_n)
+        return got, S_last
+
+    def _solve_streamed(self, name, env, carry, shape, B, L) -> bool:
+        """A linear-attention chunked state through the chunk kernels with its operands as
+        streams (the gates computed in the kernels). False, with env and carry untouched,
+        where a leaf does not fit the kernels' layout or a result is not finite: a NaN or inf
+        in an operand (which the chunk form would spread to the earlier steps of its chunk) or
+        a negative decay (whose log is NaN); the caller then solves the block exactly."""
+        lay, plans = self.layout[name], self.streams[name]
+        G = self.K.gate_streams
+        labels = lay.labels
+        H, Kd, V = lay.sizes(shape)
+
+        def stream(prog, out_labels, pick, X, log=False):
+            def place(node, leaf_labels):
+                x = eval_terms([Term(1.0, (Factor(node, leaf_labels),), None, out_labels)], env,
+                               out_labels)
+                x = x.expand(B * L if x.shape[0] == 1 else x.shape[0], *x.shape[1:])
+                return pick(lay.to_kernel(x, shape, B, L)), env[node].shape[0] != 1
+            return G.Stream.build(prog, place, (B, L, H, X), squeeze=log)
+        first = lambda x: x[..., 0]      # noqa: E731  [B, L, H, K, V] -> [B, L, H, K]
+        value = lambda x: x[..., 0, :]   # noqa: E731  [B, L, H, K, V] -> [B, L, H, V]
+        k = stream(plans["k"], labels, first, Kd)
+        v = stream(plans["v"], labels, value, V)
+        g = stream(plans["g"], labels, first, Kd, log=True)
+        if k is None or v is None or g is None:
+            return False
+        S0 = carry[name]
+
+        def through(node, i, t):
+            q = stream(plans[("q", node, i)], t.state[1], first, Kd)
+            if q is None:
+                raise _Unfit
+            return self.K.chunk_linear_attention(q, k, v, g, S0, t.state[0] == "new",
+                                                 chunk=self.chunk)
+        try:
+            got, S_last = self._chunk_readouts(name, env, shape, B, L, through)
+        except _Unfit:
+            return False
+        if S_last is None:
+            _, S_last = self.K.chunk_linear_attention(None, k, v, g, S0, True, chunk=self.chunk)
+        sums = [x.sum() for x in got.values()] + [S_last.sum()]
+        if not bool(torch.isfinite(torch.stack(sums)).all()):
+            return False
+        env.update(got)
+        carry[name] = S_last
+        return True
+
     def _solve_chunked(self, name, env, carry, shape, B, L):
+        if name in self.streams:
+            if self._solve_streamed(name, env, carry, shape, B, L):
+                return
+            self._fill_lazy(env)
         f, lay = self.facts[name], self.layout[name]
         labels = lay.labels
         key_label = labels[lay.key]
@@ -449,30 +614,14 @@ class BlockSolver:
         # is solved step by step; before it, the chunk forms run on inputs whose non-finite
         # entries are zeroed, which leaves the earlier steps' arithmetic exactly as it was.
         t0, clean = _first_poisoned(kin)
-        S_last = None
-        for node, terms in f.readouts.items():
-            total = None
-            for t in terms:
-                if t.state is None:
-                    val = eval_terms([t], env, t.out)
-                else:
-                    summed = t.state[1][lay.key]
-                    qf = tuple(fc for fc in t.factors if summed in fc.labels)
-                    of = tuple(fc for fc in t.factors if summed not in fc.labels)
-                    q_labels = t.state[1]
-                    q = kern(eval_terms([Term(1.0, qf, None, q_labels)], env, q_labels))[..., 0]
-                    o, S_last = run(q.expand(B, L, H, Kd), t.state[0] == "new", clean)
-                    # o: [B, L, H, V] -> [B*L, *state shape without the key axis]
-                    rest = [k for k in range(len(shape)) if k != lay.key]
-                    o = o.reshape(B * L, *[shape[k] for k in lay.ind], *[shape[k] for k in lay.val])
-                    order = lay.ind + lay.val
-                    o = o.permute(0, *[1 + order.index(k) for k in rest])
-                    st_labels = tuple(t.state[1][k] for k in rest)
-                    val = eval_terms([Term(t.scale, of, ("old", st_labels), t.out)], env, t.out,
-                                     state_value=o)
-                total = val if total is None else total + val
-            shape_n = interpret.concrete(self.rec.attr(node, "shape"), self._sizes)
-            env[node] = total.expand(total.shape[0], *shape_n)
+
+        def through(node, i, t):
+            q_labels = t.state[1]
+            qf, _ = self._query_factors(name, t)
+            q = kern(eval_terms([Term(1.0, qf, None, q_labels)], env, q_labels))[..., 0]
+            return run(q.expand(B, L, H, Kd), t.state[0] == "new", clean)
+        got, S_last = self._chunk_readouts(name, env, shape, B, L, through)
+        env.update(got)
         if t0 is not None:
             S_t0 = S0 if t0 == 0 else run(None, True, {n: x[:, :t0] for n, x in clean.items()})[1]
             self._solve_stepwise(name, env, carry, shape, B, L, t0, self._from_kernel(name, S_t0, shape))

@@ -109,12 +109,24 @@ def emit(rec, analysis) -> str:
     if wide.source is not None:
         text += ("\n\n# ---- wide kernel: the module generated for states too wide for the fused "
                  "kernel's registers ----\n" + wide.source)
-    if analysis.plan in ("chunked", "chunked_delta"):
-        from . import triton_chunk, triton_delta
-        lib = triton_chunk if analysis.plan == "chunked" else triton_delta
+    if analysis.plan == "chunked_delta":
+        from . import triton_delta
         text += (f"\n\n{LIBRARY_MARKER} for the {analysis.plan} plan (gates and readouts run in "
-                 "PyTorch around them) ----\n" + lib.source())
+                 "PyTorch around them) ----\n" + triton_delta.source())
+    elif analysis.plan == "chunked":
+        from . import triton_chunk
+        text += (f"\n\n{LIBRARY_MARKER} for the {analysis.plan} plan (the spec's gates computed by "
+                 "the generated loaders _ld_*, the readouts' other terms in PyTorch) ----\n"
+                 + triton_chunk.source(chunk_signatures(rec, analysis)))
     return text
+
+
+def chunk_signatures(rec, analysis) -> tuple | None:
+    """The stream signatures (q, k, v, g) of a chunked plan's first linear-attention state, as
+    its chunk kernels are generated (None: the materialised operands' defaults)."""
+    solver = ChunkedRunner(rec, analysis).solver
+    name = next(iter(solver.streams), None)
+    return solver.stream_signatures(name) if name else None
 
 
 def _pow2(n: int) -> int:
@@ -464,9 +476,11 @@ def _check_tensors(ref, others=()):
 class ChunkedRunner:
     """Chunked plans (a matrix state with a diagonal decay and a rank-1 write, or a delta
     rule): the block solver, as the scan backend runs it, with the Triton chunk kernels
-    (`triton_chunk`, `triton_delta`) for the matrix states. Gates, readouts and any small
-    states beside the matrix state run in PyTorch over the whole block. One step (.step()),
-    or RNNC_TRITON_KERNEL=fused, runs the fused recurrent kernel instead.
+    (`triton_chunk`, `triton_delta`) for the matrix states. The linear-attention kernels
+    compute their operands, the spec's gates, themselves (`triton_gates`); the delta rule's
+    gates, the readouts' other terms and any small states beside the matrix state run in
+    PyTorch over the whole block. One step (.step()), or RNNC_TRITON_KERNEL=fused, runs the
+    fused recurrent kernel instead.
 
     bf16/fp16 inputs go to the fused kernel as they are; the block solver (shared with the
     scan backend) gets them cast to float32, as it always has."""
@@ -475,7 +489,7 @@ class ChunkedRunner:
 
     def __init__(self, rec, analysis, chunk: int | None = None):
         import types
-        from . import scan_kernels, triton_chunk, triton_delta
+        from . import scan_kernels, triton_chunk, triton_delta, triton_gates
         from .block_solver import BlockSolver
         self.rec, self.analysis = rec, analysis
         chunk = CHUNK if chunk is None else chunk
@@ -488,7 +502,7 @@ class ChunkedRunner:
             linear_scan=scan_kernels.linear_scan, maxplus_scan=scan_kernels.maxplus_scan,
             dense_scan=scan_kernels.dense_scan,
             chunk_linear_attention=triton_chunk.chunk_linear_attention,
-            chunk_delta_rule=triton_delta.chunk_delta_rule)
+            chunk_delta_rule=triton_delta.chunk_delta_rule, gate_streams=triton_gates)
         self.solver = BlockSolver(rec, analysis, table, chunk, block=CHUNKED_BLOCK)
         self._fused = None
 

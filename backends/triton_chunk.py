@@ -7,6 +7,9 @@ RWKV6-style matrix states), for CUDA tensors, or CPU tensors under TRITON_INTERP
     o_t = S_t^T q_t (include_current) or S_{t-1}^T q_t.
 
 The kernels live in templates/chunk_la.py.tmpl and are loaded through rnnc's disk cache.
+They read q, k, v and the log-decay only through loaders generated per call signature
+(`source(sigs)`): an operand is either a tensor or a triton_gates.Stream, the tensors it is
+computed from and the spec's expression over them, evaluated inside the kernels.
 Two ways to run the forward and the backward, sharing the per-chunk code (the template's
 @triton.jit helpers _chunk_out, _chunk_state, _chunk_dq, _chunk_dkv), and chunk_dg after
 either. The walk (the default), one program per (value block, batch*head) walking the chunks:
@@ -68,7 +71,9 @@ import torch
 
 from rnnc.errors import RnncError
 
+from . import triton_gates as gates
 from . import triton_tune as tune
+from .triton_gates import Stream
 
 SUB = 16                   # steps per sub-chunk: the tl.dot tile of the intra-chunk work
 CHUNKS = (16, 32, 64, 128)
@@ -89,17 +94,37 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def source() -> str:
-    """The kernel module's text, as it is loaded (and as `rnnc compile --emit` shows it)."""
-    return _TEMPLATE.read_text().replace("{{SUB}}", str(SUB))
+OPERANDS = ("q", "k", "v", "g")
+_PLAIN = (("leaf", 0),)
 
 
-def kernels():
-    """The kernel module (interpreted or compiled, as TRITON_INTERPRET says at first use)."""
+def plain_signatures(scalar: bool = False) -> tuple:
+    """The stream signatures of materialised operands (q, k, v [B, L, H, K or V]; g [B, L, H,
+    K], or [B, L, H, 1] with scalar)."""
+    full = (_PLAIN, ((True, True, True),))
+    return full, full, full, (_PLAIN, ((True, True, not scalar),))
+
+
+def source(sigs: tuple | None = None) -> str:
+    """The kernel module's text for the operands' stream signatures (q, k, v, g; see
+    triton_gates; default: materialised operands with a decay per key channel), as it is
+    loaded and as `rnnc compile --emit` shows it."""
+    from .triton_codegen import _fill, op_helpers
+    sigs = sigs or plain_signatures()
+    loaders = [line for op, sig in zip(OPERANDS, sigs) for line in gates.loader_source(op, sig)]
+    fragments = {"SUB": str(SUB), "HELPERS": op_helpers(), "LOADERS": loaders}
+    fragments.update({f"{op.upper()}S": gates.arg_list(op, sig) for op, sig in zip(OPERANDS, sigs)})
+    return _fill(_TEMPLATE.read_text(), fragments)
+
+
+def kernels(sigs: tuple | None = None):
+    """The kernel module for those signatures (interpreted or compiled, as TRITON_INTERPRET
+    says at first use)."""
     from rnnc import cache
-    tag = "chunk_la_interp" if _interpreting() else "chunk_la"
+    sigs = sigs or plain_signatures()
+    tag = ("chunk_la_interp" if _interpreting() else "chunk_la", sigs)
     if tag not in _modules:
-        _modules[tag] = cache.load_module(source(), tag)
+        _modules[tag] = cache.load_module(source(sigs), tag[0])
     return _modules[tag]
 
 
@@ -178,10 +203,11 @@ def default_config(K: int, V: int, chunk: int = DEFAULT_CHUNK) -> tune.Config:
 
 
 def _check(q, k, v, log_decay, S0, chunk):
+    """q (or None), k, v, log_decay: Streams (a tensor is a plain one); S0 a tensor."""
     if chunk is not None and chunk not in CHUNKS:
         raise RnncError(f"chunk must be one of {CHUNKS} (a power of two, at least the "
                         f"sub-chunk of {SUB}); got {chunk}")
-    if k.dim() != 4:
+    if len(k.shape) != 4:
         raise RnncError(f"k must be [B, L, H, K], got shape {tuple(k.shape)}")
     B, L, H, K = k.shape
     V = v.shape[-1]
@@ -192,7 +218,7 @@ def _check(q, k, v, log_decay, S0, chunk):
         if tuple(t.shape) != shape:
             raise RnncError(f"{name} has shape {tuple(t.shape)}, expected {shape} "
                             "(q, k [B, L, H, K]; v [B, L, H, V]; S0 [B, H, K, V])")
-    if log_decay.dim() != 4 or tuple(log_decay.shape[:3]) != (B, L, H) \
+    if len(log_decay.shape) != 4 or tuple(log_decay.shape[:3]) != (B, L, H) \
             or log_decay.shape[3] not in (1, K):
         raise RnncError(f"log_decay has shape {tuple(log_decay.shape)}, expected "
                         f"{(B, L, H, K)} (per key channel) or {(B, L, H, 1)} (per head)")
@@ -201,18 +227,22 @@ def _check(q, k, v, log_decay, S0, chunk):
     if K > MAX_K:
         raise RnncError(f"the chunked Triton kernel holds all K = {K} key channels per "
                         f"program (at most {MAX_K}); use the scan backend")
-    ts = [t for t in (q, k, v, log_decay, S0) if t is not None]
+    ts = [x for s in (q, k, v, log_decay) if s is not None for x in s.leaves] + [S0]
     for t in ts:
         if t.dtype == torch.float64:
             raise RnncError("the Triton chunked kernels compute in float32; float64 inputs "
                             "need the scan backend (backend='scan')")
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise RnncError(f"unsupported dtype {t.dtype} (float32, bfloat16 or float16)")
-        if t.device != k.device:
+        if t.device != S0.device:
             raise RnncError("all inputs must be on the same device")
-    if k.device.type != "cuda" and not _interpreting():
+    if S0.device.type != "cuda" and not _interpreting():
         raise RnncError("the Triton chunked kernels run on CUDA tensors (or on CPU under "
-                        f"TRITON_INTERPRET=1); these are on {k.device}")
+                        f"TRITON_INTERPRET=1); these are on {S0.device}")
+
+
+def _stream(x):
+    return x if x is None or isinstance(x, Stream) else Stream.plain(x)
 
 
 def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
@@ -222,7 +252,8 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
 
     q: [B, L, H, K] or None; k: [B, L, H, K]; v: [B, L, H, V];
     log_decay: [B, L, H, K] (per key channel) or [B, L, H, 1] (one decay per head), values
-    in [-inf, 0]; S0: [B, H, K, V].
+    in [-inf, 0]; S0: [B, H, K, V]. q, k, v and log_decay may also be triton_gates.Streams
+    (operands the kernels compute from their leaves: the spec's gates, fused).
     Returns (o, S_last): o [B, L, H, V] (None when q is None), S_last [B, H, K, V], float32.
     chunk: steps per chunk (16, 32, 64 or 128); it changes the cost, not the result. None or
     "auto": tuned (see triton_tune; the default chunk of 64 off CUDA or with RNNC_TRITON_TUNE=0).
@@ -231,33 +262,57 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     split: None lets the tuner choose between the walk and the two-level kernels (the walk
     where nothing is timed); True or False forces one of them, forward and backward (a tuned
     chunk is then chosen among that kind's configs).
-    Differentiable with respect to q, k, v, log_decay and S0.
+    Differentiable with respect to q, k, v, log_decay (their leaves, for streams) and S0.
     """
     if chunk == "auto":
         chunk = None
-    _check(q, k, v, log_decay, S0, chunk)
+    q, k, v, g = (_stream(x) for x in (q, k, v, log_decay))
+    _check(q, k, v, g, S0, chunk)
     if precision is None:
-        tf32 = k.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        tf32 = S0.is_cuda and torch.backends.cuda.matmul.allow_tf32
         precision = "tf32" if tf32 else "ieee"
     if precision not in ("ieee", "tf32"):
         raise RnncError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
-    cfg = (bool(include_current), None if chunk is None else int(chunk), precision, q is not None,
+    has_q = q is not None
+    cfg = (bool(include_current), None if chunk is None else int(chunk), precision, has_q,
            None if split is None else bool(split))
-    o, S_last = _ChunkLA.apply(cfg, q if q is not None else k, k, v, log_decay, S0)
-    return (o if q is not None else None), S_last
+    ops = (q if has_q else k, k, v, g)
+    meta = tuple((s.code, s.kinds, s.shape) for s in ops)
+    leaves = [x for s in (ops if has_q else ops[1:]) for x in s.leaves]
+    o, S_last = _ChunkLA.apply(cfg, meta, S0, *leaves)
+    return (o if has_q else None), S_last
 
 
-def _launch_dims(k, v, log_decay, c: tune.Config):
-    B, L, H, K = k.shape
-    V = v.shape[-1]
+class _Ops:
+    """The four operand streams of one call, and what launching them needs."""
+
+    def __init__(self, meta, leaves, has_q):
+        counts = [len(kinds) for _, kinds, _ in meta]
+        if not has_q:
+            leaves = list(leaves[:counts[1]]) + list(leaves)
+        streams, at = [], 0
+        for (code, kinds, shape), n in zip(meta, counts):
+            streams.append(Stream(code, list(leaves[at:at + n]), kinds, shape))
+            at += n
+        self.q, self.k, self.v, self.g = streams
+        self.sigs = tuple(s.signature for s in streams)
+        self.leaves = [x for s in streams for x in s.leaves]
+        B, L, H, K = self.k.shape
+        self.dims = (B, L, H, K, self.v.shape[-1])
+        self.scalar = not self.g.per_channel
+        self.device = self.leaves[0].device if self.leaves else None
+
+
+def _launch_dims(ops: _Ops, c: tune.Config):
+    B, L, H, K, V = ops.dims
     BK = geometry(K, V)[0]
-    return B, L, H, K, V, BK, -(-V // c.block_v), -(-L // c.chunk), log_decay.shape[-1] == 1
+    return B, L, H, K, V, BK, -(-V // c.block_v), -(-L // c.chunk), ops.scalar
 
 
-def _key(family, k, v, dtypes, *flags):
-    B, L, H, K = k.shape
-    return (family, B, H, K, v.shape[-1], tune.bucket(L), tuple(str(d) for d in dtypes), *flags,
-            tune.device_tag(k.device))
+def _key(family, ops: _Ops, dtypes, *flags):
+    B, L, H, K, V = ops.dims
+    return (family, B, H, K, V, tune.bucket(L), tuple(str(d) for d in dtypes), ops.sigs, *flags,
+            tune.device_tag(ops.device))
 
 
 def _stores(c: tune.Config, has_q, store) -> bool:
@@ -266,66 +321,66 @@ def _stores(c: tune.Config, has_q, store) -> bool:
     return store or (c.split and has_q)
 
 
-def _forward_buffers(c: tune.Config, k, v, has_q, store):
+def _forward_buffers(c: tune.Config, ops: _Ops, has_q, store):
     """(o, S_last, states) for config c: the stored states are per chunk of c."""
-    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, k, c)
-    f32 = dict(dtype=torch.float32, device=k.device)
+    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(ops, c)
+    f32 = dict(dtype=torch.float32, device=ops.device)
     return (torch.empty(B, L, H, V, **f32) if has_q else torch.empty(0, **f32),
             torch.empty(B, H, K, V, **f32),
             torch.empty(B, H, NC, K, V, **f32) if _stores(c, has_q, store)
             else torch.empty(1, **f32))
 
 
-def _forward(c: tune.Config, cfg, q, k, v, g, S0, store, out):
+def _forward(c: tune.Config, cfg, ops: _Ops, S0, store, out):
     """Launch the forward with config c into out = (o, S_last, states): chunk_fwd (the walk),
     or chunk_states then (with q) chunk_out (two levels)."""
     include, _, prec, has_q, _ = cfg
-    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, g, c)
+    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(ops, c)
     o, S_last, states = out
+    ker = kernels(ops.sigs)
     if c.split:
-        ker = kernels()
         ker.chunk_states[(NV, B * H)](
-            k, v, g, S0, S_last, states, L, H, K, V, NC, C=c.chunk, BK=BK, BV=c.block_v,
+            *ops.leaves, S0, S_last, states, L, H, K, V, NC, C=c.chunk, BK=BK, BV=c.block_v,
             SCALAR=scalar, STORE=_stores(c, has_q, store), PREC=prec, num_warps=c.warps,
             num_stages=stages(c.chunk, BK, c.block_v, scalar))
         if has_q:
             ker.chunk_out[(NV, NC, B * H)](
-                q, k, v, g, o, states, L, H, K, V, NC, C=c.chunk, BK=BK, BV=c.block_v,
+                *ops.leaves, o, states, L, H, K, V, NC, C=c.chunk, BK=BK, BV=c.block_v,
                 DELTA=0 if include else 1, SCALAR=scalar, PREC=prec, num_warps=c.warps)
         return
-    kernels().chunk_fwd[(NV, B * H)](
-        q, k, v, g, S0, o if has_q else S_last, S_last, states, L, H, K, V, NC,
+    ker.chunk_fwd[(NV, B * H)](
+        *ops.leaves, S0, o if has_q else S_last, S_last, states, L, H, K, V, NC,
         C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
         STORE=store, PREC=prec, num_warps=c.warps, num_stages=walk_stages(c.chunk, BK, scalar))
 
 
-def _backward_buffers(c: tune.Config, k, v, has_q):
+def _backward_buffers(c: tune.Config, ops: _Ops, has_q):
     """(dq, dk, dv, dS0, dstates); dstates (dL/dS at the end of every chunk) for two levels."""
-    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, k, c)
-    f32 = dict(dtype=torch.float32, device=k.device)
+    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(ops, c)
+    f32 = dict(dtype=torch.float32, device=ops.device)
     dq = torch.zeros(NV, B, L, H, K, **f32) if has_q else torch.empty(1, **f32)
     return (dq, torch.empty(NV, B, L, H, K, **f32), torch.empty(B, L, H, V, **f32),
             torch.empty(B, H, K, V, **f32),
             torch.empty(B, H, NC, K, V, **f32) if c.split else torch.empty(1, **f32))
 
 
-def _backward(c: tune.Config, cfg, q, k, v, g, do, dS_last, states, out):
+def _backward(c: tune.Config, cfg, ops: _Ops, do, dS_last, states, out):
     """Launch the backward with config c (its chunk: the forward's) into out = (dq, dk, dv,
     dS0, dstates): chunk_bwd (the walk), or chunk_dstates then chunk_dqkv (two levels)."""
     include, _, prec, has_q, _ = cfg
-    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(k, v, g, c)
+    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(ops, c)
     dq, dk, dv, dS0, dstates = out
+    ker = kernels(ops.sigs)
     if c.split:
-        ker = kernels()
         flags = dict(C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar,
                      HAS_Q=has_q, PREC=prec, num_warps=c.warps)
-        ker.chunk_dstates[(NV, B * H)](q, g, do, dS_last, dstates, dS0, L, H, K, V, NC, **flags,
-                                        num_stages=stages(c.chunk, BK, c.block_v, scalar))
-        ker.chunk_dqkv[(NV, NC, B * H)](q, k, v, g, do, states, dstates, dq, dk, dv,
+        ker.chunk_dstates[(NV, B * H)](*ops.leaves, do, dS_last, dstates, dS0, L, H, K, V, NC,
+                                        **flags, num_stages=stages(c.chunk, BK, c.block_v, scalar))
+        ker.chunk_dqkv[(NV, NC, B * H)](*ops.leaves, do, states, dstates, dq, dk, dv,
                                          L, H, K, V, NC, **flags)
         return
-    kernels().chunk_bwd[(NV, B * H)](
-        q, k, v, g, do, dS_last, states, dq, dk, dv, dS0, L, H, K, V, NC,
+    ker.chunk_bwd[(NV, B * H)](
+        *ops.leaves, do, dS_last, states, dq, dk, dv, dS0, L, H, K, V, NC,
         C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
         PREC=prec, num_warps=c.warps, num_stages=walk_stages(c.chunk, BK, scalar))
 
@@ -339,34 +394,35 @@ def _only(cands: list, split: bool | None) -> list:
 
 
 class _ChunkLA(torch.autograd.Function):
-    """(cfg, q, k, v, log_decay, S0) -> (o, S_last); cfg = (include_current, chunk (None:
-    tuned), precision, has_q, split (None: either)). Without q, q is a placeholder (k) and o
-    an empty tensor."""
+    """(cfg, meta, S0, *leaves) -> (o, S_last); cfg = (include_current, chunk (None: tuned),
+    precision, has_q, split (None: either)); meta: (code, kinds, shape) of the q, k, v and g
+    streams, whose leaves follow in that order (without q's when has_q is False: q then
+    stands for k, and o is an empty tensor)."""
 
     @staticmethod
-    def forward(ctx, cfg, q, k, v, log_decay, S0):
+    def forward(ctx, cfg, meta, S0, *leaves):
         include, chunk, prec, has_q, split = cfg
-        dtypes = [t.dtype for t in (q, k, v, log_decay, S0)]
-        q, k, v, g, S0 = (t.contiguous() for t in (q, k, v, log_decay, S0))
+        dtypes = [t.dtype for t in leaves]
+        S0 = S0.contiguous()
+        ops = _Ops(meta, [t.contiguous() for t in leaves], has_q)
         store = any(ctx.needs_input_grad)
-        L, K, V = k.shape[1], k.shape[3], v.shape[-1]
+        L, K, V = ops.dims[1], ops.dims[3], ops.dims[4]
         if chunk is None:
-            key = _key("chunk_la.fwd", k, v, dtypes, g.shape[-1] == 1, include, has_q, store, prec,
-                       split)
+            key = _key("chunk_la.fwd", ops, dtypes, include, has_q, store, prec, split)
 
             def bench(c):
-                out = _forward_buffers(c, k, v, has_q, store)
-                return lambda: _forward(c, cfg, q, k, v, g, S0, store, out)
+                out = _forward_buffers(c, ops, has_q, store)
+                return lambda: _forward(c, cfg, ops, S0, store, out)
             cands = configs(K, V, L, has_q=has_q or bool(split))
             c = tune.choose(key, _only(cands, split), _only([default_config(K, V)], split)[0],
-                            bench, k.device)
+                            bench, ops.device)
         else:
             c = _only([default_config(K, V, chunk)], split)[0]
-        o, S_last, states = out = _forward_buffers(c, k, v, has_q, store)
-        _forward(c, cfg, q, k, v, g, S0, store, out)
-        ctx.cfg, ctx.chunk, ctx.dtypes = cfg, c.chunk, dtypes
+        o, S_last, states = out = _forward_buffers(c, ops, has_q, store)
+        _forward(c, cfg, ops, S0, store, out)
+        ctx.cfg, ctx.meta, ctx.chunk, ctx.dtypes, ctx.s0_dtype = cfg, meta, c.chunk, dtypes, S0.dtype
         if store:   # S_last for d log_decay with q, S0 without
-            ctx.save_for_backward(q, k, v, g, states, S_last if has_q else S0)
+            ctx.save_for_backward(states, S_last if has_q else S0, *leaves)
         if not has_q:
             ctx.mark_non_differentiable(o)
         return o, S_last
@@ -375,12 +431,11 @@ class _ChunkLA(torch.autograd.Function):
     def backward(ctx, do, dS_last):
         include, tuned, prec, has_q, split = ctx.cfg
         tuned = tuned is None
-        q, k, v, g, states, S_end = ctx.saved_tensors
-        B, L, H, K = k.shape
-        V = v.shape[-1]
+        states, S_end, *leaves = ctx.saved_tensors
+        ops = _Ops(ctx.meta, [t.contiguous() for t in leaves], has_q)
+        B, L, H, K, V = ops.dims
         BK = geometry(K, V)[0]
-        scalar = g.shape[-1] == 1
-        f32 = dict(dtype=torch.float32, device=k.device)
+        f32 = dict(dtype=torch.float32, device=S_end.device)
         if dS_last is None:
             dS_last = torch.zeros(B, H, K, V, **f32)
         if has_q:
@@ -391,27 +446,32 @@ class _ChunkLA(torch.autograd.Function):
         # the chunk is the forward's: `states` holds the state entering each of its chunks
         c = _only([default_config(K, V, ctx.chunk)], split)[0]
         if tuned:
-            key = _key("chunk_la.bwd", k, v, ctx.dtypes, ctx.chunk, scalar, include, has_q, prec,
-                       split)
+            key = _key("chunk_la.bwd", ops, ctx.dtypes, ctx.chunk, include, has_q, prec, split)
 
             def bench(c):
-                out = _backward_buffers(c, k, v, has_q)
-                return lambda: _backward(c, ctx.cfg, q, k, v, g, do, dS_last, states, out)
+                out = _backward_buffers(c, ops, has_q)
+                return lambda: _backward(c, ctx.cfg, ops, do, dS_last, states, out)
             cands = _only(configs(K, V, L, ctx.chunk, backward=True), split)
-            c = tune.choose(key, cands, c, bench, k.device)
-        dq, dk, dv, dS0, _ = out = _backward_buffers(c, k, v, has_q)
-        _backward(c, ctx.cfg, q, k, v, g, do, dS_last, states, out)
+            c = tune.choose(key, cands, c, bench, ops.device)
+        dq, dk, dv, dS0, _ = out = _backward_buffers(c, ops, has_q)
+        _backward(c, ctx.cfg, ops, do, dS_last, states, out)
         dq = dq.sum(0) if has_q else None
         dk = dk.sum(0)
         # [B, H, K]: the pairs through S_last (with q) or from S0 (without), see chunk_dg
         sl = (dS_last.float() * S_end if has_q else dS0 * S_end.float()).sum(-1).contiguous()
-        dg = torch.empty(B, L, H, g.shape[-1], **f32)
-        kernels().chunk_dg[(B * H,)](
-            q, k, dq if has_q else dk, dk, sl, dg, L, H, K, -(-L // SUB), C=SUB, BK=BK,
-            DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q, num_warps=WARPS)
-        grads = [dq, dk, dv, dg, dS0]
-        grads = [None if x is None else x.to(dt) for x, dt in zip(grads, ctx.dtypes)]
-        return (None, *grads)
+        dg = torch.empty(B, L, H, 1 if ops.scalar else K, **f32)
+        kernels(ops.sigs).chunk_dg[(B * H,)](
+            *ops.leaves, dq if has_q else dk, dk, sl, dg, L, H, K, -(-L // SUB), C=SUB, BK=BK,
+            DELTA=0 if include else 1, SCALAR=ops.scalar, HAS_Q=has_q, num_warps=WARPS)
+        needs = list(ctx.needs_input_grad[3:])
+        grads, at = [], 0
+        for s, d in zip((ops.q, ops.k, ops.v, ops.g), (dq, dk, dv, dg)):
+            if s is ops.q and not has_q:
+                continue
+            n = len(s.leaves)
+            grads += gates.leaf_grads(s, d, needs[at:at + n])
+            at += n
+        return (None, None, dS0.to(ctx.s0_dtype) if ctx.needs_input_grad[2] else None, *grads)
 
 
 def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
@@ -438,7 +498,7 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
     const = dict(C=chunk, BK=BK, BV=BV, DELTA=0 if include_current else 1, SCALAR=scalar,
                  HAS_Q=has_q, STORE=True, PREC=precision)
     ints = {"L", "H", "K", "V", "NC"}
-    ker = kernels()
+    ker = kernels(plain_signatures(scalar))
     out = {}
     for name in names:
         fn = getattr(ker, name)

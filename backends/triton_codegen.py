@@ -621,6 +621,13 @@ class Generated:
     grid: list          # parallel classes the grid runs over
 
 
+def op_helpers() -> list:
+    """The lines of the @triton.jit helpers that the op tables (_UNARY, _BINARY) call, as
+    the fused template defines them, for the other templates that evaluate IR expressions."""
+    fused = (TEMPLATES / "fused.py.tmpl").read_text()
+    return fused[fused.index("@triton.jit"):fused.index("@triton.jit\ndef forward(")].rstrip().splitlines()
+
+
 def _fill(template: str, fragments: dict) -> str:
     out = []
     for line in template.splitlines():

@@ -32,7 +32,7 @@ from pathlib import Path
 from rnnc import ir
 
 from .triton_codegen import (TEMPLATES, Adjoints, Tensor, Unsupported, _fill, _Kernels, _unit, comment, full,
-                             shape_of)
+                             op_helpers, shape_of)
 
 
 @dataclass
@@ -242,10 +242,8 @@ def _source(K: _WideKernels, gen, rec, products, A) -> Wide:
                      f"v{st.read} = n{j}"]
     step += [f"base_{t.name} += {K.step_stride(t)}" for t in X + Y]
     bwd, bwd_ts, why_bwd = _backward(K, X, P, SB, by_node, vec)
-    fused = (TEMPLATES / "fused.py.tmpl").read_text()
-    helpers = fused[fused.index("@triton.jit"):fused.index("@triton.jit\ndef forward(")].rstrip()
     fragments = {"SOURCE": comment(Path(rec.filename).name), "NAME": comment(rec.name),
-                 "AXIS": str(A), "HELPERS": helpers.splitlines(), "ARGS": K.arg_lines(ts),
+                 "AXIS": str(A), "HELPERS": op_helpers(), "ARGS": K.arg_lines(ts),
                  "GRID_ARGS": "".join(f"NG{c}, " for c in K.grid), "CONST_ARGS": const,
                  "PROLOGUE": pro, "START": start, "STEP": step, "BWD_ARGS": K.arg_lines(bwd_ts), **bwd}
     text = _fill((TEMPLATES / "wide.py.tmpl").read_text(), fragments)

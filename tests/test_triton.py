@@ -114,14 +114,18 @@ def test_selects():
 
 # --- generated source --------------------------------------------------------------------------
 def _generated(rec):
-    """The spec-dependent part of `emit`: for chunked plans it is followed by the fixed chunk
-    kernel templates, which carry no spec text (checked below against the library's own)."""
+    """The spec-dependent part of `emit`: for chunked plans it is followed by the chunk kernel
+    templates, the delta rule's fixed, linear attention's with the loaders generated for the
+    spec's gates (test_triton_gates.py checks that those carry no spec text)."""
     backend = get("triton")
-    text = backend.emit(rec, rnnc.analysis.analyse(rec))
+    analysis = rnnc.analysis.analyse(rec)
+    text = backend.emit(rec, analysis)
     head, marker, tail = text.partition(backend.LIBRARY_MARKER)
     if marker:
         from rnnc.backends import triton_chunk, triton_delta
-        assert tail.split("\n", 1)[1] in (triton_chunk.source(), triton_delta.source())
+        lib = triton_delta.source() if analysis.plan == "chunked_delta" else \
+            triton_chunk.source(backend.chunk_signatures(rec, analysis))
+        assert tail.split("\n", 1)[1] == lib
         head = head.removesuffix("\n\n")  # the blank lines emit puts before the templates
     return head
 

@@ -1,0 +1,217 @@
+"""Gates fused into the Triton chunk kernels (backends/triton_gates.py).
+
+A linear-attention chunked state's operands (q, k, v and the log-decay) reach the kernels as
+streams: the leaves they are computed from (inputs, params) and a program the generated
+loaders evaluate where the kernels read them. These tests show that the gate expressions
+really are computed in the kernels (the block solver no longer evaluates them), that the
+results and gradients match the float64 sequential backend, and that blocks whose gates give
+non-finite values or negative decays are still solved exactly. Runs under TRITON_INTERPRET=1
+(conftest.py), chunk 16.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import rnnc  # noqa: E402
+
+from cases import CASES, rel_err  # noqa: E402
+
+triton = pytest.importorskip("triton")
+from rnnc.backends import triton_chunk as tc  # noqa: E402
+from rnnc.backends import triton_gates as tg  # noqa: E402
+from rnnc.ir import Op  # noqa: E402
+
+F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Gates as a user writes them: a per-head learned decay rate through softplus, a per-channel
+# data-dependent decay through logsigmoid, a sigmoid write strength, and a normalised query.
+GATED = """rnn gated(q[H,K], k[H,K], v[H,V], a[H], gk[H,K], b[H]) -> o[H,V] {
+    param rate[H] = ones, w[H,K] = ones
+    state S[H,K,V] = 0
+    d[h,i] = logsigmoid(gk[h,i] * w[h,i]) / 4 - softplus(a[h]) * rate[h]
+    S[h,i,j] = exp(d[h,i]) * S[h,i,j] + sigmoid(b[h]) * k[h,i] * v[h,j]
+    o[h,j] = sum[i](q[h,i] / sqrt(1 + abs(a[h])) * S[h,i,j])
+}
+"""
+DIMS = dict(H=2, K=16, V=16)
+
+
+@pytest.fixture(autouse=True)
+def _chunk_kernels(monkeypatch):
+    monkeypatch.setenv("RNNC_TRITON_KERNEL", "auto")
+
+
+def _inputs(B, T, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    H, K, V = DIMS["H"], DIMS["K"], DIMS["V"]
+    xs = [r(B, T, H, K), F.normalize(r(B, T, H, K), dim=-1), r(B, T, H, V), r(B, T, H),
+          r(B, T, H, K), r(B, T, H)]
+    return [x.to(dtype) for x in xs]
+
+
+def _pair(src, dims, **kw):
+    ref = rnnc.compile(src, backend="sequential", **dims).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)
+    tri = rnnc.compile(src, backend="triton", chunk_size=16, **dims, **kw)
+    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    return ref, tri
+
+
+def test_gate_expressions_run_in_the_kernels():
+    """The solver's streams carry the gate expressions; the nodes that compute them are left
+    to the kernels (lazy, evaluated only for blocks solved another way), and the loaders in
+    the generated kernel module compute them."""
+    _, tri = _pair(GATED, DIMS)
+    solver = tri._runner.solver
+    plans = solver.streams["S"]
+    rec = tri.recurrence
+    gate_ops = {getattr(rec.node(n), "op", None) for n in solver.lazy}
+    assert {Op.LOGSIGMOID, Op.SOFTPLUS, Op.SIGMOID, Op.EXP, Op.SQRT} <= gate_ops
+    assert not set(solver.lazy) & set(solver.hoisted)   # nothing evaluates them per block
+    inputs = {d.node for d in rec.inputs} | {d.node for d in rec.params}
+    for prog in plans.values():   # every leaf is an input or a param here
+        assert {n for n, _ in prog.leaves} <= inputs
+    g_ops = {ins[1] for ins in plans["g"].code if ins[0] == "op"}
+    assert {Op.LOGSIGMOID, Op.SOFTPLUS} <= g_ops and Op.EXP not in g_ops  # exp(x): x read as log
+    text = tc.source(solver.stream_signatures("S"))
+    assert "_logsigmoid(" in text and "_softplus(" in text and "tl.sigmoid(" in text
+
+
+@pytest.mark.parametrize("T", [17, 37])
+def test_gated_spec_against_sequential(T):
+    """Outputs, final state and the gradients of every input, param and the initial state."""
+    ref, tri = _pair(GATED, DIMS)
+    B = 2
+    xs64 = _inputs(B, T, seed=T, dtype=F64)
+    g = torch.Generator().manual_seed(100 + T)
+    h0 = torch.randn(B, DIMS["H"], DIMS["K"], DIMS["V"], generator=g, dtype=F64)
+    do = torch.randn(B, T, DIMS["H"], DIMS["V"], generator=g, dtype=F64)
+    dS = torch.randn(B, DIMS["H"], DIMS["K"], DIMS["V"], generator=g, dtype=F64)
+
+    def run(m, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in xs64]
+        s0 = h0.to(dtype).requires_grad_()
+        o, fin = m(*xs, initial_state={"S": s0}, output_final_state=True)
+        loss = (o.double() * do).sum() + (fin["S"].double() * dS).sum()
+        grads = torch.autograd.grad(loss, [*xs, s0, *m.parameters()])
+        return [o, fin["S"], *grads]
+    got, want = run(tri, torch.float32), run(ref, F64)
+    names = ["o", "S_last", "dq", "dk", "dv", "da", "dgk", "db", "dS0", "drate", "dw"]
+    for n, x, y in zip(names, got, want):
+        assert rel_err(x, y) < 2e-4, (n, rel_err(x, y))
+
+
+def test_mamba2_gates_in_the_kernels():
+    """mamba2's key dt*x and log-decay -exp(A_log)*dt are computed in the kernels."""
+    case = next(c for c in CASES if c.name == "mamba2")
+    tri = rnnc.compile(str(case.path), backend="triton", chunk_size=16, **case.dims)
+    solver = tri._runner.solver
+    plans = solver.streams["S"]
+    muls = [ins for ins in plans["v"].code + plans["g"].code if ins[0] == "op"]
+    assert any(ins[1] is Op.MUL for ins in muls) and any(ins[1] is Op.EXP for ins in muls)
+    assert any(getattr(tri.recurrence.node(n), "op", None) is Op.EXP for n in solver.lazy)
+
+
+def test_nonfinite_gate_falls_back_exactly():
+    """A NaN input makes the streamed block's results non-finite; that block is then solved as
+    before (the chunk form up to the NaN, step by step after it), so the steps before the NaN
+    and the batch row without it stay finite and match the sequential backend."""
+    ref, tri = _pair(GATED, DIMS)
+    xs = _inputs(2, 21, seed=3, dtype=F64)
+    xs[3][1, 13, 0] = float("nan")  # the softplus gate of batch row 1, step 13
+    with torch.no_grad():
+        want = ref(*xs)
+        got = tri(*[x.float() for x in xs])
+    assert torch.isfinite(got[:, :13]).all() and torch.isfinite(got[0]).all()
+    assert rel_err(got[0], want[0]) < 1e-4
+    assert rel_err(got[1, :13], want[1, :13]) < 1e-4
+    assert torch.isnan(got[1, 13:]).any() == torch.isnan(want[1, 13:]).any()
+
+
+SIGNED = """rnn signed(q[H,K], k[H,K], v[H,V], g[H,K]) -> o[H,V] {
+    state S[H,K,V] = 0
+    S[h,i,j] = (2 * sigmoid(g[h,i]) - 1) * S[h,i,j] + k[h,i] * v[h,j]
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}
+"""
+
+
+def test_negative_decay_block_is_exact():
+    """log of a negative decay is NaN inside the kernel: the block goes to the exact path."""
+    dims = dict(H=2, K=8, V=8)
+    ref = rnnc.compile(SIGNED, backend="sequential", **dims).double()
+    tri = rnnc.compile(SIGNED, backend="triton", chunk_size=16, **dims)
+    assert "S" in tri._runner.solver.streams
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(2, 19, 2, 8, generator=g, dtype=F64) for _ in range(4)]
+    with torch.no_grad():
+        want, wf = ref(*xs, output_final_state=True)
+        got, gf = tri(*[x.float() for x in xs], output_final_state=True)
+    assert rel_err(got, want) < 1e-4 and rel_err(gf["S"], wf["S"]) < 1e-4
+
+
+def test_streams_against_materialised_operands():
+    """chunk_linear_attention with streams (a per-head step gate, a per-channel param, a
+    constant) equals it with the operands computed by torch, values and gradients."""
+    B, L, H, K, V = 2, 21, 2, 16, 16
+    g = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q, k, v, beta, a = r(B, L, H, K), r(B, L, H, K) / 4, r(B, L, H, V), r(B, L, H, 1), r(B, L, H, 1)
+    w = r(1, 1, H, K)
+    S0 = r(B, H, K, V)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, beta, a, w)]
+
+    def prog(build):
+        p = tg.Program()
+        build(p)
+        return p
+    # k * sigmoid(beta); log-decay: logsigmoid(a) * w * 0.5 (per channel through the param)
+    pk = prog(lambda p: p.op(Op.MUL, p.leaf(0, ()), p.op(Op.SIGMOID, p.leaf(1, ()))))
+    pg = prog(lambda p: p.op(Op.MUL, p.op(Op.MUL, p.op(Op.LOGSIGMOID, p.leaf(2, ())), p.leaf(3, ())),
+                             p.const(0.5)))
+
+    def streams(ls):
+        qq, kk, vv, bb, aa, ww = ls
+        place = {0: kk, 1: bb, 2: aa, 3: ww}
+        sk = tg.Stream.build(pk, lambda n, lab: (place[n], True), (B, L, H, K))
+        sg = tg.Stream.build(pg, lambda n, lab: (place[n], n != 3), (B, L, H, K), squeeze=True)
+        return qq, sk, vv, sg
+    qs, ks, vs, gs = streams(leaves)
+    assert gs.kinds == ((True, True, False), (False, True, True)) and gs.shape == (B, L, H, K)
+    o, S = tc.chunk_linear_attention(qs, ks, vs, gs, S0, chunk=16)
+    lm = [x.clone().requires_grad_() for x in (q, k, v, beta, a, w)]
+    kk = lm[1] * torch.sigmoid(lm[3])
+    gg = F.logsigmoid(lm[4]) * lm[5] * 0.5
+    o2, S2 = tc.chunk_linear_attention(lm[0], kk, lm[2], gg.expand(B, L, H, K), S0, chunk=16)
+    assert rel_err(o, o2) < 1e-5 and rel_err(S, S2) < 1e-5
+    ((o * o2.detach()).sum() + S.sum()).backward()
+    ((o2 * o2.detach()).sum() + S2.sum()).backward()
+    for a_, b_ in zip(leaves, lm):
+        assert rel_err(a_.grad, b_.grad) < 1e-4
+
+
+def test_loaders_carry_no_spec_text():
+    """The generated loaders are built from the programs' ops and constants and generated names
+    only: a spec whose names collide with the kernels' own (b, h, t, c, m, L, H, X, tl) emits
+    the same chunk kernels as the same spec with plain names."""
+    from rnnc.backends import triton_backend as tb
+    hostile = GATED.replace("q[", "c[").replace("(a[", "(m[").replace(" a[H]", " m[H]") \
+        .replace("gk[", "L[").replace("d[h,i]", "X[h,i]")
+    assert hostile.count("c[") == 2 and hostile.count("(m[h])") == 2 and hostile.count("X[") == 2
+    texts = []
+    for src in (GATED, hostile):
+        rec = rnnc.load(src)
+        text = tb.emit(rec, rnnc.analysis.analyse(rec))
+        texts.append(text.partition(tb.LIBRARY_MARKER)[2].split("\n", 1)[1])
+    assert "_ld_g(" in texts[0] and texts[0] == texts[1]
