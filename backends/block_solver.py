@@ -79,6 +79,35 @@ class _Unfit(Exception):
     """A stream's leaf does not fit the chunk kernels' layout."""
 
 
+class _Delta:
+    """A delta-rule state's update alpha (S - w (r^T S)) + p v^T in the chunk kernels' terms:
+    r (the factors of the low-rank term carrying the contracted key axis, over r's labels),
+    w (the others, scaled), cancel (alpha taken out of the low-rank term exactly, so w holds
+    no alpha) and same (w and p the same product: DeltaNet's beta*k)."""
+
+    def __init__(self, lay):
+        labels = lay.labels
+        low = lay.low[0]
+        x = low.state[1][lay.key]
+        alpha_nodes = sorted(fc.node for t in lay.diag for fc in t.factors)
+        factors = list(low.factors)
+        self.cancel = len(lay.diag) == 1 and all(
+            any(fc.node == a for fc in factors) for a in alpha_nodes)
+        if self.cancel:  # alpha * (S - w r^T S): take alpha out of the low-rank term exactly
+            for a in alpha_nodes:
+                factors.remove(next(fc for fc in factors if fc.node == a))
+        rf = tuple(fc for fc in factors if x in fc.labels)
+        wf = tuple(fc for fc in factors if x not in fc.labels)
+        scale = -low.scale / (lay.diag[0].scale if self.cancel else 1.0)
+        r_labels = tuple(x if k == lay.key else labels[k] for k in range(len(labels)))
+        self.r = Term(1.0, rf, None, r_labels)
+        self.w = Term(scale, wf, None, labels)
+        key = labels[lay.key]
+        self.same = lay.input is not None and self.cancel and scale == lay.input.scale and sorted(
+            (fc.node, fc.power) for fc in wf) == sorted(
+            (fc.node, fc.power) for fc in lay.input.factors if key in fc.labels)
+
+
 class _Chunked:
     """How one matrix state maps to the chunk kernels: axis groups and term pieces."""
 
@@ -98,6 +127,7 @@ class _Chunked:
         self.val = list(facts.value_axes)  # decided by the analysis
         self.ind = [k for k in range(n) if k != self.key and k not in self.val]
         self.perm = self.ind + [self.key] + self.val
+        self.delta = _Delta(self) if facts.method == "chunked_delta" else None
 
     def sizes(self, shape):
         ind = math.prod(shape[k] for k in self.ind)
@@ -239,15 +269,17 @@ class BlockSolver:
                 tuple(fc for fc in t.factors if summed not in fc.labels))
 
     def _plan_streams(self) -> dict:
-        """{state: {operand: triton_gates.Program}} for the linear-attention chunked states:
-        "k" and "v" (the input's factors with and without the key axis), "g" (the log-decay)
-        and ("q", readout node, term index) per readout through the state."""
+        """{state: {operand: triton_gates.Program}} for the chunked states: "k" and "v" (the
+        input's factors with and without the key axis: the delta rule's p and v), "g" (the
+        log-decay), ("q", readout node, term index) per readout through the state, and for
+        the delta rule "r" and "w" (w only where it is not p). Not for a delta rule whose
+        decay stays inside w (no stream divides by it)."""
         G = self.K.gate_streams
         hoisted = set(self.analysis.hoisted)
         out = {}
         for name, lay in self.layout.items():
             f = self.facts[name]
-            if f.method != "chunked":
+            if lay.delta is not None and lay.diag and not lay.delta.cancel:
                 continue
             labels = lay.labels
             key = labels[lay.key]
@@ -260,6 +292,10 @@ class BlockSolver:
                     fc for fc in factors if key not in fc.labels), None, labels)),
                 "g": G.plan_log(self.rec, hoisted, [_coef(d) for d in lay.diag],
                                 self._exp_factors([_coef(d) for d in lay.diag]))}
+            if lay.delta is not None:
+                plans["r"] = G.plan_product(self.rec, hoisted, lay.delta.r)
+                if not lay.delta.same:
+                    plans["w"] = G.plan_product(self.rec, hoisted, lay.delta.w)
             for node, terms in f.readouts.items():
                 for i, r in enumerate(terms):
                     if r.state is not None:
@@ -284,9 +320,17 @@ class BlockSolver:
         labels = lay.labels
         qs = [(k, self.facts[name].readouts[k[1]][k[2]].state[1]) for k in plans if k[0] == "q"]
         qkey, qlabels = qs[0] if qs else ("k", labels)
-        return tuple((plans[op].key(), kinds(plans[op], lab, axes)) for op, lab, axes in (
-            (qkey, qlabels, [lay.key]), ("k", labels, [lay.key]), ("v", labels, lay.val),
-            ("g", labels, [lay.key])))
+        if lay.delta is None:
+            ops = ((qkey, qlabels, [lay.key]), ("k", labels, [lay.key]), ("v", labels, lay.val),
+                   ("g", labels, [lay.key]))
+        else:   # q, r, w, p, v, log_alpha (per head)
+            ops = ((qkey, qlabels, [lay.key]), ("r", lay.delta.r.out, [lay.key]),
+                   ("k" if lay.delta.same else "w", labels, [lay.key]), ("k", labels, [lay.key]),
+                   ("v", labels, lay.val), ("g", labels, []))
+        sigs = tuple((plans[op].key(), kinds(plans[op], lab, axes)) for op, lab, axes in ops)
+        if lay.delta is not None and not lay.diag:
+            sigs = sigs[:5] + ((plans["g"].key(), ()),)   # no log_alpha: nothing read
+        return sigs
 
     def _exp_factors(self, terms) -> bool:
         """Whether terms (a coefficient) are one positive multiple of a product of exp(...)
@@ -490,8 +534,8 @@ class BlockSolver:
         return got, S_last
 
     def _solve_streamed(self, name, env, carry, shape, B, L) -> bool:
-        """A linear-attention chunked state through the chunk kernels with its operands as
-        streams (the gates computed in the kernels). False, with env and carry untouched,
+        """A chunked state through the chunk kernels with its operands as streams (the gates
+        computed in the kernels). False, with env and carry untouched,
         where a leaf does not fit the kernels' layout or a result is not finite: a NaN or inf
         in an operand (which the chunk form would spread to the earlier steps of its chunk) or
         a negative decay (whose log is NaN); the caller then solves the block exactly."""
@@ -511,23 +555,36 @@ class BlockSolver:
         value = lambda x: x[..., 0, :]   # noqa: E731  [B, L, H, K, V] -> [B, L, H, V]
         k = stream(plans["k"], labels, first, Kd)
         v = stream(plans["v"], labels, value, V)
-        g = stream(plans["g"], labels, first, Kd, log=True)
-        if k is None or v is None or g is None:
-            return False
         S0 = carry[name]
+        if lay.delta is None:
+            g = stream(plans["g"], labels, first, Kd, log=True)
+            ops = [k, v, g]
+
+            def run(q, include):
+                return self.K.chunk_linear_attention(q, k, v, g, S0, include, chunk=self.chunk)
+        else:
+            d = lay.delta
+            r = stream(plans["r"], d.r.out, first, Kd)
+            w = k if d.same else stream(plans["w"], labels, first, Kd)
+            la = stream(plans["g"], labels, first, 1) if lay.diag else None
+            ops = [k, v, r, w] + ([la] if lay.diag else [])
+
+            def run(q, include):   # its readouts read the new state (the analysis says so)
+                return self.K.chunk_delta_rule(q, r, w, k, v, la, S0, chunk=self.chunk)
+        if any(x is None for x in ops):
+            return False
 
         def through(node, i, t):
             q = stream(plans[("q", node, i)], t.state[1], first, Kd)
             if q is None:
                 raise _Unfit
-            return self.K.chunk_linear_attention(q, k, v, g, S0, t.state[0] == "new",
-                                                 chunk=self.chunk)
+            return run(q, t.state[0] == "new")
         try:
             got, S_last = self._chunk_readouts(name, env, shape, B, L, through)
         except _Unfit:
             return False
         if S_last is None:
-            _, S_last = self.K.chunk_linear_attention(None, k, v, g, S0, True, chunk=self.chunk)
+            _, S_last = run(None, True)
         sums = [x.sum() for x in got.values()] + [S_last.sum()]
         if not bool(torch.isfinite(torch.stack(sums)).all()):
             return False
@@ -581,27 +638,11 @@ class BlockSolver:
             run = lambda q, include, kin: self.K.chunk_linear_attention(  # noqa: E731
                 q, kin["k"], kin["v"], kin["log_decay"], S0, include, chunk=self.chunk)
         else:
-            low = lay.low[0]
-            x = low.state[1][lay.key]
-            out_key = labels[lay.key]
-            alpha_nodes = sorted(fc.node for t in lay.diag for fc in t.factors)
-            factors = list(low.factors)
-            cancel = len(lay.diag) == 1 and all(
-                any(fc.node == a for fc in factors) for a in alpha_nodes)
-            if cancel:  # alpha * (S - w r^T S): take alpha out of the low-rank term exactly
-                for a in alpha_nodes:
-                    factors.remove(next(fc for fc in factors if fc.node == a))
-            rf = tuple(fc for fc in factors if x in fc.labels)
-            wf = tuple(fc for fc in factors if x not in fc.labels)
-            scale = -low.scale / (lay.diag[0].scale if cancel else 1.0)
-            r_labels = tuple(x if k == lay.key else labels[k] for k in range(len(labels)))
-            r = kern(eval_terms([Term(1.0, rf, None, r_labels)], env, r_labels))[..., 0]
-            same = lay.input is not None and cancel and scale == lay.input.scale and sorted(
-                (fc.node, fc.power) for fc in wf) == sorted(
-                (fc.node, fc.power) for fc in lay.input.factors if key_label in fc.labels)
+            d = lay.delta
+            r = kern(eval_terms([d.r], env, d.r.out))[..., 0]
             # w and p the same product (DeltaNet: both beta*k): one tensor, the kernel's fast path
-            w = p if same else kern(eval_terms([Term(scale, wf, None, labels)], env, labels))[..., 0]
-            if not cancel and log_decay is not None:
+            w = p if d.same else kern(eval_terms([d.w], env, labels))[..., 0]
+            if not d.cancel and log_decay is not None:
                 w = w / kern(torch.exp(log_decay))[..., 0]
             la = None if log_decay is None else kern(log_decay)[..., 0, 0].expand(B, L, H)
             r = r.expand(B, L, H, Kd)

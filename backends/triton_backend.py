@@ -109,21 +109,19 @@ def emit(rec, analysis) -> str:
     if wide.source is not None:
         text += ("\n\n# ---- wide kernel: the module generated for states too wide for the fused "
                  "kernel's registers ----\n" + wide.source)
-    if analysis.plan == "chunked_delta":
-        from . import triton_delta
-        text += (f"\n\n{LIBRARY_MARKER} for the {analysis.plan} plan (gates and readouts run in "
-                 "PyTorch around them) ----\n" + triton_delta.source())
-    elif analysis.plan == "chunked":
-        from . import triton_chunk
+    if analysis.plan in ("chunked", "chunked_delta"):
+        from . import triton_chunk, triton_delta
+        lib = triton_chunk if analysis.plan == "chunked" else triton_delta
         text += (f"\n\n{LIBRARY_MARKER} for the {analysis.plan} plan (the spec's gates computed by "
-                 "the generated loaders _ld_*, the readouts' other terms in PyTorch) ----\n"
-                 + triton_chunk.source(chunk_signatures(rec, analysis)))
+                 "the generated loaders _ld_* and _tile_*, the readouts' other terms in PyTorch) "
+                 "----\n" + lib.source(chunk_signatures(rec, analysis)))
     return text
 
 
 def chunk_signatures(rec, analysis) -> tuple | None:
-    """The stream signatures (q, k, v, g) of a chunked plan's first linear-attention state, as
-    its chunk kernels are generated (None: the materialised operands' defaults)."""
+    """The operand stream signatures of a chunked plan's first matrix state (q, k, v, g for
+    linear attention; q, r, w, p, v, log_alpha for the delta rule), as its chunk kernels are
+    generated (None: the materialised operands' defaults)."""
     solver = ChunkedRunner(rec, analysis).solver
     name = next(iter(solver.streams), None)
     return solver.stream_signatures(name) if name else None
@@ -476,10 +474,9 @@ def _check_tensors(ref, others=()):
 class ChunkedRunner:
     """Chunked plans (a matrix state with a diagonal decay and a rank-1 write, or a delta
     rule): the block solver, as the scan backend runs it, with the Triton chunk kernels
-    (`triton_chunk`, `triton_delta`) for the matrix states. The linear-attention kernels
-    compute their operands, the spec's gates, themselves (`triton_gates`); the delta rule's
-    gates, the readouts' other terms and any small states beside the matrix state run in
-    PyTorch over the whole block. One step (.step()), or RNNC_TRITON_KERNEL=fused, runs the
+    (`triton_chunk`, `triton_delta`) for the matrix states. The chunk kernels compute their
+    operands, the spec's gates, themselves (`triton_gates`); the readouts' other terms and
+    any small states beside the matrix state run in PyTorch over the whole block. One step (.step()), or RNNC_TRITON_KERNEL=fused, runs the
     fused recurrent kernel instead.
 
     bf16/fp16 inputs go to the fused kernel as they are; the block solver (shared with the

@@ -95,26 +95,21 @@ def _interpreting() -> bool:
 
 
 OPERANDS = ("q", "k", "v", "g")
-_PLAIN = (("leaf", 0),)
 
 
 def plain_signatures(scalar: bool = False) -> tuple:
     """The stream signatures of materialised operands (q, k, v [B, L, H, K or V]; g [B, L, H,
     K], or [B, L, H, 1] with scalar)."""
-    full = (_PLAIN, ((True, True, True),))
-    return full, full, full, (_PLAIN, ((True, True, not scalar),))
+    full = (gates.PLAIN, ((True, True, True),))
+    return full, full, full, (gates.PLAIN, ((True, True, not scalar),))
 
 
 def source(sigs: tuple | None = None) -> str:
     """The kernel module's text for the operands' stream signatures (q, k, v, g; see
     triton_gates; default: materialised operands with a decay per key channel), as it is
     loaded and as `rnnc compile --emit` shows it."""
-    from .triton_codegen import _fill, op_helpers
-    sigs = sigs or plain_signatures()
-    loaders = [line for op, sig in zip(OPERANDS, sigs) for line in gates.loader_source(op, sig)]
-    fragments = {"SUB": str(SUB), "HELPERS": op_helpers(), "LOADERS": loaders}
-    fragments.update({f"{op.upper()}S": gates.arg_list(op, sig) for op, sig in zip(OPERANDS, sigs)})
-    return _fill(_TEMPLATE.read_text(), fragments)
+    return gates.module_source(_TEMPLATE.read_text(), OPERANDS, sigs or plain_signatures(),
+                               SUB=str(SUB))
 
 
 def kernels(sigs: tuple | None = None):

@@ -29,6 +29,10 @@ recomputes each chunk's forward from its stored entry state and carries the stat
 in registers. Gradients of the K-side inputs (q, r, w, p, log_alpha) are written once per V
 block and summed here.
 
+The kernels read q, r, w, p, v and log_alpha only through loaders generated per call
+signature (`source(sigs)`): each operand is a tensor or a triton_gates.Stream (the tensors
+it is computed from and the spec's expression over them, evaluated inside the kernels).
+
 It runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (Triton's
 interpreter, for tests at small sizes). Everything is computed in float32; float32, bfloat16
 and float16 inputs are accepted.
@@ -48,7 +52,9 @@ import torch
 
 from rnnc.errors import RnncError
 
+from . import triton_gates as gates
 from . import triton_tune as tune
+from .triton_gates import Stream
 
 TEMPLATE = Path(__file__).parent / "templates" / "chunk_delta.py.tmpl"
 MAX_K = 256          # the whole key dimension lives in one program's registers
@@ -64,18 +70,31 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def source() -> str:
-    """The kernel module's text, as it is loaded (and as `rnnc compile --emit` shows it)."""
-    return TEMPLATE.read_text()
+OPERANDS = ("q", "r", "w", "p", "v", "a")   # a: log_alpha
 
 
-def kernels(interpreted: bool | None = None):
-    """The kernel module (delta_fwd, delta_bwd). Triton decides at decoration time whether
-    a kernel is interpreted, so the two kinds are cached under different tags."""
+def plain_signatures(has_la: bool = True) -> tuple:
+    """The stream signatures of materialised operands: q, r, w, p [B, L, H, K], v [B, L, H, V],
+    log_alpha [B, L, H] (no leaf, never read, without it)."""
+    full = (gates.PLAIN, ((True, True, True),))
+    la = (gates.PLAIN, ((True, True, False),)) if has_la else ((("const", 0.0),), ())
+    return (full,) * 5 + (la,)
+
+
+def source(sigs: tuple | None = None) -> str:
+    """The kernel module's text for the operands' stream signatures (q, r, w, p, v, log_alpha;
+    default: materialised operands), as it is loaded and as `rnnc compile --emit` shows it."""
+    return gates.module_source(TEMPLATE.read_text(), OPERANDS, sigs or plain_signatures())
+
+
+def kernels(interpreted: bool | None = None, sigs: tuple | None = None):
+    """The kernel module (delta_fwd, delta_bwd, ...) for those signatures. Triton decides at
+    decoration time whether a kernel is interpreted, so the two kinds are cached under
+    different tags."""
     from rnnc import cache
     if interpreted is None:
         interpreted = _interpreting()
-    return cache.load_module(source(), "chunk_delta_interp" if interpreted else "chunk_delta")
+    return cache.load_module(source(sigs), "chunk_delta_interp" if interpreted else "chunk_delta")
 
 
 def _pow2(n: int) -> int:
@@ -138,32 +157,33 @@ def configs(L: int, K: int, V: int, chunk: int | None = None, block_v: int | Non
 
 
 def _check(q, r, w, p, v, log_alpha, S0, chunk):
-    if r.dim() != 4:
+    """q (or None), r, w, p, v, log_alpha (or None: [B, L, H, 1] as a stream): Streams; S0 a
+    tensor."""
+    if len(r.shape) != 4:
         raise RnncError(f"chunk_delta_rule: r must be [B, L, H, K], got shape {tuple(r.shape)}")
     B, L, H, K = r.shape
-    named = {"q": q, "r": r, "w": w, "p": p, "v": v, "log_alpha": log_alpha, "S0": S0}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.dtype == torch.float64:
-            raise RnncError(f"chunk_delta_rule (Triton) computes in float32; {name} is float64: "
-                            "use the scan backend for float64")
-        if t.dtype not in _ACCEPTED:
-            raise RnncError(f"chunk_delta_rule (Triton): {name} has dtype {t.dtype}; "
-                            "float32, bfloat16 or float16 expected")
-        if t.device != r.device:
-            raise RnncError(f"chunk_delta_rule (Triton): {name} is on {t.device}, r on {r.device}")
+    named = {"q": q, "r": r, "w": w, "p": p, "v": v, "log_alpha": log_alpha}
+    for name, s in named.items():
+        for t in ([] if s is None else s.leaves) + ([S0] if name == "r" else []):
+            if t.dtype == torch.float64:
+                raise RnncError(f"chunk_delta_rule (Triton) computes in float32; {name} is float64: "
+                                "use the scan backend for float64")
+            if t.dtype not in _ACCEPTED:
+                raise RnncError(f"chunk_delta_rule (Triton): {name} has dtype {t.dtype}; "
+                                "float32, bfloat16 or float16 expected")
+            if t.device != S0.device:
+                raise RnncError(f"chunk_delta_rule (Triton): {name} is on {t.device}, S0 on {S0.device}")
     for name, t in (("q", q), ("w", w), ("p", p)):
         if t is not None and tuple(t.shape) != (B, L, H, K):
             raise RnncError(f"chunk_delta_rule: {name} has shape {tuple(t.shape)}, r {tuple(r.shape)}; "
                             "both must be [B, L, H, K]")
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, L, H):
+    if len(v.shape) != 4 or tuple(v.shape[:3]) != (B, L, H):
         raise RnncError(f"chunk_delta_rule: v must be [B, L, H, V] = [{B}, {L}, {H}, V], got "
                         f"{tuple(v.shape)}")
     V = v.shape[3]
-    if log_alpha is not None and tuple(log_alpha.shape) != (B, L, H):
+    if log_alpha is not None and tuple(log_alpha.shape) != (B, L, H, 1):
         raise RnncError(f"chunk_delta_rule: log_alpha must be [B, L, H] = [{B}, {L}, {H}], got "
-                        f"{tuple(log_alpha.shape)}")
+                        f"{tuple(log_alpha.shape[:3]) if log_alpha.shape[3:] == (1,) else tuple(log_alpha.shape)}")
     if tuple(S0.shape) != (B, H, K, V):
         raise RnncError(f"chunk_delta_rule: S0 must be [B, H, K, V] = [{B}, {H}, {K}, {V}], got "
                         f"{tuple(S0.shape)}")
@@ -174,9 +194,15 @@ def _check(q, r, w, p, v, log_alpha, S0, chunk):
     if K > MAX_K:
         raise RnncError(f"chunk_delta_rule (Triton): K = {K} keys exceed {MAX_K} (the kernel keeps "
                         "the whole key axis of the state in registers); use the scan backend")
-    if r.device.type != "cuda" and not _interpreting():
+    if S0.device.type != "cuda" and not _interpreting():
         raise RnncError("chunk_delta_rule (Triton) runs on CUDA tensors (or on CPU under "
-                        f"TRITON_INTERPRET=1); these are on {r.device}")
+                        f"TRITON_INTERPRET=1); these are on {S0.device}")
+
+
+def _stream(x, log_alpha=False):
+    if x is None or isinstance(x, Stream):
+        return x
+    return Stream.plain(x.unsqueeze(-1) if log_alpha else x)
 
 
 def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int | str | None = None,
@@ -186,9 +212,12 @@ def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int | str | None = Non
     q: [B, L, H, K] or None; r, w, p: [B, L, H, K]; v: [B, L, H, V]; log_alpha: [B, L, H] or
     None (alpha = 1); S0: [B, H, K, V]; any L >= 1; chunk in (16, 32, 64), or None / "auto":
     tuned (see triton_tune; chunk 64 off CUDA or with RNNC_TRITON_TUNE=0).
+    q, r, w, p, v may also be triton_gates.Streams (log_alpha one of shape [B, L, H, 1]): the
+    operands computed in the kernels from their leaves (the spec's gates, fused).
     Returns (o, S_last): o [B, L, H, V] in the inputs' promoted dtype (None when q is None),
-    S_last [B, H, K, V] in S0's dtype. Differentiable w.r.t. every tensor argument.
-    Passing the same tensor object as w and p (DeltaNet) takes the shorter shared path;
+    S_last [B, H, K, V] in S0's dtype. Differentiable w.r.t. every tensor argument (the
+    leaves, for streams).
+    Passing the same object as w and p (DeltaNet) takes the shorter shared path;
     w != p is supported too. block_v overrides the V block (a power of two >= 16).
     split: None lets the tuner choose the forward's kind (with an explicit chunk: the walk);
     True or False forces the split (three-kernel) or the walk forward, tuned among that kind's
@@ -196,17 +225,52 @@ def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int | str | None = Non
     """
     if chunk == "auto":
         chunk = None
-    _check(q, r, w, p, v, log_alpha, S0, chunk)
+    if isinstance(log_alpha, torch.Tensor) and log_alpha.dim() != 3:
+        raise RnncError(f"chunk_delta_rule: log_alpha must be [B, L, H], got {tuple(log_alpha.shape)}")
     shared = p is w
-    dtype = torch.promote_types(torch.promote_types(r.dtype, w.dtype), torch.promote_types(p.dtype, v.dtype))
-    if q is not None:
-        dtype = torch.promote_types(dtype, q.dtype)
-    tensors = (q, r, w, None if shared else p, v, log_alpha, S0)
-    want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    res = _ChunkDelta.apply((chunk, block_v, shared, want_grad, dtype, split), *tensors)
+    q, r, w, v = (_stream(x) for x in (q, r, w, v))
+    p = w if shared else _stream(p)
+    la = _stream(log_alpha, log_alpha=True)
+    _check(q, r, w, p, v, la, S0, chunk)
+    has_q, has_la = q is not None, la is not None
+    B, L, H, K = r.shape
+    ops = (q if has_q else r, r, w, p, v,
+           la if has_la else Stream((("const", 0.0),), [], (), (B, L, H, 1)))
+    used = (has_q, True, True, not shared, True, has_la)
+    dtype = None
+    for s, u in zip(ops[:5], used):
+        for x in (s.leaves if u else []):
+            dtype = x.dtype if dtype is None else torch.promote_types(dtype, x.dtype)
+    dtype = dtype or torch.float32
+    leaves = [x for s, u in zip(ops, used) if u for x in s.leaves]
+    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*leaves, S0])
+    meta = tuple((s.code, s.kinds, s.shape) for s in ops)
+    res = _ChunkDelta.apply((chunk, block_v, shared, want_grad, dtype, split, has_q, has_la),
+                            meta, S0, *leaves)
     if q is None:
         return None, res[0]
     return res[0], res[1]
+
+
+class _Ops:
+    """The six operand streams of one call (q, r, w, p, v, log_alpha), and what launching
+    them needs: q stands for r without q, p for w when shared."""
+
+    def __init__(self, meta, leaves, used):
+        streams, at = [], 0
+        for (code, kinds, shape), u in zip(meta, used):
+            n = len(kinds) if u else 0
+            streams.append(Stream(code, list(leaves[at:at + n]), kinds, shape))
+            at += n
+        q, r, w, p, v, la = streams
+        q = q if used[0] else Stream(r.code, r.leaves, r.kinds, r.shape)
+        p = p if used[3] else w
+        self.streams = (q, r, w, p, v, la)
+        self.sigs = tuple(s.signature for s in self.streams)
+        self.leaves = [x for s in self.streams for x in s.leaves]
+        B, L, H, K = r.shape
+        self.dims = (B, L, H, K, v.shape[3])
+        self.device = r.leaves[0].device if r.leaves else None
 
 
 def _launch_args(geo):
@@ -215,18 +279,17 @@ def _launch_args(geo):
                 num_warps=geo["warps"])
 
 
-def _key(family, r, v, dtypes, *flags):
-    B, L, H, K = r.shape
-    return (family, B, H, K, v.shape[3], tune.bucket(L),
-            tuple(None if d is None else str(d) for d in dtypes), *flags, tune.device_tag(r.device))
+def _key(family, ops: _Ops, dtypes, *flags):
+    B, L, H, K, V = ops.dims
+    return (family, B, H, K, V, tune.bucket(L), tuple(str(d) for d in dtypes), ops.sigs, *flags,
+            tune.device_tag(ops.device))
 
 
-def _forward_buffers(geo, r, v, has_q, want_grad):
+def _forward_buffers(geo, ops: _Ops, has_q, want_grad):
     """(o, S_last, hist, scratch). The walk stores the history only for training; the split
     forward always does (its output kernel reads it) and adds its scratch (Wt, U)."""
-    B, L, H, K = r.shape
-    V = v.shape[3]
-    f32 = dict(dtype=torch.float32, device=r.device)
+    B, L, H, K, V = ops.dims
+    f32 = dict(dtype=torch.float32, device=ops.device)
     o = torch.empty(B, L, H, V, **f32) if has_q else None
     S_last = torch.empty(B, H, K, V, **f32)
     if geo["split"]:
@@ -236,127 +299,129 @@ def _forward_buffers(geo, r, v, has_q, want_grad):
     return o, S_last, hist, None
 
 
-def _forward(geo, shared, want_grad, q, r, w, p, v, la, S0, out):
-    B, L, H, K = r.shape
-    V = v.shape[3]
+def _forward(geo, flags, want_grad, ops: _Ops, S0, out):
+    B, L, H, K, V = ops.dims
     o, S_last, hist, scratch = out
-    p = w if p is None else p
-    la_ = r if la is None else la
     NC, NV = geo["NC"], geo["NV"]
-    flags = dict(HAS_LA=la is not None, SHARED=shared)
-    mod = kernels()
+    mod = kernels(sigs=ops.sigs)
     if not geo["split"]:
         mod.delta_fwd[(B * H, NV)](
-            r if q is None else q, r, w, p, v, la_, S0,
-            S_last if o is None else o, S_last, hist,
+            *ops.leaves, S0, S_last if o is None else o, S_last, hist,
             L, H, K, V, NC,
-            HAS_Q=q is not None, STORE_HIST=want_grad, **flags, **_launch_args(geo))
+            HAS_Q=o is not None, STORE_HIST=want_grad, **flags, **_launch_args(geo))
         return
     wt, u = scratch
-    mod.delta_ut[(NC * B * H,)](r, w, p, v, la_, wt, u, L, H, K, V, NC, NV, **flags,
+    mod.delta_ut[(NC * B * H,)](*ops.leaves, wt, u, L, H, K, V, NC, NV, **flags,
                                 **_launch_args(geo))
-    mod.delta_state[(B * H, NV)](w, p, v, la_, S0, wt, u, S_last, hist, L, H, K, V, NC, **flags,
+    mod.delta_state[(B * H, NV)](*ops.leaves, S0, wt, u, S_last, hist, L, H, K, V, NC, **flags,
                                  **_launch_args(geo))
-    if q is not None:
-        mod.delta_out[(NV * NC * B * H,)](q, w, p, v, la_, u, hist, o, L, H, K, V, NC, NV,
+    if o is not None:
+        mod.delta_out[(NV * NC * B * H,)](*ops.leaves, u, hist, o, L, H, K, V, NC, NV,
                                           **flags, **_launch_args(geo))
 
 
-def _backward_buffers(geo, q, r, p, v, la):
-    B, L, H, K = r.shape
-    V = v.shape[3]
-    f32 = dict(dtype=torch.float32, device=r.device)
+def _backward_buffers(geo, ops: _Ops, has_q, shared, has_la):
+    B, L, H, K, V = ops.dims
+    f32 = dict(dtype=torch.float32, device=ops.device)
     part = lambda *shape: torch.empty(geo["NV"], *shape, **f32)   # noqa: E731  one slice per V block
-    dq = part(B, L, H, K) if q is not None else None
+    dq = part(B, L, H, K) if has_q else None
     dr, dw = part(B, L, H, K), part(B, L, H, K)
-    dp = part(B, L, H, K) if p is not None else None
-    dla = part(B, L, H) if la is not None else None
+    dp = part(B, L, H, K) if not shared else None
+    dla = part(B, L, H) if has_la else None
     return dq, dr, dw, dp, torch.empty(B, L, H, V, **f32), dla, torch.empty(B, H, K, V, **f32)
 
 
-def _backward(geo, shared, q, r, w, p, v, la, hist, do, dsl, out):
-    B, L, H, K = r.shape
-    V = v.shape[3]
+def _backward(geo, flags, ops: _Ops, hist, do, dsl, out):
+    B, L, H, K, V = ops.dims
     dq, dr, dw, dp, dv, dla, ds0 = out
-    kernels().delta_bwd[(B * H, geo["NV"])](
-        r if q is None else q, r, w, w if p is None else p, v, r if la is None else la, hist,
-        dsl if do is None else do, dsl,
+    kernels(sigs=ops.sigs).delta_bwd[(B * H, geo["NV"])](
+        *ops.leaves, hist, dsl if do is None else do, dsl,
         dr if dq is None else dq, dr, dw, dw if dp is None else dp, dv,
         dr if dla is None else dla, ds0,
         B, L, H, K, V, geo["NC"],
-        HAS_Q=q is not None, HAS_LA=la is not None, SHARED=shared, **_launch_args(geo))
+        HAS_Q=dq is not None, **flags, **_launch_args(geo))
 
 
 class _ChunkDelta(torch.autograd.Function):
-    """(q?, r, w, p?, v, log_alpha?, S0) -> (o?, S_last); p is None when it is w.
-    meta = (chunk (None: tuned), block_v, shared, want_grad, output dtype, split (None: the
-    tuner's choice))."""
+    """(cfg, meta, S0, *leaves) -> (o?, S_last). meta: (code, kinds, shape) of the q, r, w, p,
+    v and log_alpha streams, whose leaves follow in that order, except q's without q, p's when
+    shared (p is w) and log_alpha's without it. cfg = (chunk (None: tuned), block_v, shared,
+    want_grad, output dtype, split (None: the tuner's choice), has_q, has_la)."""
 
     @staticmethod
-    def forward(ctx, meta, q, r, w, p, v, la, S0):
-        chunk, block_v, shared, want_grad, dtype, split = meta
-        B, L, H, K = r.shape
-        V = v.shape[3]
-        dtypes = [None if t is None else t.dtype for t in (q, r, w, p, v, la, S0)]
-        q, r, w, p, v, la = (None if t is None else t.contiguous() for t in (q, r, w, p, v, la))
+    def forward(ctx, cfg, meta, S0, *leaves):
+        chunk, block_v, shared, want_grad, dtype, split, has_q, has_la = cfg
+        used = (has_q, True, True, not shared, True, has_la)
+        ops = _Ops(meta, [t.contiguous() for t in leaves], used)
+        B, L, H, K, V = ops.dims
+        dtypes = [t.dtype for t in leaves] + [S0.dtype]
         S0c = S0.contiguous()
-        args = (q, r, w, p, v, la, S0c)
+        flags = dict(HAS_LA=has_la, SHARED=shared)
         if chunk is None:
             tf32 = torch.backends.cuda.matmul.allow_tf32
-            key = _key("chunk_delta.fwd", r, v, dtypes, block_v, q is not None, la is not None,
-                       shared, want_grad, tf32, split)
+            key = _key("chunk_delta.fwd", ops, dtypes, block_v, has_q, has_la, shared, want_grad,
+                       tf32, split)
 
             def bench(c):
                 geo = _geo(L, K, V, c)
-                out = _forward_buffers(geo, r, v, q is not None, want_grad)
-                return lambda: _forward(geo, shared, want_grad, *args, out)
+                out = _forward_buffers(geo, ops, has_q, want_grad)
+                return lambda: _forward(geo, flags, want_grad, ops, S0c, out)
             cands = configs(L, K, V, None, block_v)
             default = default_config(L, K, V, block_v=block_v)
             if split is not None:
                 cands = [c for c in cands if c.split == split]
                 default = default._replace(split=bool(split))
-            c = tune.choose(key, cands, default, bench, r.device)
+            c = tune.choose(key, cands, default, bench, ops.device)
         else:
             c = default_config(L, K, V, chunk, block_v)._replace(split=bool(split))
         geo = _geo(L, K, V, c)
-        o, S_last, hist, _ = out = _forward_buffers(geo, r, v, q is not None, want_grad)
-        _forward(geo, shared, want_grad, *args, out)
+        o, S_last, hist, _ = out = _forward_buffers(geo, ops, has_q, want_grad)
+        _forward(geo, flags, want_grad, ops, S0c, out)
         if want_grad:
-            ctx.save_for_backward(q, r, w, p, v, la, hist)
-        ctx.meta, ctx.geo, ctx.dtypes = meta, geo, dtypes
+            ctx.save_for_backward(hist, *leaves)
+        ctx.cfg, ctx.meta, ctx.geo, ctx.dtypes = cfg, meta, geo, dtypes
         S_last = S_last.to(S0.dtype)
         return (S_last,) if o is None else (o.to(dtype), S_last)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        chunk, block_v, shared = ctx.meta[:3]
-        q, r, w, p, v, la, hist = ctx.saved_tensors
-        B, L, H, K = r.shape
-        V = v.shape[3]
-        do = None if q is None else grads[0].contiguous()
+        chunk, block_v, shared, _, _, _, has_q, has_la = ctx.cfg
+        hist, *leaves = ctx.saved_tensors
+        used = (has_q, True, True, not shared, True, has_la)
+        ops = _Ops(ctx.meta, [t.contiguous() for t in leaves], used)
+        B, L, H, K, V = ops.dims
+        do = grads[0].contiguous() if has_q else None
         dsl = grads[-1].contiguous()
+        flags = dict(HAS_LA=has_la, SHARED=shared)
         # the chunk is the forward's: `hist` holds the state entering each of its chunks
         geo = ctx.geo
         if chunk is None:
             tf32 = torch.backends.cuda.matmul.allow_tf32
-            key = _key("chunk_delta.bwd", r, v, ctx.dtypes, geo["C"], block_v, q is not None,
-                       la is not None, shared, tf32)
+            key = _key("chunk_delta.bwd", ops, ctx.dtypes, geo["C"], block_v, has_q, has_la,
+                       shared, tf32)
 
             def bench(c):
                 g = _geo(L, K, V, c)
-                out = _backward_buffers(g, q, r, p, v, la)
-                return lambda: _backward(g, shared, q, r, w, p, v, la, hist, do, dsl, out)
+                out = _backward_buffers(g, ops, has_q, shared, has_la)
+                return lambda: _backward(g, flags, ops, hist, do, dsl, out)
             c = tune.choose(key, configs(L, K, V, geo["C"], block_v, backward=True),
-                            default_config(L, K, V, geo["C"], block_v), bench, r.device)
+                            default_config(L, K, V, geo["C"], block_v), bench, ops.device)
             geo = _geo(L, K, V, c)
-        out = _backward_buffers(geo, q, r, p, v, la)
-        _backward(geo, shared, q, r, w, p, v, la, hist, do, dsl, out)
+        out = _backward_buffers(geo, ops, has_q, shared, has_la)
+        _backward(geo, flags, ops, hist, do, dsl, out)
         dq, dr, dw, dp, dv, dla, ds0 = out
-        res = [None if g is None else g.sum(0) for g in (dq, dr, dw, dp)] + [dv]
-        res += [None if dla is None else dla.sum(0), ds0]
-        res = [None if g is None else g.to(dt) for g, dt in zip(res, ctx.dtypes)]
-        return (None, *res)
+        per_op = [None if g is None else g.sum(0) for g in (dq, dr, dw, dp)] + [dv]
+        per_op.append(None if dla is None else dla.sum(0).unsqueeze(-1))
+        needs = list(ctx.needs_input_grad[3:])
+        res, at = [], 0
+        for s, d, u in zip(ops.streams, per_op, used):
+            if not u:
+                continue
+            n = len(s.leaves)
+            res += gates.leaf_grads(s, d, needs[at:at + n])
+            at += n
+        return (None, None, ds0.to(ctx.dtypes[-1]) if ctx.needs_input_grad[2] else None, *res)
 
 
 def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype: str = "fp32",
@@ -385,7 +450,7 @@ def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype
     # buffers allocated here (outputs, history, gradients) are float32; S0 (and the gradient
     # of S_last) is taken as float32 too; the per-step inputs and the gradient of o have dtype
     # (the split forward's scratch, Wt and U, is float32 too)
-    inputs = {"q_ptr", "r_ptr", "w_ptr", "p_ptr", "v_ptr", "la_ptr", "do_ptr"}
+    leaves = {f"{op}_0" for op in OPERANDS}   # one leaf each: the materialised operands
     out = {}
     for name, (has_q, has_la, shared) in itertools.product(
             names, list(variants or itertools.product((True, False), repeat=3))):
@@ -398,8 +463,10 @@ def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype
         for a in fn.arg_names:
             if a in consts:
                 sig[a] = "constexpr"
+            elif a in leaves or a == "do_ptr":
+                sig[a] = f"*{dtype}"
             elif a.endswith("_ptr"):
-                sig[a] = f"*{dtype}" if a in inputs else "*fp32"
+                sig[a] = "*fp32"
             else:
                 sig[a] = "i32"
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)

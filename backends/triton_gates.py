@@ -1,13 +1,14 @@
 """Gate streams: the chunk kernels' operands computed inside the kernels from the spec's inputs.
 
 A chunked linear-attention state reads four operands per step: the query q, the key k (the
-state's rank-1 input p), the value v and the log-decay g. Each is an expression of the step's
+state's rank-1 input p), the value v and the log-decay g (a delta rule also r and w). Each is an expression of the step's
 state-free values: mamba2's key is dt[h] * B[h,n] and its log-decay -exp(A_log[h]) * dt[h];
 a gated spec's decay may be logsigmoid(x)/16. Materialising each operand as a [B, L, H, K]
 tensor before the kernel runs costs a write and a read of that tensor per operand. A
 *stream* instead gives the kernel the expression's *leaves* (inputs, params, or values rnnc
 cannot compute inside a kernel such as projections) and a small *program* over them; the
-generated loaders `_ld_<op>` and `_tile_<op>` (spliced into templates/chunk_la.py.tmpl) load
+generated loaders `_ld_<op>` and `_tile_<op>` (spliced into templates/chunk_la.py.tmpl and
+chunk_delta.py.tmpl by `module_source`) load
 the leaves and evaluate the program wherever the kernels read that operand, forward and
 backward. The backward kernels give the gradient of each operand; `leaf_grads` carries it to
 the leaves by recomputing the (cheap, elementwise) program with torch.
@@ -33,6 +34,7 @@ from rnnc.ir import Op
 
 from .triton_codegen import _BINARY, _UNARY, const_text
 
+PLAIN = (("leaf", 0),)  # the program of a materialised operand: its one leaf
 MAX_LEAVES = 8          # leaves one operand may load; past it a factor is loaded as it is
 MAX_STEPS = 48          # instructions one operand's program may have
 NO_DECAY = -1e4         # the log-decay of a state that does not read its old value
@@ -164,8 +166,7 @@ class Stream:
     @staticmethod
     def plain(x: torch.Tensor) -> "Stream":
         """A materialised operand [B, L, H, X]: one leaf, read as it is."""
-        return Stream((("leaf", 0),), [x.contiguous()], ((True, True, x.shape[-1] != 1),),
-                      tuple(x.shape))
+        return Stream(PLAIN, [x.contiguous()], ((True, True, x.shape[-1] != 1),), tuple(x.shape))
 
     @staticmethod
     def build(prog: Program, place, shape: tuple, squeeze: bool = False) -> "Stream | None":
@@ -195,7 +196,7 @@ class Stream:
     def identity(self) -> bool:
         """Whether the operand is its one leaf, as it is, over all of [B, L, H, X]."""
         B, L, H, X = self.shape
-        return self.code == (("leaf", 0),) and tuple(self.leaves[0].shape) == self.shape
+        return self.code == PLAIN and tuple(self.leaves[0].shape) == self.shape
 
     @property
     def per_channel(self) -> bool:
@@ -294,15 +295,25 @@ def loader_source(op: str, sig: tuple) -> list:
             out.append(f"    x{j} = {expr}")
             vals.append(f"x{j}")
     # a leaf's masked load is 0 already; an expression of such zeros need not be
-    result = vals[-1] if code == (("leaf", 0),) else f"tl.where(m, {vals[-1]}, 0.0)"
+    result = vals[-1] if code == PLAIN else f"tl.where(m, {vals[-1]}, 0.0)"
     out += [f"    return {result}", "", "",
             "@triton.jit",
-            f"def _tile_{op}({args}b, h, H, X, t0, L, offs, m):",
-            f'    """{op} over the sub-chunk of steps t0 .. t0+SUB-1, channels offs: [SUB, len(offs)]."""',
-            "    t = t0 + tl.arange(0, SUB)",
+            f"def _tile_{op}({args}b, h, H, X, t0, L, offs, m, ROWS: tl.constexpr):",
+            f'    """{op} at steps t0 .. t0+ROWS-1, channels offs: [ROWS, len(offs)]."""',
+            "    t = t0 + tl.arange(0, ROWS)",
             f"    return _ld_{op}({args}b, h, t[:, None], offs[None, :], (t < L)[:, None] & m[None, :], "
             "L, H, X)", "", ""]
     return out
+
+
+def module_source(template: str, ops: tuple, sigs: tuple, **fragments) -> str:
+    """A chunk-kernel template filled for the operands `ops` with stream signatures `sigs`:
+    the op helpers, each operand's loaders, and its leaves' argument names ({{QS}} ...)."""
+    from .triton_codegen import _fill, op_helpers
+    loaders = [line for op, sig in zip(ops, sigs) for line in loader_source(op, sig)]
+    frags = {"HELPERS": op_helpers(), "LOADERS": loaders, **fragments}
+    frags.update({f"{op.upper()}S": arg_list(op, sig) for op, sig in zip(ops, sigs)})
+    return _fill(template, frags)
 
 
 def arg_list(op: str, sig: tuple) -> str:

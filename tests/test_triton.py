@@ -115,16 +115,16 @@ def test_selects():
 # --- generated source --------------------------------------------------------------------------
 def _generated(rec):
     """The spec-dependent part of `emit`: for chunked plans it is followed by the chunk kernel
-    templates, the delta rule's fixed, linear attention's with the loaders generated for the
-    spec's gates (test_triton_gates.py checks that those carry no spec text)."""
+    templates with the loaders generated for the spec's gates (test_triton_gates.py checks
+    that those carry no spec text)."""
     backend = get("triton")
     analysis = rnnc.analysis.analyse(rec)
     text = backend.emit(rec, analysis)
     head, marker, tail = text.partition(backend.LIBRARY_MARKER)
     if marker:
         from rnnc.backends import triton_chunk, triton_delta
-        lib = triton_delta.source() if analysis.plan == "chunked_delta" else \
-            triton_chunk.source(backend.chunk_signatures(rec, analysis))
+        lib = (triton_delta if analysis.plan == "chunked_delta" else triton_chunk).source(
+            backend.chunk_signatures(rec, analysis))
         assert tail.split("\n", 1)[1] == lib
         head = head.removesuffix("\n\n")  # the blank lines emit puts before the templates
     return head

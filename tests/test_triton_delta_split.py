@@ -23,6 +23,7 @@ triton = pytest.importorskip("triton")
 from rnnc.backends import triton_delta as td  # noqa: E402
 from rnnc.backends import triton_tune as tune  # noqa: E402
 from rnnc.backends.triton_tune import Config  # noqa: E402
+from rnnc.backends.triton_gates import Stream  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import CASES, compare_to_sequential, compile_offline  # noqa: E402
@@ -68,8 +69,14 @@ class Launches:
 
 @pytest.fixture
 def launches(monkeypatch):
-    rec = Launches(td.kernels())
-    monkeypatch.setattr(td, "kernels", lambda *a, **k: rec)
+    """Every launch of the delta kernels, whichever operand streams they were generated for."""
+    rec = Launches(None)
+    real = td.kernels
+
+    def kernels(*a, **k):
+        rec.module = real(*a, **k)
+        return rec
+    monkeypatch.setattr(td, "kernels", kernels)
     return rec
 
 
@@ -161,6 +168,14 @@ def test_split_matches_reference(launches, L, chunk, gated, shared, K, V, block_
     assert_split_ran(launches, L, geo["C"], geo["NV"], has_q)
 
 
+def _ops(q, r, w, p, v, la, shared):
+    """The kernels' operand streams for materialised operands (p is w when shared)."""
+    streams = [Stream.plain(x) for x in (q, r, w, p, v, la.unsqueeze(-1))]
+    used = (True, True, True, not shared, True, True)
+    return td._Ops(tuple((s.code, s.kinds, s.shape) for s in streams),
+                   [x for s, u in zip(streams, used) if u for x in s.leaves], used)
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["w_is_p", "w_ne_p"])
 def test_extreme_log_decays(launches, shared):
     """Log-decays of -30 (the floor: alpha ~ 1e-13) and -1e-6 (alpha ~ 1), mixed: finite and
@@ -178,12 +193,12 @@ def test_extreme_log_decays(launches, shared):
           floor=FLOOR)
     assert_split_ran(launches, L, 16, 2)
     q, r, w, p, v, la, S0 = [x.float() for x in xs]
-    p = w if shared else p
+    ops = _ops(q, r, w, p, v, la, shared)
     res = {}
     for split in (False, True):
         geo = td._geo(L, 32, 32, Config(16, 16, 2, split))
-        out = td._forward_buffers(geo, r, v, True, True)
-        td._forward(geo, shared, True, q, r, w, None if shared else p, v, la, S0, out)
+        out = td._forward_buffers(geo, ops, True, True)
+        td._forward(geo, dict(HAS_LA=True, SHARED=shared), True, ops, S0, out)
         res[split] = out[:3]
     for name, a, b in zip(("o", "S_last", "hist"), res[False], res[True]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
@@ -196,15 +211,16 @@ def test_split_stores_the_walks_history():
     L, K, V = 37, 32, 32
     xs = [x.float() for x in make(L, True, False, K, V, seed=2)]
     q, r, w, p, v, la, S0 = xs
+    ops = _ops(q, r, w, p, v, la, False)
     res = {}
     for split in (False, True):
         geo = td._geo(L, K, V, Config(16, 16, 2, split))
-        out = td._forward_buffers(geo, r, v, True, False)
+        out = td._forward_buffers(geo, ops, True, False)
         if split:
             assert out[2].shape == (B, H, 3, K, V) and out[3] is not None
         else:
-            out = td._forward_buffers(geo, r, v, True, True)     # the walk stores it for training
-        td._forward(geo, False, True, q, r, w, p, v, la, S0, out)
+            out = td._forward_buffers(geo, ops, True, True)     # the walk stores it for training
+        td._forward(geo, dict(HAS_LA=True, SHARED=False), True, ops, S0, out)
         res[split] = out[:3]
     for name, a, b in zip(("o", "S_last", "hist"), res[False], res[True]):
         assert a.shape == b.shape, name

@@ -215,3 +215,62 @@ def test_loaders_carry_no_spec_text():
         text = tb.emit(rec, rnnc.analysis.analyse(rec))
         texts.append(text.partition(tb.LIBRARY_MARKER)[2].split("\n", 1)[1])
     assert "_ld_g(" in texts[0] and texts[0] == texts[1]
+
+
+# A gated delta rule as a user writes it: raw gate inputs, the decay and the write strength
+# computed in the step (fla's GatedDeltaNet computes the same outside its kernel).
+GATED_DELTA = """rnn gdelta(q[H,K], k[H,K], v[H,V], a[H], b[H]) -> o[H,V] {
+    param A_log[H] = zeros, dt_bias[H] = zeros
+    state S[H,K,V] = 0
+    alpha[h] = exp(-exp(A_log[h]) * softplus(a[h] + dt_bias[h]))
+    beta[h] = sigmoid(b[h])
+    u[h,j] = sum[i](k[h,i] * S[h,i,j])
+    S[h,i,j] = alpha[h] * (S[h,i,j] - beta[h] * k[h,i] * u[h,j]) + beta[h] * k[h,i] * v[h,j]
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}
+"""
+
+
+def test_delta_rule_gates_run_in_the_kernels():
+    """The delta rule's decay and write strength are computed in its kernels: the solver plans
+    streams for r, w (sigmoid(b) k; the normal form puts the write's sigmoid(b) into v), p,
+    v and the log-decay, and leaves the gate nodes lazy."""
+    _, tri = _pair(GATED_DELTA, DIMS)
+    solver = tri._runner.solver
+    plans = solver.streams["S"]
+    assert {"k", "v", "r", "w", "g"} <= set(plans)
+    for op in ("w", "v"):
+        assert Op.SIGMOID in {ins[1] for ins in plans[op].code if ins[0] == "op"}, op
+    g_ops = {ins[1] for ins in plans["g"].code if ins[0] == "op"}
+    assert {Op.SOFTPLUS, Op.EXP, Op.ADD} <= g_ops
+    rec = tri.recurrence
+    assert {Op.SOFTPLUS, Op.SIGMOID} <= {getattr(rec.node(n), "op", None) for n in solver.lazy}
+    from rnnc.backends import triton_backend as tb
+    emitted = tb.emit(rec, rnnc.analysis.analyse(rec))
+    assert "def _ld_a(" in emitted and "_softplus(" in emitted.partition(tb.LIBRARY_MARKER)[2]
+
+
+@pytest.mark.parametrize("T", [17, 37])
+def test_gated_delta_rule_against_sequential(T):
+    """Outputs, final state and every gradient, from an initial state."""
+    ref, tri = _pair(GATED_DELTA, DIMS)
+    with torch.no_grad():
+        for m in (ref, tri):
+            m.A_log.mul_(0.0).add_(-1.0)   # decays around exp(-0.37 * softplus)
+    B, H, K, V = 2, DIMS["H"], DIMS["K"], DIMS["V"]
+    g = torch.Generator().manual_seed(200 + T)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    xs64 = [r(B, T, H, K), F.normalize(r(B, T, H, K), dim=-1), r(B, T, H, V), r(B, T, H),
+            r(B, T, H)]
+    h0 = r(B, H, K, V)
+    do, dS = r(B, T, H, V), r(B, H, K, V)
+
+    def run(m, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in xs64]
+        s0 = h0.to(dtype).requires_grad_()
+        o, fin = m(*xs, initial_state={"S": s0}, output_final_state=True)
+        loss = (o.double() * do).sum() + (fin["S"].double() * dS).sum()
+        return [o, fin["S"], *torch.autograd.grad(loss, [*xs, s0, *m.parameters()])]
+    names = ["o", "S_last", "dq", "dk", "dv", "da", "db", "dS0", "dA_log", "ddt_bias"]
+    for n, x, y in zip(names, run(tri, torch.float32), run(ref, F64)):
+        assert rel_err(x, y) < 2e-4, (n, rel_err(x, y))

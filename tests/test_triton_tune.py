@@ -69,9 +69,19 @@ class Launches:
 
 @pytest.fixture
 def launches(monkeypatch):
-    rec = {"la": Launches(tc.kernels()), "delta": Launches(td.kernels())}
-    monkeypatch.setattr(tc, "kernels", lambda: rec["la"])
-    monkeypatch.setattr(td, "kernels", lambda *a, **k: rec["delta"])
+    """Every launch of the chunk kernels, whichever operand streams they were generated for."""
+    rec = {"la": Launches(None), "delta": Launches(None)}
+    real_la, real_delta = tc.kernels, td.kernels
+
+    def la(sigs=None):
+        rec["la"].module = real_la(sigs)
+        return rec["la"]
+
+    def delta(*a, **k):
+        rec["delta"].module = real_delta(*a, **k)
+        return rec["delta"]
+    monkeypatch.setattr(tc, "kernels", la)
+    monkeypatch.setattr(td, "kernels", delta)
     return rec
 
 
