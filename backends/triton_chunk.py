@@ -472,7 +472,7 @@ class _ChunkLA(torch.autograd.Function):
 def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
                 include_current: bool = True, has_q: bool = True, precision: str = "tf32",
                 arch: int = 90, block_v: int | None = None, warps: int = WARPS,
-                names=KERNELS, report: bool = False) -> dict:
+                names=KERNELS, report: bool = False, sigs: tuple | None = None) -> dict:
     """Compile the kernels (the walk's chunk_fwd and chunk_bwd, the two levels' chunk_states,
     chunk_out, chunk_dstates and chunk_dqkv, and chunk_dg) for an NVIDIA target without a GPU
     (Triton runs its whole pipeline down to a cubin on the CPU), with the launch options the
@@ -482,7 +482,9 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
     KERNELS by default). Returns {kernel name: cubin size}, or with
     report {kernel name: {"cubin", "shared", "regs", "stack"}}: registers per thread and stack
     bytes (spills) from the cubin, through the cuobjdump that Triton bundles (None where it
-    is missing). Run it without TRITON_INTERPRET (interpreted kernels do not compile)."""
+    is missing). sigs: the operands' stream signatures (default: materialised operands, the
+    decay per head with scalar); scalar must agree with them. Run it without TRITON_INTERPRET
+    (interpreted kernels do not compile)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -493,7 +495,7 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
     const = dict(C=chunk, BK=BK, BV=BV, DELTA=0 if include_current else 1, SCALAR=scalar,
                  HAS_Q=has_q, STORE=True, PREC=precision)
     ints = {"L", "H", "K", "V", "NC"}
-    ker = kernels(plain_signatures(scalar))
+    ker = kernels(sigs or plain_signatures(scalar))
     out = {}
     for name in names:
         fn = getattr(ker, name)

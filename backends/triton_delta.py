@@ -426,7 +426,8 @@ class _ChunkDelta(torch.autograd.Function):
 
 def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype: str = "fp32",
                 dot_prec: str = "ieee", variants=None, names=("delta_fwd", "delta_bwd"),
-                block_v: int | None = None, warps: int | None = None, detail: bool = False) -> dict:
+                block_v: int | None = None, warps: int | None = None, detail: bool = False,
+                sigs: tuple | None = None) -> dict:
     """Compile kernels for an NVIDIA target without a GPU (Triton runs its whole pipeline
     to a cubin on the CPU). names: the kernels, the walk forward and the backward by default
     (SPLIT_KERNELS: the split forward's three; delta_out only where has_q); variants:
@@ -435,7 +436,8 @@ def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype
     Returns {(kernel, has_q, has_la, shared): cubin size}, or with detail
     {...: {"cubin": size, "shared": bytes of shared memory, "regs": registers per thread,
     "stack": bytes of stack per thread (spills)}} (regs and stack from the cuobjdump that
-    ships with Triton; absent without it). Run it without TRITON_INTERPRET.
+    ships with Triton; absent without it). sigs: the operands' stream signatures (default:
+    materialised operands). Run it without TRITON_INTERPRET.
     (With dot_prec="ieee", float32 tl.dot becomes unrolled FMAs: large cubins, slow compiles
     at chunk 64; "tf32" uses the tensor cores.)"""
     import itertools
@@ -443,14 +445,15 @@ def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    mod = kernels(interpreted=False)
+    mod = kernels(interpreted=False, sigs=sigs)
     geo = geometry(4 * chunk, K, V, chunk, block_v)
     const = {n: geo[n] for n in ("C", "BK", "BV")}
     const["DOT_PREC"] = dot_prec
     # buffers allocated here (outputs, history, gradients) are float32; S0 (and the gradient
     # of S_last) is taken as float32 too; the per-step inputs and the gradient of o have dtype
     # (the split forward's scratch, Wt and U, is float32 too)
-    leaves = {f"{op}_0" for op in OPERANDS}   # one leaf each: the materialised operands
+    leaves = {f"{op}_{j}" for op, sig in zip(OPERANDS, sigs or plain_signatures())
+              for j in range(len(sig[1]))}   # the operands' leaves (one each: materialised)
     out = {}
     for name, (has_q, has_la, shared) in itertools.product(
             names, list(variants or itertools.product((True, False), repeat=3))):

@@ -274,3 +274,28 @@ def test_gated_delta_rule_against_sequential(T):
     names = ["o", "S_last", "dq", "dk", "dv", "da", "db", "dS0", "dA_log", "ddt_bias"]
     for n, x, y in zip(names, run(tri, torch.float32), run(ref, F64)):
         assert rel_err(x, y) < 2e-4, (n, rel_err(x, y))
+
+
+def test_generated_loaders_compile_for_gpu_without_one():
+    """The kernels generated for the gated specs (and mamba2's, a decay per head) compile
+    down to sm_90 cubins, forward, backward and d log_decay, in a process without the
+    interpreter, which is stricter about types than the interpreter is."""
+    from cases import compile_offline
+    code = (
+        "import rnnc, rnnc.analysis\n"
+        "from rnnc.backends import triton_backend as tb, triton_chunk as tc, triton_delta as td\n"
+        f"specs = [{GATED!r}, open('examples/mamba2.rnn').read(), {GATED_DELTA!r}]\n"
+        "for src in specs:\n"
+        "    rec = rnnc.load(src)\n"
+        "    an = rnnc.analysis.analyse(rec)\n"
+        "    sigs = tb.chunk_signatures(rec, an)\n"
+        "    if an.plan == 'chunked':\n"
+        "        scalar = not any(chan for _, _, chan in sigs[3][1])\n"
+        "        out = tc.compile_for(K=16, V=16, chunk=16, scalar=scalar, sigs=sigs,\n"
+        "                             names=('chunk_fwd', 'chunk_bwd', 'chunk_dg'))\n"
+        "    else:\n"
+        "        out = td.compile_for(K=16, V=16, chunk=16, variants=[(True, True, False)],\n"
+        "                             sigs=sigs, dot_prec='tf32')\n"
+        "    assert len(out) == (3 if an.plan == 'chunked' else 2) and min(out.values()) > 0, out\n"
+        "print('compiled')\n")
+    compile_offline(code)
