@@ -134,8 +134,15 @@ class _Chunked:
         return ind, shape[self.key], math.prod(shape[k] for k in self.val)
 
     def to_kernel(self, x, shape, B, L):
-        """[B*L, *state shape (size-1 where broadcast)] -> [B, L, Hflat, K, Vflat]."""
-        x = x.expand(x.shape[0], *[shape[k] if x.shape[1 + k] != 1 else 1 for k in range(len(shape))])
+        """[B*L, *state shape (size-1 where broadcast)] -> [B, L, Hflat, K, Vflat]. Axes that
+        are flattened together are expanded together: a value over one of two head axes
+        becomes one over both (a copy), since Hflat has no place for a broadcast part."""
+        grow = set()
+        for group in (self.ind, self.val):
+            if any(x.shape[1 + k] != 1 for k in group):
+                grow |= set(group)
+        x = x.expand(x.shape[0], *[shape[k] if x.shape[1 + k] != 1 or k in grow else 1
+                                   for k in range(len(shape))])
         x = x.permute(0, *[1 + k for k in self.perm])
         h = [x.shape[1 + i] for i in range(len(self.ind))]
         kk = x.shape[1 + len(self.ind)]

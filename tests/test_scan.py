@@ -556,6 +556,31 @@ SIGNED_DECAY = """rnn signed(q[H,K], k[H,K], v[H,V], g[H,K]) -> o[H,V] {
 """
 
 
+MULTI_HEAD = """rnn multi(q[A,G,K], k[A,G,K], v[A,G,V], g[A]) -> o[A,G,V] {
+    state S[A,G,K,V] = 0
+    S[a,c,i,j] = exp(g[a]) * S[a,c,i,j] + k[a,c,i] * v[a,c,j]
+    o[a,c,j] = sum[i](q[a,c,i] * S[a,c,i,j])
+}
+"""
+
+
+def test_decay_over_one_of_two_head_axes():
+    """Two independent axes (A, G) are flattened into the chunk forms' head axis; a decay over
+    A alone is read over both (it used to fail with a shape mismatch)."""
+    dims = dict(A=2, G=3, K=4, V=5)
+    scan = rnnc.compile(MULTI_HEAD, backend="scan", chunk_size=4, **dims).double()
+    ref = rnnc.compile(MULTI_HEAD, backend="sequential", **dims).double()
+    assert scan.analysis.plan == "chunked"
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(2, 11, 2, 3, n, generator=g, dtype=torch.float64) for n in (4, 4, 5)]
+    xs.append(torch.nn.functional.logsigmoid(torch.randn(2, 11, 2, generator=g, dtype=torch.float64)))
+    init = {"S": torch.randn(2, 2, 3, 4, 5, generator=g, dtype=torch.float64)}
+    ya, fa = scan(*xs, initial_state=init, output_final_state=True)
+    yr, fr = ref(*xs, initial_state=init, output_final_state=True)
+    torch.testing.assert_close(ya, yr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fa["S"], fr["S"], rtol=1e-10, atol=1e-10)
+
+
 def test_chunked_plan_with_negative_decays_is_exact():
     """A decay that can be negative still gets the chunked plan; blocks where it is negative
     are solved exactly by materialising the state, never with an error or a wrong answer."""
