@@ -157,8 +157,8 @@ class BlockSolver:
     (None: kernels that choose their own, as the Triton ones do; then `block` is needed) and
     is the block length when `block` is not given; nothing else here uses it. block_elements
     (optional) lengthens the blocks of small states, see _block_length. When `kernels` has
-    `gate_streams` (the triton_gates module), the linear-attention chunk kernels get their
-    operands as streams (_plan_streams): the gates are computed inside the kernels."""
+    `gate_streams` (the triton_gates module), the chunk kernels get their operands as streams
+    (_plan_streams, _solve_streamed): the gates are computed inside the kernels."""
 
     def __init__(self, rec, analysis, kernels, chunk_size=64, block=None, block_elements=None):
         self.rec, self.analysis, self.chunk = rec, analysis, chunk_size
@@ -313,9 +313,10 @@ class BlockSolver:
         return out
 
     def stream_signatures(self, name) -> tuple:
-        """The (q, k, v, g) stream signatures of a streamed state (its first readout's q, or k
-        without one) with the leaf kinds that sizes above 1 give: the chunk kernels that
-        `rnnc compile --emit` shows for it."""
+        """The operands' stream signatures of a streamed state, (q, k, v, g) for linear
+        attention and (q, r, w, p, v, log_alpha) for the delta rule (q: its first readout's,
+        or k's without one), with the leaf kinds that sizes above 1 give: the chunk kernels
+        that `rnnc compile --emit` shows for it."""
         lay, plans, rec = self.layout[name], self.streams[name], self.rec
         inputs = {d.node for d in rec.inputs}
 
