@@ -1,16 +1,15 @@
 """Gate streams: the chunk kernels' operands computed inside the kernels from the spec's inputs.
 
 A chunked linear-attention state reads four operands per step: the query q, the key k (the
-state's rank-1 input p), the value v and the log-decay g (a delta rule also r and w). Each is an expression of the step's
-state-free values: mamba2's key is dt[h] * B[h,n] and its log-decay -exp(A_log[h]) * dt[h];
-a gated spec's decay may be logsigmoid(x)/16. Materialising each operand as a [B, L, H, K]
-tensor before the kernel runs costs a write and a read of that tensor per operand. A
-*stream* instead gives the kernel the expression's *leaves* (inputs, params, or values rnnc
-cannot compute inside a kernel such as projections) and a small *program* over them; the
-generated loaders `_ld_<op>` and `_tile_<op>` (spliced into templates/chunk_la.py.tmpl and
-chunk_delta.py.tmpl by `module_source`) load
-the leaves and evaluate the program wherever the kernels read that operand, forward and
-backward. The backward kernels give the gradient of each operand; `leaf_grads` carries it to
+state's rank-1 input p), the value v and the log-decay g (a delta rule also r and w). Each
+is an expression of the step's state-free values: mamba2's value is dt[h] * x[h,p] and its
+log-decay -exp(A_log[h]) * dt[h]; a gated spec's decay may be logsigmoid(x)/16.
+Materialising each operand as a [B, L, H, K] tensor before the kernel runs costs a write and
+a read of that tensor per operand. A *stream* instead gives the kernel the expression's
+*leaves* (inputs, params, or values rnnc cannot compute inside a kernel such as projections)
+and a small *program* over them; the generated loaders `_ld_<op>` and `_tile_<op>` (spliced
+into templates/chunk_la.py.tmpl and chunk_delta.py.tmpl by `module_source`) load the leaves
+and evaluate the program wherever the kernels read that operand, forward and backward. The backward kernels give the gradient of each operand; `leaf_grads` carries it to
 the leaves by recomputing the (cheap, elementwise) program with torch.
 
     leaf       [B|1, L|1, H|1, X|1] float32/bf16/fp16, contiguous; kind = (step, head, chan):
@@ -67,25 +66,27 @@ class Program:
     def op(self, op: Op, *args) -> int:
         return self.add(("op", op, tuple(args)))
 
-    def node(self, rec, hoisted: set, node: int, labels: tuple) -> int:
+    def node(self, rec, hoisted: set, node: int, labels: tuple, depth: int = 0) -> int:
         """node's value: inlined while it is a state-free elementwise expression (operands
-        of a node have its rank, so they share its labels), a leaf elsewhere."""
+        of a node have its rank, so they share its labels), a leaf elsewhere (and past
+        MAX_STEPS levels, which _small then refuses anyway)."""
         n = rec.node(node)
         if isinstance(n, ir.Const):
             self.inlined.add(node)
             return self.const(n.value)
-        if node not in hoisted:
+        if node not in hoisted or depth > MAX_STEPS:
             return self.leaf(node, labels)
+        d = depth + 1
         if isinstance(n, ir.Elementwise):
             self.inlined.add(node)
-            return self.op(n.op, *[self.node(rec, hoisted, a, labels) for a in n.args])
+            return self.op(n.op, *[self.node(rec, hoisted, a, labels, d) for a in n.args])
         if isinstance(n, ir.Broadcast):   # the loads broadcast by themselves
             self.inlined.add(node)
-            return self.node(rec, hoisted, n.arg, labels)
+            return self.node(rec, hoisted, n.arg, labels, d)
         if isinstance(n, ir.Select) and _unsqueeze(n):   # new size-1 axes: fewer labels
             self.inlined.add(node)
             return self.node(rec, hoisted, n.arg,
-                             tuple(lab for lab, o in zip(labels, n.out) if o is not None))
+                             tuple(lab for lab, o in zip(labels, n.out) if o is not None), d)
         return self.leaf(node, labels)
 
     def key(self) -> tuple:

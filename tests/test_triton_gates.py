@@ -331,3 +331,24 @@ def test_gate_over_one_of_two_head_axes():
     gg = torch.autograd.grad((got * want.detach().float()).sum(), x32)
     for a, b in zip(gg, gw):
         assert rel_err(a, b) < 1e-4
+
+
+def test_a_long_gate_expression_is_loaded_computed():
+    """A gate expression longer than a program may be (triton_gates.MAX_STEPS) is computed in
+    PyTorch and loaded as it is; the results are unchanged."""
+    gate = "g[h]"
+    for _ in range(tg.MAX_STEPS + 5):
+        gate = f"(0.5 * {gate} - 0.1)"
+    src = ("rnn deep(q[H,K], k[H,K], v[H,V], g[H]) -> o[H,V] {\n    state S[H,K,V] = 0\n"
+           f"    S[h,i,j] = exp(-softplus({gate})) * S[h,i,j] + k[h,i] * v[h,j]\n"
+           "    o[h,j] = sum[i](q[h,i] * S[h,i,j])\n}\n")
+    dims = dict(H=2, K=16, V=16)
+    ref = rnnc.compile(src, backend="sequential", **dims).double()
+    tri = rnnc.compile(src, backend="triton", chunk_size=16, **dims)
+    prog = tri._runner.solver.streams["S"]["g"]
+    assert len(prog.code) <= tg.MAX_STEPS and not prog.inlined   # the exponent, as a leaf
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 19, 2, 16, generator=gen, dtype=F64) for _ in range(3)]
+    xs.append(torch.randn(2, 19, 2, generator=gen, dtype=F64))
+    with torch.no_grad():
+        assert rel_err(tri(*[x.float() for x in xs]), ref(*xs)) < 1e-4
