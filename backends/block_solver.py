@@ -28,6 +28,7 @@ from rnnc.ir import Op
 
 from .scan_kernels import _needs_grad, _shares  # tensor predicates, not the kernels table
 
+NO_DECAY = -1e4        # the log-decay the chunk forms get for a state that reads no old value
 DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
 
 
@@ -134,9 +135,10 @@ class _Chunked:
         return ind, shape[self.key], math.prod(shape[k] for k in self.val)
 
     def to_kernel(self, x, shape, B, L):
-        """[B*L, *state shape (size-1 where broadcast)] -> [B, L, Hflat, K, Vflat]. Axes that
-        are flattened together are expanded together: a value over one of two head axes
+        """[B*L or 1, *state shape (size-1 where broadcast)] -> [B, L, Hflat, K, Vflat]. Axes
+        that are flattened together are expanded together: a value over one of two head axes
         becomes one over both (a copy), since Hflat has no place for a broadcast part."""
+        x = x.expand(B * L if x.shape[0] == 1 else x.shape[0], *x.shape[1:])
         grow = set()
         for group in (self.ind, self.val):
             if any(x.shape[1 + k] != 1 for k in group):
@@ -219,8 +221,9 @@ class BlockSolver:
                 keep |= set(f.maxplus[1])
             if name in self.streams:
                 for prog in self.streams[name].values():
-                    roots |= {n for n, _ in prog.leaves}
-                    keep |= {n for n, _ in prog.leaves}
+                    leaves = {n for n, _ in prog.leaves}
+                    roots |= leaves
+                    keep |= leaves
                     lazy |= prog.inlined
                 fused = {fc.node for t in f.terms for fc in t.factors}
                 for node, terms in f.readouts.items():
@@ -292,13 +295,13 @@ class BlockSolver:
             key = labels[lay.key]
             t = lay.input
             factors = tuple(t.factors) if t is not None else ()
+            diag = [_coef(d) for d in lay.diag]
             plans = {
                 "k": G.plan_product(self.rec, hoisted, Term(t.scale if t is not None else 0.0, tuple(
                     fc for fc in factors if key in fc.labels), None, labels)),
                 "v": G.plan_product(self.rec, hoisted, Term(1.0, tuple(
                     fc for fc in factors if key not in fc.labels), None, labels)),
-                "g": G.plan_log(self.rec, hoisted, [_coef(d) for d in lay.diag],
-                                self._exp_factors([_coef(d) for d in lay.diag]))}
+                "g": G.plan_log(self.rec, hoisted, diag, self._exp_factors(diag), NO_DECAY)}
             if lay.delta is not None:
                 plans["r"] = G.plan_product(self.rec, hoisted, lay.delta.r)
                 if not lay.delta.same:
@@ -556,7 +559,6 @@ class BlockSolver:
             def place(node, leaf_labels):
                 x = eval_terms([Term(1.0, (Factor(node, leaf_labels),), None, out_labels)], env,
                                out_labels)
-                x = x.expand(B * L if x.shape[0] == 1 else x.shape[0], *x.shape[1:])
                 return pick(lay.to_kernel(x, shape, B, L)), env[node].shape[0] != 1
             return G.Stream.build(prog, place, (B, L, H, X), squeeze=log)
         first = lambda x: x[..., 0]      # noqa: E731  [B, L, H, K, V] -> [B, L, H, K]
@@ -612,8 +614,7 @@ class BlockSolver:
         S0 = carry[name]
         ref = S0
 
-        def kern(x):  # [B*L, *state shape] -> [B, L, H, K, V]
-            x = x.expand(B * L if x.shape[0] == 1 else x.shape[0], *x.shape[1:])
+        def kern(x):  # [B*L or 1, *state shape] -> [B, L, H, K, V]
             return lay.to_kernel(x, shape, B, L)
         # Input p ⊗ v: the factors carrying the key axis form p, the others v.
         if lay.input is not None:
@@ -638,7 +639,7 @@ class BlockSolver:
                             "input produced a negative one; use backend='sequential' for it")
         if f.method == "chunked":
             if log_decay is None:
-                log_decay = ref.new_full((B * L, *[1] * len(shape)), -1e4)
+                log_decay = ref.new_full((B * L, *[1] * len(shape)), NO_DECAY)
             ld = kern(log_decay)[..., 0]  # [B, L, H, K or 1]
             if ld.shape[-1] != 1:
                 ld = ld.expand(B, L, H, Kd)

@@ -236,10 +236,6 @@ def _check(q, k, v, log_decay, S0, chunk):
                         f"TRITON_INTERPRET=1); these are on {S0.device}")
 
 
-def _stream(x):
-    return x if x is None or isinstance(x, Stream) else Stream.plain(x)
-
-
 def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
                            chunk: int | str | None = None, precision: str | None = None,
                            split: bool | None = None):
@@ -261,7 +257,7 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     """
     if chunk == "auto":
         chunk = None
-    q, k, v, g = (_stream(x) for x in (q, k, v, log_decay))
+    q, k, v, g = (gates.as_stream(x) for x in (q, k, v, log_decay))
     _check(q, k, v, g, S0, chunk)
     if precision is None:
         tf32 = S0.is_cuda and torch.backends.cuda.matmul.allow_tf32
@@ -271,24 +267,23 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     has_q = q is not None
     cfg = (bool(include_current), None if chunk is None else int(chunk), precision, has_q,
            None if split is None else bool(split))
-    ops = (q if has_q else k, k, v, g)
-    meta = tuple((s.code, s.kinds, s.shape) for s in ops)
-    leaves = [x for s in (ops if has_q else ops[1:]) for x in s.leaves]
+    meta, leaves = gates.pack((q if has_q else k, k, v, g), _used(has_q))
     o, S_last = _ChunkLA.apply(cfg, meta, S0, *leaves)
     return (o if has_q else None), S_last
+
+
+def _used(has_q) -> tuple:
+    """Which of the q, k, v, g streams pass their own leaves (without q, k stands for it)."""
+    return (has_q, True, True, True)
 
 
 class _Ops:
     """The four operand streams of one call, and what launching them needs."""
 
     def __init__(self, meta, leaves, has_q):
-        counts = [len(kinds) for _, kinds, _ in meta]
-        if not has_q:
-            leaves = list(leaves[:counts[1]]) + list(leaves)
-        streams, at = [], 0
-        for (code, kinds, shape), n in zip(meta, counts):
-            streams.append(Stream(code, list(leaves[at:at + n]), kinds, shape))
-            at += n
+        q, k, v, g = gates.unpack(meta, leaves, _used(has_q))
+        q = q if has_q else Stream(k.code, k.leaves, k.kinds, k.shape)
+        streams = (q, k, v, g)
         self.q, self.k, self.v, self.g = streams
         self.sigs = tuple(s.signature for s in streams)
         self.leaves = [x for s in streams for x in s.leaves]
@@ -458,14 +453,8 @@ class _ChunkLA(torch.autograd.Function):
         kernels(ops.sigs).chunk_dg[(B * H,)](
             *ops.leaves, dq if has_q else dk, dk, sl, dg, L, H, K, -(-L // SUB), C=SUB, BK=BK,
             DELTA=0 if include else 1, SCALAR=ops.scalar, HAS_Q=has_q, num_warps=WARPS)
-        needs = list(ctx.needs_input_grad[3:])
-        grads, at = [], 0
-        for s, d in zip((ops.q, ops.k, ops.v, ops.g), (dq, dk, dv, dg)):
-            if s is ops.q and not has_q:
-                continue
-            n = len(s.leaves)
-            grads += gates.leaf_grads(s, d, needs[at:at + n])
-            at += n
+        grads = gates.grads((ops.q, ops.k, ops.v, ops.g), (dq, dk, dv, dg), _used(has_q),
+                            ctx.needs_input_grad[3:])
         return (None, None, dS0.to(ctx.s0_dtype) if ctx.needs_input_grad[2] else None, *grads)
 
 

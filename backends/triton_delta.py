@@ -199,12 +199,6 @@ def _check(q, r, w, p, v, log_alpha, S0, chunk):
                         f"TRITON_INTERPRET=1); these are on {S0.device}")
 
 
-def _stream(x, log_alpha=False):
-    if x is None or isinstance(x, Stream):
-        return x
-    return Stream.plain(x.unsqueeze(-1) if log_alpha else x)
-
-
 def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int | str | None = None,
                      block_v: int | None = None, split: bool | None = None):
     """S_t = alpha_t (S_{t-1} - w_t (r_t^T S_{t-1})) + p_t v_t^T, o_t = S_t^T q_t, in Triton.
@@ -228,9 +222,10 @@ def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int | str | None = Non
     if isinstance(log_alpha, torch.Tensor) and log_alpha.dim() != 3:
         raise RnncError(f"chunk_delta_rule: log_alpha must be [B, L, H], got {tuple(log_alpha.shape)}")
     shared = p is w
-    q, r, w, v = (_stream(x) for x in (q, r, w, v))
-    p = w if shared else _stream(p)
-    la = _stream(log_alpha, log_alpha=True)
+    q, r, w, v = (gates.as_stream(x) for x in (q, r, w, v))
+    p = w if shared else gates.as_stream(p)
+    la = gates.as_stream(log_alpha.unsqueeze(-1) if isinstance(log_alpha, torch.Tensor)
+                         else log_alpha)
     _check(q, r, w, p, v, la, S0, chunk)
     has_q, has_la = q is not None, la is not None
     B, L, H, K = r.shape
@@ -242,9 +237,8 @@ def chunk_delta_rule(q, r, w, p, v, log_alpha, S0, chunk: int | str | None = Non
         for x in (s.leaves if u else []):
             dtype = x.dtype if dtype is None else torch.promote_types(dtype, x.dtype)
     dtype = dtype or torch.float32
-    leaves = [x for s, u in zip(ops, used) if u for x in s.leaves]
+    meta, leaves = gates.pack(ops, used)
     want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*leaves, S0])
-    meta = tuple((s.code, s.kinds, s.shape) for s in ops)
     res = _ChunkDelta.apply((chunk, block_v, shared, want_grad, dtype, split, has_q, has_la),
                             meta, S0, *leaves)
     if q is None:
@@ -257,12 +251,7 @@ class _Ops:
     them needs: q stands for r without q, p for w when shared."""
 
     def __init__(self, meta, leaves, used):
-        streams, at = [], 0
-        for (code, kinds, shape), u in zip(meta, used):
-            n = len(kinds) if u else 0
-            streams.append(Stream(code, list(leaves[at:at + n]), kinds, shape))
-            at += n
-        q, r, w, p, v, la = streams
+        q, r, w, p, v, la = gates.unpack(meta, leaves, used)
         q = q if used[0] else Stream(r.code, r.leaves, r.kinds, r.shape)
         p = p if used[3] else w
         self.streams = (q, r, w, p, v, la)
@@ -413,14 +402,7 @@ class _ChunkDelta(torch.autograd.Function):
         dq, dr, dw, dp, dv, dla, ds0 = out
         per_op = [None if g is None else g.sum(0) for g in (dq, dr, dw, dp)] + [dv]
         per_op.append(None if dla is None else dla.sum(0).unsqueeze(-1))
-        needs = list(ctx.needs_input_grad[3:])
-        res, at = [], 0
-        for s, d, u in zip(ops.streams, per_op, used):
-            if not u:
-                continue
-            n = len(s.leaves)
-            res += gates.leaf_grads(s, d, needs[at:at + n])
-            at += n
+        res = gates.grads(ops.streams, per_op, used, ctx.needs_input_grad[3:])
         return (None, None, ds0.to(ctx.dtypes[-1]) if ctx.needs_input_grad[2] else None, *res)
 
 

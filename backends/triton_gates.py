@@ -36,7 +36,6 @@ from .triton_codegen import _BINARY, _UNARY, const_text
 PLAIN = (("leaf", 0),)  # the program of a materialised operand: its one leaf
 MAX_LEAVES = 8          # leaves one operand may load; past it a factor is loaded as it is
 MAX_STEPS = 48          # instructions one operand's program may have
-NO_DECAY = -1e4         # the log-decay of a state that does not read its old value
 
 
 class Program:
@@ -132,14 +131,14 @@ def plan_product(rec, hoisted: set, t: Term) -> Program:
     return _small(lambda prog, inline: _product(prog, rec, hoisted, t, inline))
 
 
-def plan_log(rec, hoisted: set, terms: list, exp_factors: bool) -> Program:
+def plan_log(rec, hoisted: set, terms: list, exp_factors: bool, empty: float) -> Program:
     """The log-decay from the decay's terms: with exp_factors (one positive term whose
     factors are all exp(x)) the sum of the exponents plus log(scale), exact for any decay;
     otherwise log of the terms' sum (a negative decay gives NaN, which makes the block's
-    outputs non-finite and sends it to the exact path); NO_DECAY without terms."""
+    outputs non-finite and sends it to the exact path); `empty` without terms."""
     def build(prog, inline):
         if not terms:
-            return prog.const(NO_DECAY)
+            return prog.const(empty)
         if exp_factors:
             t = terms[0]
             acc = None
@@ -223,6 +222,41 @@ class Stream:
                     r = _TORCH_BINARY[op](*args)
                     vals.append(r.float() if r.dtype == torch.bool else r)
         return vals[-1]
+
+
+def as_stream(x):
+    """x as a Stream: a tensor becomes a plain one; a Stream or None stays as it is."""
+    return x if x is None or isinstance(x, Stream) else Stream.plain(x)
+
+
+def pack(streams, used) -> tuple:
+    """(meta, leaves) of one kernel call's operand streams: meta, every stream's (code, kinds,
+    shape); leaves, those of the streams in use, in order (the autograd Function's inputs)."""
+    meta = tuple((s.code, s.kinds, s.shape) for s in streams)
+    return meta, [x for s, u in zip(streams, used) if u for x in s.leaves]
+
+
+def unpack(meta, leaves, used) -> list:
+    """The streams of `pack`'s (meta, leaves); those not in use get no leaves (the caller puts
+    what stands for them in their place)."""
+    streams, at = [], 0
+    for (code, kinds, shape), u in zip(meta, used):
+        n = len(kinds) if u else 0
+        streams.append(Stream(code, list(leaves[at:at + n]), kinds, shape))
+        at += n
+    return streams
+
+
+def grads(streams, per_operand, used, needs) -> list:
+    """The leaves' gradients, in `pack`'s order, from each used stream's operand gradient;
+    needs: whether each of those leaves wants one (needs_input_grad)."""
+    out, at = [], 0
+    for s, d, u in zip(streams, per_operand, used):
+        if u:
+            n = len(s.leaves)
+            out += leaf_grads(s, d, needs[at:at + n])
+            at += n
+    return out
 
 
 def leaf_grads(stream: Stream, grad: torch.Tensor, needs: list) -> list:

@@ -23,6 +23,7 @@ triton = pytest.importorskip("triton")
 from rnnc.backends import triton_delta as td  # noqa: E402
 from rnnc.backends import triton_tune as tune  # noqa: E402
 from rnnc.backends.triton_tune import Config  # noqa: E402
+from rnnc.backends import triton_gates as tg  # noqa: E402
 from rnnc.backends.triton_gates import Stream  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -172,8 +173,7 @@ def _ops(q, r, w, p, v, la, shared):
     """The kernels' operand streams for materialised operands (p is w when shared)."""
     streams = [Stream.plain(x) for x in (q, r, w, p, v, la.unsqueeze(-1))]
     used = (True, True, True, not shared, True, True)
-    return td._Ops(tuple((s.code, s.kinds, s.shape) for s in streams),
-                   [x for s, u in zip(streams, used) if u for x in s.leaves], used)
+    return td._Ops(*tg.pack(streams, used), used)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["w_is_p", "w_ne_p"])
