@@ -28,6 +28,7 @@ from rnnc.ir import Op
 
 from .scan_kernels import _needs_grad, _shares  # tensor predicates, not the kernels table
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # inputs the chunk kernels read as they are
 NO_DECAY = -1e4        # the log-decay the chunk forms get for a state that reads no old value
 DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
 
@@ -150,6 +151,31 @@ class _Chunked:
         kk = x.shape[1 + len(self.ind)]
         v = list(x.shape[2 + len(self.ind):])
         return x.reshape(B, L, math.prod(h) if h else 1, kk, math.prod(v) if v else 1)
+
+
+def _rows(x, t0, L):
+    """[B, T, ...] -> steps [t0, t0 + L) as [B*L, ...]."""
+    x = x[:, t0:t0 + L]
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+class _BlockEnv(dict):
+    """A block's values by node id, where low-precision inputs are held as they are: reading
+    one (env[node]) makes and keeps its float32 copy, so only the work that reads it in
+    PyTorch pays for the cast; `raw` gives the kernels the input as it is."""
+
+    def __init__(self, native):
+        super().__init__()
+        self.native = native
+
+    def __missing__(self, node):
+        if node not in self.native:
+            raise KeyError(node)
+        v = self[node] = self.native[node].to(torch.float32)
+        return v
+
+    def raw(self, node):
+        return self.native[node] if node in self.native else self[node]
 
 
 class BlockSolver:
@@ -363,10 +389,20 @@ class BlockSolver:
             interpret.run_program(self._lazy_prog, env)
 
     def __call__(self, sizes, params, inputs, state0):
+        """inputs [B, T, ...] in the compute dtype, or, where `kernels` has gate_streams,
+        also bfloat16/float16 with float32 params: the chunk kernels then read such inputs
+        as they are, and everything else reads a float32 copy of a block, made on first use
+        (_BlockEnv)."""
         rec = self.rec
         x0 = next(iter(inputs.values()))
         B, T = x0.shape[:2]
-        dtype, device = x0.dtype, x0.device
+        device = x0.device
+        native = {k: v for k, v in inputs.items() if v.dtype in LOW_PRECISION}
+        if native and not hasattr(self.K, "gate_streams"):
+            raise RnncError("internal: low-precision inputs reached a block solver without "
+                            "gate streams")
+        dtype = torch.float32 if native else x0.dtype
+        wide = {k: v for k, v in inputs.items() if k not in native}
         if B == 0 or T == 0:  # nothing to scan: empty outputs, the initial state unchanged
             return ({o.name: x0.new_zeros(B, T, *interpret.concrete(o.shape, sizes)) for o in rec.outputs},
                     dict(state0))
@@ -388,7 +424,9 @@ class BlockSolver:
         single = block >= T  # one block: its outputs are returned as they are where they may be
         for t0 in range(0, T, block):
             L = min(block, T - t0)
-            env = interpret.hoisted_env(rec, hoist_prog, params, inputs, t0, L)
+            env = _BlockEnv({d.node: _rows(native[d.name], t0, L) for d in rec.inputs
+                             if d.name in native})
+            interpret.hoisted_env(rec, hoist_prog, params, wide, t0, L, env=env)
             for k, name in enumerate(self.order):
                 interpret.run_program(phase_progs[k], env)
                 self._solve(name, env, carry, shapes[name], B, L)
@@ -557,9 +595,10 @@ class BlockSolver:
 
         def stream(prog, out_labels, pick, X, log=False):
             def place(node, leaf_labels):
-                x = eval_terms([Term(1.0, (Factor(node, leaf_labels),), None, out_labels)], env,
-                               out_labels)
-                return pick(lay.to_kernel(x, shape, B, L)), env[node].shape[0] != 1
+                # a bf16/fp16 input is read by the kernels as it is (their loads widen it)
+                x = eval_terms([Term(1.0, (Factor(node, leaf_labels),), None, out_labels)],
+                               {node: env.raw(node)}, out_labels)
+                return pick(lay.to_kernel(x, shape, B, L)), x.shape[0] != 1
             return G.Stream.build(prog, place, (B, L, H, X), squeeze=log)
         first = lambda x: x[..., 0]      # noqa: E731  [B, L, H, K, V] -> [B, L, H, K]
         value = lambda x: x[..., 0, :]   # noqa: E731  [B, L, H, K, V] -> [B, L, H, V]

@@ -479,8 +479,10 @@ class ChunkedRunner:
     any small states beside the matrix state run in PyTorch over the whole block. One step (.step()), or RNNC_TRITON_KERNEL=fused, runs the
     fused recurrent kernel instead.
 
-    bf16/fp16 inputs go to the fused kernel as they are; the block solver (shared with the
-    scan backend) gets them cast to float32, as it always has."""
+    bf16/fp16 inputs go to the fused kernel, and to the block solver, as they are: the chunk
+    kernels read them (a stream's loads widen them to float32), and whatever runs in PyTorch
+    reads a float32 copy of a block, made on first use. The chunk kernels' tl.dot then runs
+    in TF32 (gates.dot_precision)."""
 
     native_inputs = True
 
@@ -523,7 +525,6 @@ class ChunkedRunner:
                 self._fused = Runner(self.rec, self.analysis)
             return self._fused(sizes, params, inputs, state0)
         LAUNCHES["chunked"] += 1
-        inputs = {k: v.to(torch.float32) for k, v in inputs.items()}  # the solver takes float32
         with _on(ref.device):
             return self.solver(sizes, params, inputs, state0)
 

@@ -248,8 +248,8 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     Returns (o, S_last): o [B, L, H, V] (None when q is None), S_last [B, H, K, V], float32.
     chunk: steps per chunk (16, 32, 64 or 128); it changes the cost, not the result. None or
     "auto": tuned (see triton_tune; the default chunk of 64 off CUDA or with RNNC_TRITON_TUNE=0).
-    precision: tl.dot input precision, "ieee" or "tf32"; None follows
-    torch.backends.cuda.matmul.allow_tf32 on CUDA and is "ieee" under the interpreter.
+    precision: tl.dot input precision, "ieee" or "tf32"; None: triton_gates.dot_precision
+    (TF32 on CUDA where torch allows it or an operand has bf16/fp16 leaves, else IEEE).
     split: None lets the tuner choose between the walk and the two-level kernels (the walk
     where nothing is timed); True or False forces one of them, forward and backward (a tuned
     chunk is then chosen among that kind's configs).
@@ -260,8 +260,8 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     q, k, v, g = (gates.as_stream(x) for x in (q, k, v, log_decay))
     _check(q, k, v, g, S0, chunk)
     if precision is None:
-        tf32 = S0.is_cuda and torch.backends.cuda.matmul.allow_tf32
-        precision = "tf32" if tf32 else "ieee"
+        precision = gates.dot_precision([S0, *(x for s in (q, k, v, g) if s is not None
+                                              for x in s.leaves)])
     if precision not in ("ieee", "tf32"):
         raise RnncError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
     has_q = q is not None

@@ -262,9 +262,8 @@ class _Ops:
         self.device = r.leaves[0].device if r.leaves else None
 
 
-def _launch_args(geo):
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    return dict(C=geo["C"], BK=geo["BK"], BV=geo["BV"], DOT_PREC="tf32" if tf32 else "ieee",
+def _launch_args(geo, ops: _Ops):
+    return dict(C=geo["C"], BK=geo["BK"], BV=geo["BV"], DOT_PREC=gates.dot_precision(ops.leaves),
                 num_warps=geo["warps"])
 
 
@@ -297,16 +296,16 @@ def _forward(geo, flags, want_grad, ops: _Ops, S0, out):
         mod.delta_fwd[(B * H, NV)](
             *ops.leaves, S0, S_last if o is None else o, S_last, hist,
             L, H, K, V, NC,
-            HAS_Q=o is not None, STORE_HIST=want_grad, **flags, **_launch_args(geo))
+            HAS_Q=o is not None, STORE_HIST=want_grad, **flags, **_launch_args(geo, ops))
         return
     wt, u = scratch
     mod.delta_ut[(NC * B * H,)](*ops.leaves, wt, u, L, H, K, V, NC, NV, **flags,
-                                **_launch_args(geo))
+                                **_launch_args(geo, ops))
     mod.delta_state[(B * H, NV)](*ops.leaves, S0, wt, u, S_last, hist, L, H, K, V, NC, **flags,
-                                 **_launch_args(geo))
+                                 **_launch_args(geo, ops))
     if o is not None:
         mod.delta_out[(NV * NC * B * H,)](*ops.leaves, u, hist, o, L, H, K, V, NC, NV,
-                                          **flags, **_launch_args(geo))
+                                          **flags, **_launch_args(geo, ops))
 
 
 def _backward_buffers(geo, ops: _Ops, has_q, shared, has_la):
@@ -328,7 +327,7 @@ def _backward(geo, flags, ops: _Ops, hist, do, dsl, out):
         dr if dq is None else dq, dr, dw, dw if dp is None else dp, dv,
         dr if dla is None else dla, ds0,
         B, L, H, K, V, geo["NC"],
-        HAS_Q=dq is not None, **flags, **_launch_args(geo))
+        HAS_Q=dq is not None, **flags, **_launch_args(geo, ops))
 
 
 class _ChunkDelta(torch.autograd.Function):
@@ -347,7 +346,7 @@ class _ChunkDelta(torch.autograd.Function):
         S0c = S0.contiguous()
         flags = dict(HAS_LA=has_la, SHARED=shared)
         if chunk is None:
-            tf32 = torch.backends.cuda.matmul.allow_tf32
+            tf32 = gates.dot_precision(ops.leaves)
             key = _key("chunk_delta.fwd", ops, dtypes, block_v, has_q, has_la, shared, want_grad,
                        tf32, split)
 
@@ -386,7 +385,7 @@ class _ChunkDelta(torch.autograd.Function):
         # the chunk is the forward's: `hist` holds the state entering each of its chunks
         geo = ctx.geo
         if chunk is None:
-            tf32 = torch.backends.cuda.matmul.allow_tf32
+            tf32 = gates.dot_precision(ops.leaves)
             key = _key("chunk_delta.bwd", ops, ctx.dtypes, geo["C"], block_v, has_q, has_la,
                        shared, tf32)
 

@@ -224,6 +224,16 @@ class Stream:
         return vals[-1]
 
 
+def dot_precision(leaves) -> str:
+    """tl.dot's input precision for one chunk-kernel call: "tf32" where torch allows TF32
+    matmuls, or where an operand is read from bf16/fp16 leaves (TF32's 11 significant bits
+    hold those values exactly, and round the float32 values computed from them by less than
+    the inputs' own rounding); "ieee" otherwise, and always off CUDA."""
+    on_cuda = any(x.is_cuda for x in leaves)
+    low = any(x.dtype in (torch.bfloat16, torch.float16) for x in leaves)
+    return "tf32" if on_cuda and (low or torch.backends.cuda.matmul.allow_tf32) else "ieee"
+
+
 def as_stream(x):
     """x as a Stream: a tensor becomes a plain one; a Stream or None stays as it is."""
     return x if x is None or isinstance(x, Stream) else Stream.plain(x)

@@ -109,12 +109,15 @@ def run_program(prog: list, env: dict) -> dict:
 
 
 def hoisted_env(rec: ir.Recurrence, prog: list, params: dict, inputs: dict, t0: int = 0,
-                L: int | None = None) -> dict:
+                L: int | None = None, env: dict | None = None) -> dict:
     """The values of steps [t0, t0 + L) (every step by default) that need no state: each input
     [B, T, ...] sliced and flattened to [B*L, ...], each param with a batch axis of 1, and what
-    the state-free program `prog` (from `lower_nodes`) computes from them."""
-    env = {}
+    the state-free program `prog` (from `lower_nodes`) computes from them. env: the dict to
+    fill (default a new one); an input missing from `inputs` must be supplied by it."""
+    env = {} if env is None else env
     for d in rec.inputs:
+        if d.name not in inputs:
+            continue
         x = inputs[d.name]
         x = x[:, t0:] if L is None else x[:, t0:t0 + L]
         env[d.node] = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
