@@ -461,7 +461,8 @@ class _ChunkLA(torch.autograd.Function):
 def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
                 include_current: bool = True, has_q: bool = True, precision: str = "tf32",
                 arch: int = 90, block_v: int | None = None, warps: int = WARPS,
-                names=KERNELS, report: bool = False, sigs: tuple | None = None) -> dict:
+                names=KERNELS, report: bool = False, sigs: tuple | None = None,
+                dtype: str = "fp32") -> dict:
     """Compile the kernels (the walk's chunk_fwd and chunk_bwd, the two levels' chunk_states,
     chunk_out, chunk_dstates and chunk_dqkv, and chunk_dg) for an NVIDIA target without a GPU
     (Triton runs its whole pipeline down to a cubin on the CPU), with the launch options the
@@ -472,7 +473,8 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
     report {kernel name: {"cubin", "shared", "regs", "stack"}}: registers per thread and stack
     bytes (spills) from the cubin, through the cuobjdump that Triton bundles (None where it
     is missing). sigs: the operands' stream signatures (default: materialised operands, the
-    decay per head with scalar); scalar must agree with them. Run it without TRITON_INTERPRET
+    decay per head with scalar); scalar must agree with them. dtype: the leaves' element type
+    ("fp32", "bf16" or "fp16"; everything else is float32). Run it without TRITON_INTERPRET
     (interpreted kernels do not compile)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -484,14 +486,16 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
     const = dict(C=chunk, BK=BK, BV=BV, DELTA=0 if include_current else 1, SCALAR=scalar,
                  HAS_Q=has_q, STORE=True, PREC=precision)
     ints = {"L", "H", "K", "V", "NC"}
-    ker = kernels(sigs or plain_signatures(scalar))
+    sigs = sigs or plain_signatures(scalar)
+    ker = kernels(sigs)
+    leaves = {f"{op}_{j}" for op, sig in zip(OPERANDS, sigs) for j in range(len(sig[1]))}
     out = {}
     for name in names:
         fn = getattr(ker, name)
         c = {a: (SUB if a == "C" and name == "chunk_dg" else const[a])
              for a in fn.arg_names if a in const}
-        sig = {a: "constexpr" if a in c else "i32" if a in ints else "*fp32"
-               for a in fn.arg_names}
+        sig = {a: "constexpr" if a in c else "i32" if a in ints else
+               f"*{dtype}" if a in leaves else "*fp32" for a in fn.arg_names}
         opts = dict(num_warps=WARPS if name == "chunk_dg" else warps)
         if name in ("chunk_states", "chunk_dstates"):
             opts["num_stages"] = stages(chunk, BK, BV, scalar)
