@@ -219,6 +219,11 @@ class BlockSolver:
                     supplied |= set(f.readouts)
                 else:
                     supplied |= {st.write, rec.node(st.write).arg}
+        # With streams, a term the step adds to a readout (mamba2's y = C·S + Dskip·x) is
+        # added by the chunk kernels as they write their outputs: the sum is supplied too.
+        self.epilogues = {}
+        self.streams = self._plan_streams(supplied) if getattr(kernels, "gate_streams", None) else {}
+        supplied |= {a for a, _, _ in self.epilogues.values()}
         self.supplied = supplied
         index = {name: k for k, name in enumerate(self.order)}
         reads = {decl[n].read: n for n in facts}
@@ -234,7 +239,6 @@ class BlockSolver:
         # another way (lazy, below).
         roots = {o.node for o in rec.outputs}
         keep = set(roots)
-        self.streams = self._plan_streams() if getattr(kernels, "gate_streams", None) else {}
         # A chunked state's decay exp(x) is read by the chunk forms as x (_log_coef); the
         # decay itself only where a block is solved step by step or materialised. So it is
         # computed lazily, for those blocks only, unless something else reads it: gla's
@@ -304,12 +308,37 @@ class BlockSolver:
         return (tuple(fc for fc in t.factors if summed in fc.labels),
                 tuple(fc for fc in t.factors if summed not in fc.labels))
 
-    def _plan_streams(self) -> dict:
+    def _epilogue(self, name, node, terms, supplied):
+        """(sum node, other operand) where readout `node` of linear-attention state `name` is
+        one plain term q·S read only by one `+` of a state-free value of its own shape, which
+        the chunk kernels then add to their outputs; else None."""
+        rec, lay = self.rec, self.layout[name]
+        if lay.delta is not None or len(terms) != 1:
+            return None
+        t = terms[0]
+        if t.state is None or t.scale != 1.0 or self._query_factors(name, t)[1] \
+                or not set(t.out) <= set(t.state[1]):
+            return None
+        users = list(rec.graph.successors(node))
+        if len(users) != 1 or users[0] in supplied:
+            return None
+        add = rec.node(users[0])
+        if not (isinstance(add, ir.Elementwise) and add.op is Op.ADD) or add.args.count(node) != 1:
+            return None
+        other = add.args[1] if add.args[0] == node else add.args[0]
+        shape = rec.attr(node, "shape")
+        if other not in self.analysis.hoisted or rec.attr(other, "shape") != shape \
+                or rec.attr(users[0], "shape") != shape:
+            return None
+        return users[0], other
+
+    def _plan_streams(self, supplied) -> dict:
         """{state: {operand: triton_gates.Program}} for the chunked states: "k" and "v" (the
         input's factors with and without the key axis: the delta rule's p and v), "g" (the
-        log-decay), ("q", readout node, term index) per readout through the state, and for
-        the delta rule "r" and "w" (w only where it is not p). Not for a delta rule whose
-        decay stays inside w (no stream divides by it)."""
+        log-decay), ("q", readout node, term index) per readout through the state, ("e",
+        readout node) per readout with an epilogue (self.epilogues: {readout: (sum node,
+        other operand, state)}), and for the delta rule "r" and "w" (w only where it is not
+        p). Not for a delta rule whose decay stays inside w (no stream divides by it)."""
         G = self.K.gate_streams
         hoisted = set(self.analysis.hoisted)
         out = {}
@@ -338,6 +367,12 @@ class BlockSolver:
                         qf, _ = self._query_factors(name, r)
                         plans[("q", node, i)] = G.plan_product(self.rec, hoisted,
                                                                Term(1.0, qf, None, r.state[1]))
+                epi = self._epilogue(name, node, terms, supplied)
+                if epi is not None:
+                    t = terms[0]
+                    plans[("e", node)] = G.plan_product(self.rec, hoisted, Term(
+                        1.0, (Factor(epi[1], t.out),), None, t.state[1]))
+                    self.epilogues[node] = (*epi, name)
             out[name] = plans
         return out
 
@@ -364,6 +399,8 @@ class BlockSolver:
             ops = ((qkey, qlabels, [lay.key]), ("r", lay.delta.r.out, [lay.key]),
                    ("k" if lay.delta.same else "w", labels, [lay.key]), ("k", labels, [lay.key]),
                    ("v", labels, lay.val), ("g", labels, []))
+        if qs and ("e", qkey[1]) in plans:   # the first readout's epilogue
+            ops += ((("e", qkey[1]), qlabels, lay.val),)
         sigs = tuple((plans[op].key(), kinds(plans[op], lab, axes)) for op, lab, axes in ops)
         if lay.delta is not None and not lay.diag:
             sigs = sigs[:5] + ((plans["g"].key(), ()),)   # no log_alpha: nothing read
@@ -512,6 +549,10 @@ class BlockSolver:
             return
         if f.method in ("chunked", "chunked_delta"):
             self._solve_chunked(name, env, carry, shape, B, L)
+            for node, (add, other, state) in self.epilogues.items():
+                if state == name and add not in env:   # the block was not solved by streams
+                    self._fill_lazy(env)
+                    env[add] = env[node] + env[other]
             return
         diag = _small_first(_coef(t) for t in f.terms if t.state is not None and t.state[1] == labels)
         inputs = _small_first(t for t in f.terms if t.state is None)
@@ -609,8 +650,9 @@ class BlockSolver:
             g = stream(plans["g"], labels, first, Kd, log=True)
             ops = [k, v, g]
 
-            def run(q, include):
-                return self.K.chunk_linear_attention(q, k, v, g, S0, include, chunk=self.chunk)
+            def run(q, include, e=None):
+                return self.K.chunk_linear_attention(q, k, v, g, S0, include, chunk=self.chunk,
+                                                     **({} if e is None else {"extra": e}))
         else:
             d = lay.delta
             r = stream(plans["r"], d.r.out, first, Kd)
@@ -627,11 +669,18 @@ class BlockSolver:
             q = stream(plans[("q", node, i)], t.state[1], first, Kd)
             if q is None:
                 raise _Unfit
-            return run(q, t.state[0] == "new")
+            if ("e", node) not in plans:
+                return run(q, t.state[0] == "new")
+            e = stream(plans[("e", node)], t.state[1], value, V)
+            if e is None:
+                raise _Unfit
+            return run(q, t.state[0] == "new", e)
         try:
             got, S_last = self._chunk_readouts(name, env, shape, B, L, through)
         except _Unfit:
             return False
+        for node in [n for n in got if ("e", n) in plans]:   # the kernels added the epilogue
+            got[self.epilogues[node][0]] = got.pop(node)
         if S_last is None:
             _, S_last = run(None, True)
         sums = [x.sum() for x in got.values()] + [S_last.sum()]

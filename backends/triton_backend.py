@@ -113,7 +113,8 @@ def emit(rec, analysis) -> str:
         from . import triton_chunk, triton_delta
         lib = triton_chunk if analysis.plan == "chunked" else triton_delta
         text += (f"\n\n{LIBRARY_MARKER} for the {analysis.plan} plan (the spec's gates computed by "
-                 "the generated loaders _ld_* and _tile_*, the readouts' other terms in PyTorch) "
+                 "the generated loaders _ld_* and _tile_*, a term added to the readout by _tile_e, the "
+                 "readouts' other terms in PyTorch) "
                  "----\n" + lib.source(chunk_signatures(rec, analysis)))
     return text
 
@@ -475,9 +476,10 @@ class ChunkedRunner:
     """Chunked plans (a matrix state with a diagonal decay and a rank-1 write, or a delta
     rule): the block solver, as the scan backend runs it, with the Triton chunk kernels
     (`triton_chunk`, `triton_delta`) for the matrix states. The chunk kernels compute their
-    operands, the spec's gates, themselves (`triton_gates`); the readouts' other terms and
-    any small states beside the matrix state run in PyTorch over the whole block. One step (.step()), or RNNC_TRITON_KERNEL=fused, runs the
-    fused recurrent kernel instead.
+    operands, the spec's gates, themselves (`triton_gates`), and a term the step adds to a
+    linear-attention readout (BlockSolver._epilogue); the readouts' other terms and any small
+    states beside the matrix state run in PyTorch over the whole block. One step (.step()),
+    or RNNC_TRITON_KERNEL=fused, runs the fused recurrent kernel instead.
 
     bf16/fp16 inputs go to the fused kernel, and to the block solver, as they are: the chunk
     kernels read them (a stream's loads widen them to float32), and whatever runs in PyTorch

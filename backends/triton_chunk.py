@@ -104,12 +104,22 @@ def plain_signatures(scalar: bool = False) -> tuple:
     return full, full, full, (gates.PLAIN, ((True, True, not scalar),))
 
 
+def _operands(sigs: tuple) -> tuple:
+    """The operand names of a signature tuple: q, k, v, g, and e where a fifth is given."""
+    return OPERANDS + ("e",) * (len(sigs) - len(OPERANDS))
+
+
 def source(sigs: tuple | None = None) -> str:
-    """The kernel module's text for the operands' stream signatures (q, k, v, g; see
-    triton_gates; default: materialised operands with a decay per key channel), as it is
-    loaded and as `rnnc compile --emit` shows it."""
-    return gates.module_source(_TEMPLATE.read_text(), OPERANDS, sigs or plain_signatures(),
-                               SUB=str(SUB))
+    """The kernel module's text for the operands' stream signatures (q, k, v, g, and
+    optionally e, a term added to the outputs; see triton_gates; default: materialised
+    operands with a decay per key channel), as it is loaded and as `rnnc compile --emit`
+    shows it."""
+    sigs = sigs or plain_signatures()
+    ops = _operands(sigs)
+    epilogue = ([f"acc += _tile_e({gates.arg_list('e', sigs[4])}b, h, H, V, ti, L, offs_v, mv, SUB)"]
+                if "e" in ops else [])
+    return gates.module_source(_TEMPLATE.read_text(), ops, sigs, SUB=str(SUB), ES="",
+                               EPILOGUE=epilogue)
 
 
 def kernels(sigs: tuple | None = None):
@@ -238,7 +248,7 @@ def _check(q, k, v, log_decay, S0, chunk):
 
 def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
                            chunk: int | str | None = None, precision: str | None = None,
-                           split: bool | None = None):
+                           split: bool | None = None, extra=None):
     """Linear attention with diagonal decay over a block of any length L, in Triton.
 
     q: [B, L, H, K] or None; k: [B, L, H, K]; v: [B, L, H, V];
@@ -253,12 +263,18 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     split: None lets the tuner choose between the walk and the two-level kernels (the walk
     where nothing is timed); True or False forces one of them, forward and backward (a tuned
     chunk is then chosen among that kind's configs).
-    Differentiable with respect to q, k, v, log_decay (their leaves, for streams) and S0.
+    extra: [B, L, H, V] (a tensor or a Stream) or None: added to o as the kernels write it
+    (a term of the spec's output beside the readout, computed in the kernels); needs q.
+    Differentiable with respect to q, k, v, log_decay, extra (their leaves, for streams) and S0.
     """
     if chunk == "auto":
         chunk = None
-    q, k, v, g = (gates.as_stream(x) for x in (q, k, v, log_decay))
+    q, k, v, g, e = (gates.as_stream(x) for x in (q, k, v, log_decay, extra))
     _check(q, k, v, g, S0, chunk)
+    if e is not None and (q is None or tuple(e.shape) != tuple(v.shape)):
+        raise RnncError(f"chunk_linear_attention: extra must be [B, L, H, V] = {tuple(v.shape)} "
+                        f"and needs q, got {None if e is None else tuple(e.shape)}"
+                        f"{' without q' if q is None else ''}")
     if precision is None:
         precision = gates.dot_precision([S0, *(x for s in (q, k, v, g) if s is not None
                                               for x in s.leaves)])
@@ -267,24 +283,29 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     has_q = q is not None
     cfg = (bool(include_current), None if chunk is None else int(chunk), precision, has_q,
            None if split is None else bool(split))
-    meta, leaves = gates.pack((q if has_q else k, k, v, g), _used(has_q))
+    streams = (q if has_q else k, k, v, g) + ((e,) if e is not None else ())
+    meta, leaves = gates.pack(streams, _used(has_q, len(streams)))
     o, S_last = _ChunkLA.apply(cfg, meta, S0, *leaves)
     return (o if has_q else None), S_last
 
 
-def _used(has_q) -> tuple:
-    """Which of the q, k, v, g streams pass their own leaves (without q, k stands for it)."""
-    return (has_q, True, True, True)
+def _used(has_q, n: int = 4) -> tuple:
+    """Which of the n streams (q, k, v, g, and e where n is 5) pass their own leaves (without
+    q, k stands for it)."""
+    return (has_q, True, True, True, True)[:n]
 
 
 class _Ops:
-    """The four operand streams of one call, and what launching them needs."""
+    """The operand streams of one call (q, k, v, g, and e or None), and what launching them
+    needs."""
 
     def __init__(self, meta, leaves, has_q):
-        q, k, v, g = gates.unpack(meta, leaves, _used(has_q))
+        self.used = _used(has_q, len(meta))
+        q, k, v, g, *e = gates.unpack(meta, leaves, self.used)
         q = q if has_q else Stream(k.code, k.leaves, k.kinds, k.shape)
-        streams = (q, k, v, g)
-        self.q, self.k, self.v, self.g = streams
+        streams = (q, k, v, g, *e)
+        self.q, self.k, self.v, self.g = streams[:4]
+        self.streams = streams
         self.sigs = tuple(s.signature for s in streams)
         self.leaves = [x for s in streams for x in s.leaves]
         B, L, H, K = self.k.shape
@@ -453,8 +474,8 @@ class _ChunkLA(torch.autograd.Function):
         kernels(ops.sigs).chunk_dg[(B * H,)](
             *ops.leaves, dq if has_q else dk, dk, sl, dg, L, H, K, -(-L // SUB), C=SUB, BK=BK,
             DELTA=0 if include else 1, SCALAR=ops.scalar, HAS_Q=has_q, num_warps=WARPS)
-        grads = gates.grads((ops.q, ops.k, ops.v, ops.g), (dq, dk, dv, dg), _used(has_q),
-                            ctx.needs_input_grad[3:])
+        # the term added to o (e, where there is one) has o's gradient
+        grads = gates.grads(ops.streams, (dq, dk, dv, dg, do), ops.used, ctx.needs_input_grad[3:])
         return (None, None, dS0.to(ctx.s0_dtype) if ctx.needs_input_grad[2] else None, *grads)
 
 
@@ -488,7 +509,7 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
     ints = {"L", "H", "K", "V", "NC"}
     sigs = sigs or plain_signatures(scalar)
     ker = kernels(sigs)
-    leaves = {f"{op}_{j}" for op, sig in zip(OPERANDS, sigs) for j in range(len(sig[1]))}
+    leaves = {f"{op}_{j}" for op, sig in zip(_operands(sigs), sigs) for j in range(len(sig[1]))}
     out = {}
     for name in names:
         fn = getattr(ker, name)

@@ -352,3 +352,122 @@ def test_a_long_gate_expression_is_loaded_computed():
     xs.append(torch.randn(2, 19, 2, generator=gen, dtype=F64))
     with torch.no_grad():
         assert rel_err(tri(*[x.float() for x in xs]), ref(*xs)) < 1e-4
+
+
+# --- a term added to the readout, computed in the kernels (the epilogue) --------------------
+# The readout q·S plus a gated skip term, as mamba2's `+ Dskip * x`, here with a gate the
+# kernels compute (sigmoid) and a value over the value axis.
+SKIP = """rnn skip(q[H,K], k[H,K], v[H,V], g[H,K], s[H]) -> o[H,V] {
+    param D[H] = ones
+    state S[H,K,V] = 0
+    S[h,i,j] = exp(g[h,i]) * S[h,i,j] + k[h,i] * v[h,j]
+    o[h,j] = sum[i](q[h,i] * S[h,i,j]) + sigmoid(s[h] * D[h]) * v[h,j]
+}
+"""
+# The same readout read twice (by the sum and by a second output): nothing to fuse.
+SKIP_TWICE = SKIP.replace("-> o[H,V] {", "-> (o[H,V], r[H,V]) {").replace(
+    "    o[h,j] = sum[i](q[h,i] * S[h,i,j]) + sigmoid(s[h] * D[h]) * v[h,j]",
+    "    r[h,j] = sum[i](q[h,i] * S[h,i,j])\n    o[h,j] = r[h,j] + sigmoid(s[h] * D[h]) * v[h,j]")
+
+
+def _skip_inputs(B, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    H, K, V = DIMS["H"], DIMS["K"], DIMS["V"]
+    return [r(B, T, H, K), F.normalize(r(B, T, H, K), dim=-1), r(B, T, H, V),
+            F.logsigmoid(r(B, T, H, K)), r(B, T, H)]
+
+
+def _launch_extras(monkeypatch):
+    """Records, per chunk_linear_attention call of the Triton block solver, whether it was
+    handed a term to add (extra)."""
+    seen = []
+    real = tc.chunk_linear_attention
+
+    def spy(*args, **kw):
+        seen.append(kw.get("extra") is not None)
+        return real(*args, **kw)
+    monkeypatch.setattr(tc, "chunk_linear_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("src,fused", [(SKIP, True), (SKIP_TWICE, False)], ids=["fused", "read-twice"])
+@pytest.mark.parametrize("T", [1, 17, 37])
+def test_readout_epilogue_against_sequential(src, fused, T, monkeypatch):
+    """A term added to the readout is added by the kernels as they write o (the sum and the
+    term's nodes are no longer evaluated in PyTorch), unless the readout is read elsewhere
+    too. Outputs, final state and every gradient match the float64 sequential backend."""
+    seen = _launch_extras(monkeypatch)
+    ref, tri = _pair(src, DIMS)
+    solver = tri._runner.solver
+    rec = tri.recurrence
+    if fused:
+        (readout, (add, other, state)), = solver.epilogues.items()
+        assert state == "S" and add in solver.supplied
+        assert other in solver.lazy and other not in solver.hoisted
+        assert Op.SIGMOID in {getattr(rec.node(n), "op", None) for n in solver.lazy}
+    else:
+        assert solver.epilogues == {}
+    B = 2
+    xs64 = _skip_inputs(B, T, seed=T)
+    g = torch.Generator().manual_seed(200 + T)
+    h0 = torch.randn(B, DIMS["H"], DIMS["K"], DIMS["V"], generator=g, dtype=F64)
+    dS = torch.randn(B, DIMS["H"], DIMS["K"], DIMS["V"], generator=g, dtype=F64)
+
+    def run(m, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in xs64]
+        s0 = h0.to(dtype).requires_grad_()
+        *outs, fin = m(*xs, initial_state={"S": s0}, output_final_state=True)
+        outs = outs[0] if isinstance(outs[0], tuple) else tuple(outs)
+        loss = sum((o.double() * (1 + k)).sin().sum() for k, o in enumerate(outs))
+        loss = loss + (fin["S"].double() * dS).sum()
+        return [*outs, fin["S"], *torch.autograd.grad(loss, [*xs, s0, *m.parameters()])]
+    got, want = run(tri, torch.float32), run(ref, F64)
+    assert len(got) == len(want)
+    for n, (x, y) in enumerate(zip(got, want)):
+        assert rel_err(x, y) < 2e-4, (n, rel_err(x, y))
+    if T > 1:   # one step runs the fused recurrent kernel, not the chunk kernels
+        assert seen and all(s == fused for s in seen)
+
+
+def test_readout_epilogue_falls_back_exactly():
+    """A NaN in the added term's gate makes the streamed block non-finite; the block is then
+    solved the exact way, and the sum is computed in PyTorch after it: the batch row without
+    the NaN, and the steps before it, still match the sequential backend."""
+    ref, tri = _pair(SKIP, DIMS)
+    assert tri._runner.solver.epilogues
+    xs = _skip_inputs(2, 21, seed=5)
+    xs[4][1, 13, 0] = float("nan")
+    with torch.no_grad():
+        want = ref(*xs)
+        got = tri(*[x.float() for x in xs])
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1, :13]).all()
+    assert rel_err(got[0], want[0]) < 1e-4
+    assert rel_err(got[1, :13], want[1, :13]) < 1e-4
+    assert torch.isnan(got[1, 13:]).any() and torch.isnan(want[1, 13:]).any()
+
+
+def test_extra_term_against_adding_it_after():
+    """chunk_linear_attention(..., extra=e) is o + e, with e's gradient o's, in both forward
+    kinds (the walk and the two levels); a wrong shape or no q is refused."""
+    g = torch.Generator().manual_seed(4)
+    B, L, H, K, V = 2, 37, 2, 16, 16
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    base = [r(B, L, H, K), r(B, L, H, K), r(B, L, H, V), F.logsigmoid(r(B, L, H, K)),
+            r(B, L, H, V), r(B, H, K, V)]
+    w = r(B, L, H, V)
+    for split in (False, True):
+        a = [t.clone().requires_grad_() for t in base]
+        o, S = tc.chunk_linear_attention(*a[:4], a[5], chunk=16, split=split, extra=a[4])
+        ga = torch.autograd.grad((o * w).sum() + S.sum(), a)
+        b = [t.clone().requires_grad_() for t in base]
+        o2, S2 = tc.chunk_linear_attention(*b[:4], b[5], chunk=16, split=split)
+        o2 = o2 + b[4]
+        gb = torch.autograd.grad((o2 * w).sum() + S2.sum(), b)
+        assert torch.allclose(o, o2, atol=1e-6) and torch.equal(S, S2)
+        for x, y in zip(ga, gb):
+            assert torch.allclose(x, y, atol=1e-6)
+    with pytest.raises(rnnc.RnncError, match="extra must be"):
+        tc.chunk_linear_attention(*base[:4], base[5], chunk=16, extra=base[4][..., :3])
+    with pytest.raises(rnnc.RnncError, match="needs q"):
+        tc.chunk_linear_attention(None, *base[1:4], base[5], chunk=16, extra=base[4])
