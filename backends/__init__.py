@@ -4,7 +4,7 @@ Every backend is one module exposing the same interface, and backends never impo
 other. Shared semantics live in `rnnc.interpret`; shared machinery lives in library modules
 beside the backends (`block_solver`: the block-wise solver of associative plans, run by the
 scan backend with PyTorch primitives and by the Triton backend with its chunk kernels;
-`scan_kernels`: those PyTorch primitives; `triton_tune`: the launch-config tuner of the
+`chunk_plan`: how its matrix states map onto the chunk forms; `scan_kernels`: those PyTorch primitives; `triton_tune`: the launch-config tuner of the
 Triton chunk kernels):
 
     NAME: str

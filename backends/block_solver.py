@@ -26,10 +26,10 @@ from rnnc.affine import Factor, Term, eval_terms, state_labels as _labels
 from rnnc.errors import RnncError
 from rnnc.ir import Op
 
+from .chunk_plan import NO_DECAY, Layout, StreamPlan, coef as _coef, exp_factors
 from .scan_kernels import _needs_grad, _shares  # tensor predicates, not the kernels table
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # inputs the chunk kernels read as they are
-NO_DECAY = -1e4        # the log-decay the chunk forms get for a state that reads no old value
 DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
 
 
@@ -64,11 +64,6 @@ def _solver_terms(f) -> list:
     return terms + list(f.maxplus[0]) if f.maxplus is not None else terms
 
 
-def _coef(t: Term) -> Term:
-    """The coefficient of a state term: the same term with the state dropped."""
-    return Term(t.scale, t.factors, None, t.out)
-
-
 def _small_first(terms) -> list:
     """terms with each product's factors ordered by their axes, fewest first. einsum multiplies
     left to right, so factors over the same axes meet before the product grows: s6's input
@@ -79,78 +74,6 @@ def _small_first(terms) -> list:
 
 class _Unfit(Exception):
     """A stream's leaf does not fit the chunk kernels' layout."""
-
-
-class _Delta:
-    """A delta-rule state's update alpha (S - w (r^T S)) + p v^T in the chunk kernels' terms:
-    r (the factors of the low-rank term carrying the contracted key axis, over r's labels),
-    w (the others, scaled), cancel (alpha taken out of the low-rank term exactly, so w holds
-    no alpha) and same (w and p the same product: DeltaNet's beta*k)."""
-
-    def __init__(self, lay):
-        labels = lay.labels
-        low = lay.low[0]
-        x = low.state[1][lay.key]
-        alpha_nodes = sorted(fc.node for t in lay.diag for fc in t.factors)
-        factors = list(low.factors)
-        self.cancel = len(lay.diag) == 1 and all(
-            any(fc.node == a for fc in factors) for a in alpha_nodes)
-        if self.cancel:  # alpha * (S - w r^T S): take alpha out of the low-rank term exactly
-            for a in alpha_nodes:
-                factors.remove(next(fc for fc in factors if fc.node == a))
-        rf = tuple(fc for fc in factors if x in fc.labels)
-        wf = tuple(fc for fc in factors if x not in fc.labels)
-        scale = -low.scale / (lay.diag[0].scale if self.cancel else 1.0)
-        r_labels = tuple(x if k == lay.key else labels[k] for k in range(len(labels)))
-        self.r = Term(1.0, rf, None, r_labels)
-        self.w = Term(scale, wf, None, labels)
-        key = labels[lay.key]
-        self.same = lay.input is not None and self.cancel and scale == lay.input.scale and sorted(
-            (fc.node, fc.power) for fc in wf) == sorted(
-            (fc.node, fc.power) for fc in lay.input.factors if key in fc.labels)
-
-
-class _Chunked:
-    """How one matrix state maps to the chunk kernels: axis groups and term pieces."""
-
-    def __init__(self, rec, facts):
-        self.facts = facts
-        n = len(facts.shape)
-        labels = _labels(n)
-        self.labels = labels
-        self.key = facts.key_axis
-        terms = facts.terms
-        self.diag = [t for t in terms if t.state is not None and t.state[1] == labels]
-        self.low = [t for t in terms if t.state is not None and t.state[1] != labels]
-        inputs = [t for t in terms if t.state is None]
-        if len(inputs) > 1:
-            raise RnncError(f"state {facts.name}: a chunked plan needs one outer-product input term")
-        self.input = inputs[0] if inputs else None
-        self.val = list(facts.value_axes)  # decided by the analysis
-        self.ind = [k for k in range(n) if k != self.key and k not in self.val]
-        self.perm = self.ind + [self.key] + self.val
-        self.delta = _Delta(self) if facts.method == "chunked_delta" else None
-
-    def sizes(self, shape):
-        ind = math.prod(shape[k] for k in self.ind)
-        return ind, shape[self.key], math.prod(shape[k] for k in self.val)
-
-    def to_kernel(self, x, shape, B, L):
-        """[B*L or 1, *state shape (size-1 where broadcast)] -> [B, L, Hflat, K, Vflat]. Axes
-        that are flattened together are expanded together: a value over one of two head axes
-        becomes one over both (a copy), since Hflat has no place for a broadcast part."""
-        x = x.expand(B * L if x.shape[0] == 1 else x.shape[0], *x.shape[1:])
-        grow = set()
-        for group in (self.ind, self.val):
-            if any(x.shape[1 + k] != 1 for k in group):
-                grow |= set(group)
-        x = x.expand(x.shape[0], *[shape[k] if x.shape[1 + k] != 1 or k in grow else 1
-                                   for k in range(len(shape))])
-        x = x.permute(0, *[1 + k for k in self.perm])
-        h = [x.shape[1 + i] for i in range(len(self.ind))]
-        kk = x.shape[1 + len(self.ind)]
-        v = list(x.shape[2 + len(self.ind):])
-        return x.reshape(B, L, math.prod(h) if h else 1, kk, math.prod(v) if v else 1)
 
 
 def _rows(x, t0, L):
@@ -186,7 +109,7 @@ class BlockSolver:
     is the block length when `block` is not given; nothing else here uses it. block_elements
     (optional) lengthens the blocks of small states, see _block_length. When `kernels` has
     `gate_streams` (the triton_gates module), the chunk kernels get their operands as streams
-    (_plan_streams, _solve_streamed): the gates are computed inside the kernels."""
+    (chunk_plan.StreamPlan, _solve_streamed): the gates are computed inside the kernels."""
 
     def __init__(self, rec, analysis, kernels, chunk_size=64, block=None, block_elements=None):
         self.rec, self.analysis, self.chunk = rec, analysis, chunk_size
@@ -205,7 +128,7 @@ class BlockSolver:
         self.order = [s for s in analysis.strata]
         decl = {s.name: s for s in rec.states}
         self.decl = decl
-        self.layout = {n: _Chunked(rec, f) for n, f in facts.items()
+        self.layout = {n: Layout(rec, f) for n, f in facts.items()
                        if f.method in ("chunked", "chunked_delta")}
         # Values the solver supplies; nodes it must never evaluate (per-step matrix states).
         supplied, excluded = set(), set()
@@ -221,8 +144,11 @@ class BlockSolver:
                     supplied |= {st.write, rec.node(st.write).arg}
         # With streams, a term the step adds to a readout (mamba2's y = C·S + Dskip·x) is
         # added by the chunk kernels as they write their outputs: the sum is supplied too.
-        self.epilogues = {}
-        self.streams = self._plan_streams(supplied) if getattr(kernels, "gate_streams", None) else {}
+        G = getattr(kernels, "gate_streams", None)
+        self._plan = StreamPlan(rec, analysis, self.layout, supplied, G) if G else None
+        self.streams = self._plan.programs if G else {}
+        self.epilogues = self._plan.epilogues if G else {}
+        self.bonuses = self._plan.bonuses if G else {}
         supplied |= {a for a, _, _ in self.epilogues.values()}
         self.supplied = supplied
         index = {name: k for k, name in enumerate(self.order)}
@@ -257,8 +183,12 @@ class BlockSolver:
                     lazy |= prog.inlined
                 fused = {fc.node for t in f.terms for fc in t.factors}
                 for node, terms in f.readouts.items():
-                    for t in terms:
-                        qf, of = self._query_factors(name, t)
+                    for i, t in enumerate(terms):
+                        qf, of = self.layout[name].query_factors(t)
+                        if (node, i) in self.bonuses:   # computed by the kernels
+                            roots |= {fc.node for fc in of}
+                            fused |= {fc.node for fc in of}
+                            continue
                         roots |= {fc.node for fc in of}
                         keep |= {fc.node for fc in of}
                         fused |= {fc.node for fc in qf}
@@ -269,7 +199,7 @@ class BlockSolver:
                 lazy |= fused
                 continue
             lay = self.layout.get(name)
-            exp_diag = lay.diag if lay and self._exp_factors([_coef(t) for t in lay.diag]) else ()
+            exp_diag = lay.diag if lay and exp_factors(self.rec, [_coef(t) for t in lay.diag]) else ()
             for t in _solver_terms(f):
                 for fc in t.factors:
                     roots.add(fc.node)
@@ -299,119 +229,9 @@ class BlockSolver:
         self.lazy = [i for i in rec.order() if i in lazy and i not in needed]
         self._cache = {}
 
-    def _query_factors(self, name, t: Term) -> tuple:
-        """(q's factors, the others) of a readout term t of chunked state `name`: q's carry
-        the key axis the readout sums over (t.state is None: no q)."""
-        if t.state is None:
-            return (), tuple(t.factors)
-        summed = t.state[1][self.layout[name].key]
-        return (tuple(fc for fc in t.factors if summed in fc.labels),
-                tuple(fc for fc in t.factors if summed not in fc.labels))
-
-    def _epilogue(self, name, node, terms, supplied):
-        """(sum node, other operand) where readout `node` of linear-attention state `name` is
-        one plain term q·S read only by one `+` of a state-free value of its own shape, which
-        the chunk kernels then add to their outputs; else None."""
-        rec, lay = self.rec, self.layout[name]
-        if lay.delta is not None or len(terms) != 1:
-            return None
-        t = terms[0]
-        if t.state is None or t.scale != 1.0 or self._query_factors(name, t)[1] \
-                or not set(t.out) <= set(t.state[1]):
-            return None
-        users = list(rec.graph.successors(node))
-        if len(users) != 1 or users[0] in supplied:
-            return None
-        add = rec.node(users[0])
-        if not (isinstance(add, ir.Elementwise) and add.op is Op.ADD) or add.args.count(node) != 1:
-            return None
-        other = add.args[1] if add.args[0] == node else add.args[0]
-        shape = rec.attr(node, "shape")
-        if other not in self.analysis.hoisted or rec.attr(other, "shape") != shape \
-                or rec.attr(users[0], "shape") != shape:
-            return None
-        return users[0], other
-
-    def _plan_streams(self, supplied) -> dict:
-        """{state: {operand: triton_gates.Program}} for the chunked states: "k" and "v" (the
-        input's factors with and without the key axis: the delta rule's p and v), "g" (the
-        log-decay), ("q", readout node, term index) per readout through the state, ("e",
-        readout node) per readout with an epilogue (self.epilogues: {readout: (sum node,
-        other operand, state)}), and for the delta rule "r" and "w" (w only where it is not
-        p). Not for a delta rule whose decay stays inside w (no stream divides by it)."""
-        G = self.K.gate_streams
-        hoisted = set(self.analysis.hoisted)
-        out = {}
-        for name, lay in self.layout.items():
-            f = self.facts[name]
-            if lay.delta is not None and lay.diag and not lay.delta.cancel:
-                continue
-            labels = lay.labels
-            key = labels[lay.key]
-            t = lay.input
-            factors = tuple(t.factors) if t is not None else ()
-            diag = [_coef(d) for d in lay.diag]
-            plans = {
-                "k": G.plan_product(self.rec, hoisted, Term(t.scale if t is not None else 0.0, tuple(
-                    fc for fc in factors if key in fc.labels), None, labels)),
-                "v": G.plan_product(self.rec, hoisted, Term(1.0, tuple(
-                    fc for fc in factors if key not in fc.labels), None, labels)),
-                "g": G.plan_log(self.rec, hoisted, diag, self._exp_factors(diag), NO_DECAY)}
-            if lay.delta is not None:
-                plans["r"] = G.plan_product(self.rec, hoisted, lay.delta.r)
-                if not lay.delta.same:
-                    plans["w"] = G.plan_product(self.rec, hoisted, lay.delta.w)
-            for node, terms in f.readouts.items():
-                for i, r in enumerate(terms):
-                    if r.state is not None:
-                        qf, _ = self._query_factors(name, r)
-                        plans[("q", node, i)] = G.plan_product(self.rec, hoisted,
-                                                               Term(1.0, qf, None, r.state[1]))
-                epi = self._epilogue(name, node, terms, supplied)
-                if epi is not None:
-                    t = terms[0]
-                    plans[("e", node)] = G.plan_product(self.rec, hoisted, Term(
-                        1.0, (Factor(epi[1], t.out),), None, t.state[1]))
-                    self.epilogues[node] = (*epi, name)
-            out[name] = plans
-        return out
-
     def stream_signatures(self, name) -> tuple:
-        """The operands' stream signatures of a streamed state, (q, k, v, g) for linear
-        attention and (q, r, w, p, v, log_alpha) for the delta rule (q: its first readout's,
-        or k's without one), with the leaf kinds that sizes above 1 give: the chunk kernels
-        that `rnnc compile --emit` shows for it."""
-        lay, plans, rec = self.layout[name], self.streams[name], self.rec
-        inputs = {d.node for d in rec.inputs}
-
-        def kinds(prog, labels, chan_axes):
-            heads = {labels[k] for k in lay.ind}
-            chans = {labels[k] for k in chan_axes}
-            return tuple((bool((nx.ancestors(rec.graph, n) | {n}) & inputs), bool(heads & set(lab)),
-                          bool(chans & set(lab))) for n, lab in prog.leaves)
-        labels = lay.labels
-        qs = [(k, self.facts[name].readouts[k[1]][k[2]].state[1]) for k in plans if k[0] == "q"]
-        qkey, qlabels = qs[0] if qs else ("k", labels)
-        if lay.delta is None:
-            ops = ((qkey, qlabels, [lay.key]), ("k", labels, [lay.key]), ("v", labels, lay.val),
-                   ("g", labels, [lay.key]))
-        else:   # q, r, w, p, v, log_alpha (per head)
-            ops = ((qkey, qlabels, [lay.key]), ("r", lay.delta.r.out, [lay.key]),
-                   ("k" if lay.delta.same else "w", labels, [lay.key]), ("k", labels, [lay.key]),
-                   ("v", labels, lay.val), ("g", labels, []))
-        if qs and ("e", qkey[1]) in plans:   # the first readout's epilogue
-            ops += ((("e", qkey[1]), qlabels, lay.val),)
-        sigs = tuple((plans[op].key(), kinds(plans[op], lab, axes)) for op, lab, axes in ops)
-        if lay.delta is not None and not lay.diag:
-            sigs = sigs[:5] + ((plans["g"].key(), ()),)   # no log_alpha: nothing read
-        return sigs
-
-    def _exp_factors(self, terms) -> bool:
-        """Whether terms (a coefficient) are one positive multiple of a product of exp(...)
-        nodes, whose logarithm _log_coef takes from the exponents."""
-        return len(terms) == 1 and terms[0].scale > 0 and bool(terms[0].factors) and all(
-            isinstance(self.rec.node(fc.node), ir.Elementwise)
-            and self.rec.node(fc.node).op is Op.EXP for fc in terms[0].factors)
+        """The stream signatures of streamed state `name`'s chunk kernels (StreamPlan)."""
+        return self._plan.signatures(name)
 
     def _programs(self, sizes, dtype, device):
         key = (tuple(sorted(sizes.items())), dtype, device)
@@ -585,7 +405,7 @@ class BlockSolver:
 
     def _log_coef(self, terms, env, labels, what):
         """log of a positive coefficient; exact for products of exp(...) factors."""
-        if self._exp_factors(terms):
+        if exp_factors(self.rec, terms):
             t = terms[0]
             parts = [Term(float(fc.power), (Factor(self.rec.node(fc.node).args[0], fc.labels),),
                           None, t.out) for fc in t.factors]
@@ -596,15 +416,17 @@ class BlockSolver:
             return None  # a negative decay: the caller solves this block exactly instead
         return torch.log(coef)  # exact zeros give -inf, which the chunk forms handle
 
-    def _chunk_readouts(self, name, env, shape, B, L, through) -> tuple:
+    def _chunk_readouts(self, name, env, shape, B, L, through, skip=()) -> tuple:
         """({readout node: value [B*L, *shape]}, S_last or None) of chunked state `name`, with
         through(node, i, term) -> (o [B, L, H, V], S_last) running the chunk form for the
-        term's query."""
+        term's query; skip: the (node, term index) of state-free terms it adds to o itself."""
         f, lay = self.facts[name], self.layout[name]
         got, S_last = {}, None
         for node, terms in f.readouts.items():
             total = None
             for i, t in enumerate(terms):
+                if (node, i) in skip:
+                    continue
                 if t.state is None:
                     val = eval_terms([t], env, t.out)
                 else:
@@ -615,7 +437,7 @@ class BlockSolver:
                     order = lay.ind + lay.val
                     o = o.permute(0, *[1 + order.index(k) for k in rest])
                     st_labels = tuple(t.state[1][k] for k in rest)
-                    of = self._query_factors(name, t)[1]
+                    of = self.layout[name].query_factors(t)[1]
                     val = eval_terms([Term(t.scale, of, ("old", st_labels), t.out)], env, t.out,
                                      state_value=o)
                 total = val if total is None else total + val
@@ -650,9 +472,9 @@ class BlockSolver:
             g = stream(plans["g"], labels, first, Kd, log=True)
             ops = [k, v, g]
 
-            def run(q, include, e=None):
+            def run(q, include, extras=None):
                 return self.K.chunk_linear_attention(q, k, v, g, S0, include, chunk=self.chunk,
-                                                     **({} if e is None else {"extra": e}))
+                                                     **(extras or {}))
         else:
             d = lay.delta
             r = stream(plans["r"], d.r.out, first, Kd)
@@ -660,7 +482,7 @@ class BlockSolver:
             la = stream(plans["g"], labels, first, 1) if lay.diag else None
             ops = [k, v, r, w] + ([la] if lay.diag else [])
 
-            def run(q, include):   # its readouts read the new state (the analysis says so)
+            def run(q, include, extras=None):   # its readouts read the new state (the analysis says so)
                 return self.K.chunk_delta_rule(q, r, w, k, v, la, S0, chunk=self.chunk)
         if any(x is None for x in ops):
             return False
@@ -669,14 +491,18 @@ class BlockSolver:
             q = stream(plans[("q", node, i)], t.state[1], first, Kd)
             if q is None:
                 raise _Unfit
-            if ("e", node) not in plans:
-                return run(q, t.state[0] == "new")
-            e = stream(plans[("e", node)], t.state[1], value, V)
-            if e is None:
+            extras = {}   # what the kernels add to o: the epilogue, the bonus
+            if ("e", node) in plans:
+                extras["extra"] = stream(plans[("e", node)], t.state[1], value, V)
+            if ("u", node) in plans:
+                extras["bonus"] = (stream(plans[("u", node)], t.state[1], first, Kd),
+                                   stream(plans[("x", node)], t.state[1], value, V))
+            parts = ([extras["extra"]] if "extra" in extras else []) + list(extras.get("bonus", ()))
+            if any(x is None for x in parts):
                 raise _Unfit
-            return run(q, t.state[0] == "new", e)
+            return run(q, t.state[0] == "new", extras)
         try:
-            got, S_last = self._chunk_readouts(name, env, shape, B, L, through)
+            got, S_last = self._chunk_readouts(name, env, shape, B, L, through, skip=self.bonuses)
         except _Unfit:
             return False
         for node in [n for n in got if ("e", n) in plans]:   # the kernels added the epilogue
@@ -755,7 +581,7 @@ class BlockSolver:
 
         def through(node, i, t):
             q_labels = t.state[1]
-            qf, _ = self._query_factors(name, t)
+            qf, _ = self.layout[name].query_factors(t)
             q = kern(eval_terms([Term(1.0, qf, None, q_labels)], env, q_labels))[..., 0]
             return run(q.expand(B, L, H, Kd), t.state[0] == "new", clean)
         got, S_last = self._chunk_readouts(name, env, shape, B, L, through)

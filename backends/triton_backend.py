@@ -113,8 +113,8 @@ def emit(rec, analysis) -> str:
         from . import triton_chunk, triton_delta
         lib = triton_chunk if analysis.plan == "chunked" else triton_delta
         text += (f"\n\n{LIBRARY_MARKER} for the {analysis.plan} plan (the spec's gates computed by "
-                 "the generated loaders _ld_* and _tile_*, a term added to the readout by _tile_e, the "
-                 "readouts' other terms in PyTorch) "
+                 "the generated loaders _ld_* and _tile_*, terms added to the readout by _tile_e, "
+                 "_tile_u and _tile_x, the readouts' other terms in PyTorch) "
                  "----\n" + lib.source(chunk_signatures(rec, analysis)))
     return text
 
@@ -477,7 +477,8 @@ class ChunkedRunner:
     rule): the block solver, as the scan backend runs it, with the Triton chunk kernels
     (`triton_chunk`, `triton_delta`) for the matrix states. The chunk kernels compute their
     operands, the spec's gates, themselves (`triton_gates`), and a term the step adds to a
-    linear-attention readout (BlockSolver._epilogue); the readouts' other terms and any small
+    linear-attention readout or a bonus inside it (BlockSolver._epilogue, _bonus); the
+    readouts' other terms and any small
     states beside the matrix state run in PyTorch over the whole block. One step (.step()),
     or RNNC_TRITON_KERNEL=fused, runs the fused recurrent kernel instead.
 

@@ -104,22 +104,32 @@ def plain_signatures(scalar: bool = False) -> tuple:
     return full, full, full, (gates.PLAIN, ((True, True, not scalar),))
 
 
+EXTRAS = ("e", "u", "x")   # optional streams added to o: o += e, and the bonus o_t += (sum_i u_t,i) x_t
+
+
 def _operands(sigs: tuple) -> tuple:
-    """The operand names of a signature tuple: q, k, v, g, and e where a fifth is given."""
-    return OPERANDS + ("e",) * (len(sigs) - len(OPERANDS))
+    """(names, signatures) of a signature tuple: q, k, v, g, then (name, signature) pairs of
+    the extras in use."""
+    return (OPERANDS + tuple(n for n, _ in sigs[4:]),
+            tuple(sigs[:4]) + tuple(sig for _, sig in sigs[4:]))
 
 
 def source(sigs: tuple | None = None) -> str:
-    """The kernel module's text for the operands' stream signatures (q, k, v, g, and
-    optionally e, a term added to the outputs; see triton_gates; default: materialised
+    """The kernel module's text for the operands' stream signatures (q, k, v, g, then any
+    extras as (name, signature) pairs, see EXTRAS; see triton_gates; default: materialised
     operands with a decay per key channel), as it is loaded and as `rnnc compile --emit`
     shows it."""
-    sigs = sigs or plain_signatures()
-    ops = _operands(sigs)
-    epilogue = ([f"acc += _tile_e({gates.arg_list('e', sigs[4])}b, h, H, V, ti, L, offs_v, mv, SUB)"]
-                if "e" in ops else [])
-    return gates.module_source(_TEMPLATE.read_text(), ops, sigs, SUB=str(SUB), ES="",
-                               EPILOGUE=epilogue)
+    names, plain = _operands(sigs or plain_signatures())
+    args = dict(zip(names, (gates.arg_list(n, sig) for n, sig in zip(names, plain))))
+    epilogue = []
+    if "u" in names:
+        epilogue.append(f"acc += tl.sum(_tile_u({args['u']}b, h, H, K, ti, L, offs_k, mk, SUB), 1)"
+                        f"[:, None] * _tile_x({args['x']}b, h, H, V, ti, L, offs_v, mv, SUB)")
+    if "e" in names:
+        epilogue.append(f"acc += _tile_e({args['e']}b, h, H, V, ti, L, offs_v, mv, SUB)")
+    extras = "".join(args[n] for n in names[4:])
+    return gates.module_source(_TEMPLATE.read_text(), names, plain, SUB=str(SUB),
+                               EXTRAS=extras, EPILOGUE=epilogue)
 
 
 def kernels(sigs: tuple | None = None):
@@ -248,7 +258,7 @@ def _check(q, k, v, log_decay, S0, chunk):
 
 def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
                            chunk: int | str | None = None, precision: str | None = None,
-                           split: bool | None = None, extra=None):
+                           split: bool | None = None, extra=None, bonus=None):
     """Linear attention with diagonal decay over a block of any length L, in Triton.
 
     q: [B, L, H, K] or None; k: [B, L, H, K]; v: [B, L, H, V];
@@ -265,16 +275,23 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     chunk is then chosen among that kind's configs).
     extra: [B, L, H, V] (a tensor or a Stream) or None: added to o as the kernels write it
     (a term of the spec's output beside the readout, computed in the kernels); needs q.
-    Differentiable with respect to q, k, v, log_decay, extra (their leaves, for streams) and S0.
+    bonus: (u [B, L, H, K], x [B, L, H, V]) or None: o_t += (sum_i u_t,i) x_t, a term of the
+    readout that pairs a step with itself (RWKV-6: u = r * u_param * k, x = v); needs q.
+    Differentiable with respect to q, k, v, log_decay, extra, bonus (their leaves, for
+    streams) and S0.
     """
     if chunk == "auto":
         chunk = None
     q, k, v, g, e = (gates.as_stream(x) for x in (q, k, v, log_decay, extra))
+    u, x = (None, None) if bonus is None else (gates.as_stream(t) for t in bonus)
     _check(q, k, v, g, S0, chunk)
-    if e is not None and (q is None or tuple(e.shape) != tuple(v.shape)):
-        raise RnncError(f"chunk_linear_attention: extra must be [B, L, H, V] = {tuple(v.shape)} "
-                        f"and needs q, got {None if e is None else tuple(e.shape)}"
-                        f"{' without q' if q is None else ''}")
+    extras = [(n, s) for n, s in zip(EXTRAS, (e, u, x)) if s is not None]
+    for n, s in extras:
+        want = tuple(k.shape) if n == "u" else tuple(v.shape)
+        if q is None or tuple(s.shape) != want:
+            what = "extra" if n == "e" else f"bonus {n}"
+            raise RnncError(f"chunk_linear_attention: {what} must be {list(want)} and needs q, "
+                            f"got {list(s.shape)}{' without q' if q is None else ''}")
     if precision is None:
         precision = gates.dot_precision([S0, *(x for s in (q, k, v, g) if s is not None
                                               for x in s.leaves)])
@@ -283,16 +300,16 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     has_q = q is not None
     cfg = (bool(include_current), None if chunk is None else int(chunk), precision, has_q,
            None if split is None else bool(split))
-    streams = (q if has_q else k, k, v, g) + ((e,) if e is not None else ())
+    streams = (q if has_q else k, k, v, g, *(s for _, s in extras))
     meta, leaves = gates.pack(streams, _used(has_q, len(streams)))
-    o, S_last = _ChunkLA.apply(cfg, meta, S0, *leaves)
+    o, S_last = _ChunkLA.apply(cfg, (meta, tuple(n for n, _ in extras)), S0, *leaves)
     return (o if has_q else None), S_last
 
 
 def _used(has_q, n: int = 4) -> tuple:
-    """Which of the n streams (q, k, v, g, and e where n is 5) pass their own leaves (without
-    q, k stands for it)."""
-    return (has_q, True, True, True, True)[:n]
+    """Which of the n streams (q, k, v, g, then the extras) pass their own leaves (without q,
+    k stands for it)."""
+    return (has_q,) + (True,) * (n - 1)
 
 
 class _Ops:
@@ -300,13 +317,15 @@ class _Ops:
     needs."""
 
     def __init__(self, meta, leaves, has_q):
+        meta, self.extras = meta
         self.used = _used(has_q, len(meta))
-        q, k, v, g, *e = gates.unpack(meta, leaves, self.used)
+        q, k, v, g, *extra = gates.unpack(meta, leaves, self.used)
         q = q if has_q else Stream(k.code, k.leaves, k.kinds, k.shape)
-        streams = (q, k, v, g, *e)
+        streams = (q, k, v, g, *extra)
         self.q, self.k, self.v, self.g = streams[:4]
         self.streams = streams
-        self.sigs = tuple(s.signature for s in streams)
+        self.sigs = tuple(s.signature for s in streams[:4]) + tuple(
+            (n, s.signature) for n, s in zip(self.extras, extra))
         self.leaves = [x for s in streams for x in s.leaves]
         B, L, H, K = self.k.shape
         self.dims = (B, L, H, K, self.v.shape[-1])
@@ -404,11 +423,28 @@ def _only(cands: list, split: bool | None) -> list:
     return [c for c in cands if c.split == split] or [c._replace(split=split) for c in cands]
 
 
+def _extra_grads(ops: _Ops, do) -> list:
+    """The gradients of the extra streams from o's, do [B, L, H, V]: e's is do; the bonus
+    o_t += (sum_i u_t,i) x_t gives du_t,i = do_t . x_t and dx_t = do_t sum_i u_t,i."""
+    out = []
+    named = dict(zip(ops.extras, ops.streams[4:]))
+    for n in ops.extras:
+        if n == "e":
+            out.append(do)
+        elif n == "u":
+            x = named["x"].value().expand(do.shape)
+            out.append((do * x).sum(-1, keepdim=True).expand(ops.k.shape))
+        else:
+            u = named["u"].value().expand(ops.k.shape)
+            out.append(do * u.sum(-1, keepdim=True))
+    return out
+
+
 class _ChunkLA(torch.autograd.Function):
     """(cfg, meta, S0, *leaves) -> (o, S_last); cfg = (include_current, chunk (None: tuned),
-    precision, has_q, split (None: either)); meta: (code, kinds, shape) of the q, k, v and g
-    streams, whose leaves follow in that order (without q's when has_q is False: q then
-    stands for k, and o is an empty tensor)."""
+    precision, has_q, split (None: either)); meta: ((code, kinds, shape) of the q, k, v, g
+    streams and then of the extras, the extras' names (EXTRAS)); their leaves follow in that
+    order (without q's when has_q is False: q then stands for k, and o is an empty tensor)."""
 
     @staticmethod
     def forward(ctx, cfg, meta, S0, *leaves):
@@ -474,8 +510,8 @@ class _ChunkLA(torch.autograd.Function):
         kernels(ops.sigs).chunk_dg[(B * H,)](
             *ops.leaves, dq if has_q else dk, dk, sl, dg, L, H, K, -(-L // SUB), C=SUB, BK=BK,
             DELTA=0 if include else 1, SCALAR=ops.scalar, HAS_Q=has_q, num_warps=WARPS)
-        # the term added to o (e, where there is one) has o's gradient
-        grads = gates.grads(ops.streams, (dq, dk, dv, dg, do), ops.used, ctx.needs_input_grad[3:])
+        grads = gates.grads(ops.streams, (dq, dk, dv, dg, *_extra_grads(ops, do)), ops.used,
+                            ctx.needs_input_grad[3:])
         return (None, None, dS0.to(ctx.s0_dtype) if ctx.needs_input_grad[2] else None, *grads)
 
 
@@ -509,7 +545,7 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
     ints = {"L", "H", "K", "V", "NC"}
     sigs = sigs or plain_signatures(scalar)
     ker = kernels(sigs)
-    leaves = {f"{op}_{j}" for op, sig in zip(_operands(sigs), sigs) for j in range(len(sig[1]))}
+    leaves = {f"{op}_{j}" for op, sig in zip(*_operands(sigs)) for j in range(len(sig[1]))}
     out = {}
     for name in names:
         fn = getattr(ker, name)

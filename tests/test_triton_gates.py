@@ -364,6 +364,15 @@ SKIP = """rnn skip(q[H,K], k[H,K], v[H,V], g[H,K], s[H]) -> o[H,V] {
     o[h,j] = sum[i](q[h,i] * S[h,i,j]) + sigmoid(s[h] * D[h]) * v[h,j]
 }
 """
+# RWKV-6's bonus inside the readout (a state-free term pairing a step with itself), with an
+# added gated term after it: both are added by the kernels.
+BONUS = """rnn bonus(q[H,K], k[H,K], v[H,V], g[H,K], s[H]) -> o[H,V] {
+    param u[H,K]
+    state S[H,K,V] = 0
+    o[h,j] = sum[i](q[h,i] * (S[h,i,j] + u[h,i] * k[h,i] * v[h,j])) + sigmoid(s[h]) * v[h,j]
+    S[h,i,j] = exp(-exp(g[h,i])) * S[h,i,j] + k[h,i] * v[h,j]
+}
+"""
 # The same readout read twice (by the sum and by a second output): nothing to fuse.
 SKIP_TWICE = SKIP.replace("-> o[H,V] {", "-> (o[H,V], r[H,V]) {").replace(
     "    o[h,j] = sum[i](q[h,i] * S[h,i,j]) + sigmoid(s[h] * D[h]) * v[h,j]",
@@ -379,35 +388,40 @@ def _skip_inputs(B, T, seed):
 
 
 def _launch_extras(monkeypatch):
-    """Records, per chunk_linear_attention call of the Triton block solver, whether it was
-    handed a term to add (extra)."""
+    """Records, per chunk_linear_attention call of the Triton block solver, what it was handed
+    to add to o: {"extra", "bonus"} or fewer."""
     seen = []
     real = tc.chunk_linear_attention
 
     def spy(*args, **kw):
-        seen.append(kw.get("extra") is not None)
+        seen.append({n for n in ("extra", "bonus") if kw.get(n) is not None})
         return real(*args, **kw)
     monkeypatch.setattr(tc, "chunk_linear_attention", spy)
     return seen
 
 
-@pytest.mark.parametrize("src,fused", [(SKIP, True), (SKIP_TWICE, False)], ids=["fused", "read-twice"])
-@pytest.mark.parametrize("T", [1, 17, 37])
+@pytest.mark.parametrize("src,fused", [(SKIP, {"extra"}), (BONUS, {"extra", "bonus"}), (SKIP_TWICE, set())],
+                         ids=["added", "bonus-and-added", "read-twice"])
+@pytest.mark.parametrize("T", [1, 21])
 def test_readout_epilogue_against_sequential(src, fused, T, monkeypatch):
-    """A term added to the readout is added by the kernels as they write o (the sum and the
-    term's nodes are no longer evaluated in PyTorch), unless the readout is read elsewhere
-    too. Outputs, final state and every gradient match the float64 sequential backend."""
+    """A term added to the readout, and a bonus term inside it, are added by the kernels as
+    they write o (the sum and the terms' nodes are no longer evaluated in PyTorch), unless
+    the readout is read elsewhere too. Outputs, final state and every gradient match the
+    float64 sequential backend."""
     seen = _launch_extras(monkeypatch)
     ref, tri = _pair(src, DIMS)
     solver = tri._runner.solver
     rec = tri.recurrence
-    if fused:
+    if "extra" in fused:
         (readout, (add, other, state)), = solver.epilogues.items()
         assert state == "S" and add in solver.supplied
         assert other in solver.lazy and other not in solver.hoisted
         assert Op.SIGMOID in {getattr(rec.node(n), "op", None) for n in solver.lazy}
     else:
         assert solver.epilogues == {}
+    assert bool(solver.bonuses) == ("bonus" in fused)
+    if "bonus" in fused:   # u * k is computed by the kernels' loaders, not in PyTorch
+        assert not any(getattr(rec.node(n), "op", None) is Op.MUL for n in solver.hoisted)
     B = 2
     xs64 = _skip_inputs(B, T, seed=T)
     g = torch.Generator().manual_seed(200 + T)
@@ -427,7 +441,7 @@ def test_readout_epilogue_against_sequential(src, fused, T, monkeypatch):
     for n, (x, y) in enumerate(zip(got, want)):
         assert rel_err(x, y) < 2e-4, (n, rel_err(x, y))
     if T > 1:   # one step runs the fused recurrent kernel, not the chunk kernels
-        assert seen and all(s == fused for s in seen)
+        assert seen and all(s == fused for s in seen), seen
 
 
 def test_readout_epilogue_falls_back_exactly():
@@ -447,27 +461,55 @@ def test_readout_epilogue_falls_back_exactly():
     assert torch.isnan(got[1, 13:]).any() and torch.isnan(want[1, 13:]).any()
 
 
-def test_extra_term_against_adding_it_after():
-    """chunk_linear_attention(..., extra=e) is o + e, with e's gradient o's, in both forward
-    kinds (the walk and the two levels); a wrong shape or no q is refused."""
+@pytest.mark.parametrize("added,split,include", [("extra", False, True), ("bonus", True, False),
+                                                  ("both", False, False)])
+def test_extra_terms_against_adding_them_after(added, split, include):
+    """chunk_linear_attention(..., extra=e) is o + e, and bonus=(u, x) is o + (sum_i u_i) x,
+    with their gradients, in both forward kinds (the walk and the two levels) and either
+    readout (the new or the old state); a wrong shape or no q is refused."""
     g = torch.Generator().manual_seed(4)
     B, L, H, K, V = 2, 37, 2, 16, 16
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     base = [r(B, L, H, K), r(B, L, H, K), r(B, L, H, V), F.logsigmoid(r(B, L, H, K)),
-            r(B, L, H, V), r(B, H, K, V)]
+            r(B, L, H, V), r(B, L, H, K), r(B, L, H, V), r(B, H, K, V)]
     w = r(B, L, H, V)
-    for split in (False, True):
-        a = [t.clone().requires_grad_() for t in base]
-        o, S = tc.chunk_linear_attention(*a[:4], a[5], chunk=16, split=split, extra=a[4])
-        ga = torch.autograd.grad((o * w).sum() + S.sum(), a)
-        b = [t.clone().requires_grad_() for t in base]
-        o2, S2 = tc.chunk_linear_attention(*b[:4], b[5], chunk=16, split=split)
+    a = [t.clone().requires_grad_() for t in base]
+    kw = {}
+    if added in ("extra", "both"):
+        kw["extra"] = a[4]
+    if added in ("bonus", "both"):
+        kw["bonus"] = (a[5], a[6])
+    o, S = tc.chunk_linear_attention(*a[:4], a[7], include, chunk=16, split=split, **kw)
+    ga = torch.autograd.grad((o * w).sum() + S.sum(), a, allow_unused=True)
+    b = [t.clone().requires_grad_() for t in base]
+    o2, S2 = tc.chunk_linear_attention(*b[:4], b[7], include, chunk=16, split=split)
+    if "extra" in kw:
         o2 = o2 + b[4]
-        gb = torch.autograd.grad((o2 * w).sum() + S2.sum(), b)
-        assert torch.allclose(o, o2, atol=1e-6) and torch.equal(S, S2)
-        for x, y in zip(ga, gb):
-            assert torch.allclose(x, y, atol=1e-6)
+    if "bonus" in kw:
+        o2 = o2 + b[5].sum(-1, keepdim=True) * b[6]
+    gb = torch.autograd.grad((o2 * w).sum() + S2.sum(), b, allow_unused=True)
+    assert torch.allclose(o, o2, atol=1e-5) and torch.equal(S, S2)
+    for x, y in zip(ga, gb):
+        assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, atol=1e-5))
     with pytest.raises(rnnc.RnncError, match="extra must be"):
-        tc.chunk_linear_attention(*base[:4], base[5], chunk=16, extra=base[4][..., :3])
+        tc.chunk_linear_attention(*base[:4], base[7], chunk=16, extra=base[4][..., :3])
+    with pytest.raises(rnnc.RnncError, match="bonus u must be"):
+        tc.chunk_linear_attention(*base[:4], base[7], chunk=16, bonus=(base[5][..., :3], base[6]))
     with pytest.raises(rnnc.RnncError, match="needs q"):
-        tc.chunk_linear_attention(None, *base[1:4], base[5], chunk=16, extra=base[4])
+        tc.chunk_linear_attention(None, *base[1:4], base[7], chunk=16, extra=base[4])
+
+
+def test_dot_precision_follows_the_leaves(monkeypatch):
+    """The chunk kernels' tl.dot precision: TF32 on CUDA for bf16/fp16 leaves (or where torch
+    allows TF32 matmuls), IEEE for float32 leaves and always off CUDA."""
+    from types import SimpleNamespace as T
+    cuda = lambda dt: T(is_cuda=True, dtype=dt)    # noqa: E731  what dot_precision reads
+    cpu = lambda dt: T(is_cuda=False, dtype=dt)    # noqa: E731
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert tg.dot_precision([cuda(torch.float32), cuda(torch.bfloat16)]) == "tf32"
+    assert tg.dot_precision([cuda(torch.float16)]) == "tf32"
+    assert tg.dot_precision([cuda(torch.float32)]) == "ieee"
+    assert tg.dot_precision([cpu(torch.bfloat16)]) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert tg.dot_precision([cuda(torch.float32)]) == "tf32"
+    assert tg.dot_precision([cpu(torch.float32)]) == "ieee"

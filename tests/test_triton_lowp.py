@@ -269,7 +269,7 @@ def test_float64_is_refused():
 
 
 @pytest.mark.parametrize("name", ["gla", "gated_deltanet", "mamba2"])
-@pytest.mark.parametrize("T", [1, 5, 21])
+@pytest.mark.parametrize("T", [1, 21])
 def test_chunked_plan(name, T, monkeypatch):
     """Chunked plans: one step runs the fused kernel on the bf16 inputs; a sequence runs the
     block solver on them as they are. The chunk kernels' leaves that are raw inputs are
