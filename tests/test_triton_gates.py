@@ -468,7 +468,7 @@ def test_extra_terms_against_adding_them_after(added, split, include):
     with their gradients, in both forward kinds (the walk and the two levels) and either
     readout (the new or the old state); a wrong shape or no q is refused."""
     g = torch.Generator().manual_seed(4)
-    B, L, H, K, V = 2, 37, 2, 16, 16
+    B, L, H, K, V = 2, 21, 2, 16, 16
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     base = [r(B, L, H, K), r(B, L, H, K), r(B, L, H, V), F.logsigmoid(r(B, L, H, K)),
             r(B, L, H, V), r(B, L, H, K), r(B, L, H, V), r(B, H, K, V)]
