@@ -11,6 +11,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core (`-n auto`): a second intra-op thread per worker would only wait for
+    # a core the other worker holds (see one_thread below).
+    import torch
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def one_thread():

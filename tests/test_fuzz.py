@@ -69,6 +69,9 @@ CASE_TIMEOUT = float(os.environ.get("RNNC_FUZZ_TIMEOUT", "10"))
 SCALE = float(os.environ.get("RNNC_FUZZ_SCALE", "1"))
 RANDOM = os.environ.get("RNNC_FUZZ_RANDOM", "") not in ("", "0")
 MIN_CASES = 1500  # the whole file runs at least this many cases (checked at the end)
+# Under pytest-xdist the whole file runs in one worker, in file order, so that the count at
+# the end sees every case (`--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("fuzz")
 
 # What the fuzz tests ran and found; printed (pytest -s) and recorded by test_zz_case_count.
 STATS: Counter = Counter()
