@@ -277,14 +277,16 @@ def test_gated_delta_rule_against_sequential(T):
 
 
 def test_generated_loaders_compile_for_gpu_without_one():
-    """The kernels generated for the gated specs (and mamba2's, a decay per head) compile
-    down to sm_90 cubins, forward, backward and d log_decay, in a process without the
-    interpreter, which is stricter about types than the interpreter is."""
+    """The kernels generated for the gated specs (and mamba2's, a decay per head and a term
+    added to the readout; rwkv6's, a bonus term) compile down to sm_90 cubins, forward,
+    backward and d log_decay, in a process without the interpreter, which is stricter about
+    types than the interpreter is."""
     from cases import compile_offline
     code = (
         "import rnnc, rnnc.analysis\n"
         "from rnnc.backends import triton_backend as tb, triton_chunk as tc, triton_delta as td\n"
-        f"specs = [{GATED!r}, open('examples/mamba2.rnn').read(), {GATED_DELTA!r}]\n"
+        f"specs = [{GATED!r}, open('examples/mamba2.rnn').read(), open('examples/rwkv6.rnn').read(),\n"
+        f"         {GATED_DELTA!r}]\n"
         "for src in specs:\n"
         "    rec = rnnc.load(src)\n"
         "    an = rnnc.analysis.analyse(rec)\n"
@@ -297,6 +299,9 @@ def test_generated_loaders_compile_for_gpu_without_one():
         "        out = td.compile_for(K=16, V=16, chunk=16, variants=[(True, True, False)],\n"
         "                             sigs=sigs, dot_prec='tf32')\n"
         "    assert len(out) == (3 if an.plan == 'chunked' else 2) and min(out.values()) > 0, out\n"
+        "    if an.plan == 'chunked':   # what the kernels add to o\n"
+        "        added = {'mamba2': ['e'], 'rwkv6': ['u', 'x']}.get(rec.name, [])\n"
+        "        assert [n for n, _ in sigs[4:]] == added, sigs\n"
         "print('compiled')\n")
     compile_offline(code)
 
