@@ -185,12 +185,9 @@ class BlockSolver:
                 for node, terms in f.readouts.items():
                     for i, t in enumerate(terms):
                         qf, of = self.layout[name].query_factors(t)
-                        if (node, i) in self.bonuses:   # computed by the kernels
-                            roots |= {fc.node for fc in of}
-                            fused |= {fc.node for fc in of}
-                            continue
                         roots |= {fc.node for fc in of}
-                        keep |= {fc.node for fc in of}
+                        # a bonus term's factors are computed by the kernels too
+                        (fused if (node, i) in self.bonuses else keep).update(fc.node for fc in of)
                         fused |= {fc.node for fc in qf}
                 # values computed beside the states (mLSTM's gates) stay where they are
                 stay = {n for n in fused if n not in analysis.hoisted}
@@ -472,9 +469,9 @@ class BlockSolver:
             g = stream(plans["g"], labels, first, Kd, log=True)
             ops = [k, v, g]
 
-            def run(q, include, extras=None):
+            def run(q, include, **extras):
                 return self.K.chunk_linear_attention(q, k, v, g, S0, include, chunk=self.chunk,
-                                                     **(extras or {}))
+                                                     **extras)
         else:
             d = lay.delta
             r = stream(plans["r"], d.r.out, first, Kd)
@@ -482,25 +479,27 @@ class BlockSolver:
             la = stream(plans["g"], labels, first, 1) if lay.diag else None
             ops = [k, v, r, w] + ([la] if lay.diag else [])
 
-            def run(q, include, extras=None):   # its readouts read the new state (the analysis says so)
+            def run(q, include):   # its readouts read the new state (the analysis says so)
                 return self.K.chunk_delta_rule(q, r, w, k, v, la, S0, chunk=self.chunk)
         if any(x is None for x in ops):
             return False
 
-        def through(node, i, t):
-            q = stream(plans[("q", node, i)], t.state[1], first, Kd)
-            if q is None:
+        def fitted(key, labels, pick, X):
+            s = stream(plans[key], labels, pick, X)
+            if s is None:
                 raise _Unfit
+            return s
+
+        def through(node, i, t):
+            labels = t.state[1]
+            q = fitted(("q", node, i), labels, first, Kd)
             extras = {}   # what the kernels add to o: the epilogue, the bonus
             if ("e", node) in plans:
-                extras["extra"] = stream(plans[("e", node)], t.state[1], value, V)
+                extras["extra"] = fitted(("e", node), labels, value, V)
             if ("u", node) in plans:
-                extras["bonus"] = (stream(plans[("u", node)], t.state[1], first, Kd),
-                                   stream(plans[("x", node)], t.state[1], value, V))
-            parts = ([extras["extra"]] if "extra" in extras else []) + list(extras.get("bonus", ()))
-            if any(x is None for x in parts):
-                raise _Unfit
-            return run(q, t.state[0] == "new", extras)
+                extras["bonus"] = (fitted(("u", node), labels, first, Kd),
+                                   fitted(("x", node), labels, value, V))
+            return run(q, t.state[0] == "new", **extras)
         try:
             got, S_last = self._chunk_readouts(name, env, shape, B, L, through, skip=self.bonuses)
         except _Unfit:

@@ -476,11 +476,11 @@ class ChunkedRunner:
     """Chunked plans (a matrix state with a diagonal decay and a rank-1 write, or a delta
     rule): the block solver, as the scan backend runs it, with the Triton chunk kernels
     (`triton_chunk`, `triton_delta`) for the matrix states. The chunk kernels compute their
-    operands, the spec's gates, themselves (`triton_gates`), and a term the step adds to a
-    linear-attention readout or a bonus inside it (BlockSolver._epilogue, _bonus); the
-    readouts' other terms and any small
-    states beside the matrix state run in PyTorch over the whole block. One step (.step()),
-    or RNNC_TRITON_KERNEL=fused, runs the fused recurrent kernel instead.
+    operands, the spec's gates, themselves (`triton_gates`), and add a term the step adds to
+    a linear-attention readout or a bonus inside it (`chunk_plan.StreamPlan`); the readouts'
+    other terms and any small states beside the matrix state run in PyTorch over the whole
+    block. One step (.step()), or RNNC_TRITON_KERNEL=fused, runs the fused recurrent kernel
+    instead.
 
     bf16/fp16 inputs go to the fused kernel, and to the block solver, as they are: the chunk
     kernels read them (a stream's loads widen them to float32), and whatever runs in PyTorch

@@ -313,8 +313,8 @@ def _used(has_q, n: int = 4) -> tuple:
 
 
 class _Ops:
-    """The operand streams of one call (q, k, v, g, and e or None), and what launching them
-    needs."""
+    """The operand streams of one call (q, k, v, g, then the extras named in `extras`), and
+    what launching them needs."""
 
     def __init__(self, meta, leaves, has_q):
         meta, self.extras = meta

@@ -260,11 +260,11 @@ class _Ops:
         B, L, H, K = r.shape
         self.dims = (B, L, H, K, v.shape[3])
         self.device = r.leaves[0].device if r.leaves else None
+        self.prec = gates.dot_precision(self.leaves)   # tl.dot's input precision
 
 
 def _launch_args(geo, ops: _Ops):
-    return dict(C=geo["C"], BK=geo["BK"], BV=geo["BV"], DOT_PREC=gates.dot_precision(ops.leaves),
-                num_warps=geo["warps"])
+    return dict(C=geo["C"], BK=geo["BK"], BV=geo["BV"], DOT_PREC=ops.prec, num_warps=geo["warps"])
 
 
 def _key(family, ops: _Ops, dtypes, *flags):
@@ -346,9 +346,8 @@ class _ChunkDelta(torch.autograd.Function):
         S0c = S0.contiguous()
         flags = dict(HAS_LA=has_la, SHARED=shared)
         if chunk is None:
-            tf32 = gates.dot_precision(ops.leaves)
             key = _key("chunk_delta.fwd", ops, dtypes, block_v, has_q, has_la, shared, want_grad,
-                       tf32, split)
+                       ops.prec, split)
 
             def bench(c):
                 geo = _geo(L, K, V, c)
@@ -385,9 +384,8 @@ class _ChunkDelta(torch.autograd.Function):
         # the chunk is the forward's: `hist` holds the state entering each of its chunks
         geo = ctx.geo
         if chunk is None:
-            tf32 = gates.dot_precision(ops.leaves)
             key = _key("chunk_delta.bwd", ops, ctx.dtypes, geo["C"], block_v, has_q, has_la,
-                       shared, tf32)
+                       shared, ops.prec)
 
             def bench(c):
                 g = _geo(L, K, V, c)

@@ -9,8 +9,9 @@ a read of that tensor per operand. A *stream* instead gives the kernel the expre
 *leaves* (inputs, params, or values rnnc cannot compute inside a kernel such as projections)
 and a small *program* over them; the generated loaders `_ld_<op>` and `_tile_<op>` (spliced
 into templates/chunk_la.py.tmpl and chunk_delta.py.tmpl by `module_source`) load the leaves
-and evaluate the program wherever the kernels read that operand, forward and backward. The backward kernels give the gradient of each operand; `leaf_grads` carries it to
-the leaves by recomputing the (cheap, elementwise) program with torch.
+and evaluate the program wherever the kernels read that operand, forward and backward. The
+backward kernels give the gradient of each operand; `leaf_grads` carries it to the leaves by
+recomputing the (cheap, elementwise) program with torch.
 
     leaf       [B|1, L|1, H|1, X|1] float32/bf16/fp16, contiguous; kind = (step, head, chan):
                which of the axes it varies along (X = K for q, k, g and V for v)

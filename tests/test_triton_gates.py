@@ -68,6 +68,16 @@ def _pair(src, dims, **kw):
     return ref, tri
 
 
+def _run(m, dtype, xs64, h0, loss):
+    """[outputs..., final S, then the gradients of loss(outputs, final S) w.r.t. the inputs, S0
+    and the params] of module m on xs64 and the initial state h0, cast to dtype."""
+    xs = [x.to(dtype).requires_grad_() for x in xs64]
+    s0 = h0.to(dtype).requires_grad_()
+    out, fin = m(*xs, initial_state={"S": s0}, output_final_state=True)
+    outs = out if isinstance(out, tuple) else (out,)
+    return [*outs, fin["S"], *torch.autograd.grad(loss(outs, fin["S"]), [*xs, s0, *m.parameters()])]
+
+
 def test_gate_expressions_run_in_the_kernels():
     """The solver's streams carry the gate expressions; the nodes that compute them are left
     to the kernels (lazy, evaluated only for blocks solved another way), and the loaders in
@@ -99,14 +109,9 @@ def test_gated_spec_against_sequential(T):
     do = torch.randn(B, T, DIMS["H"], DIMS["V"], generator=g, dtype=F64)
     dS = torch.randn(B, DIMS["H"], DIMS["K"], DIMS["V"], generator=g, dtype=F64)
 
-    def run(m, dtype):
-        xs = [x.to(dtype).requires_grad_() for x in xs64]
-        s0 = h0.to(dtype).requires_grad_()
-        o, fin = m(*xs, initial_state={"S": s0}, output_final_state=True)
-        loss = (o.double() * do).sum() + (fin["S"].double() * dS).sum()
-        grads = torch.autograd.grad(loss, [*xs, s0, *m.parameters()])
-        return [o, fin["S"], *grads]
-    got, want = run(tri, torch.float32), run(ref, F64)
+    def loss(outs, S):
+        return (outs[0].double() * do).sum() + (S.double() * dS).sum()
+    got, want = _run(tri, torch.float32, xs64, h0, loss), _run(ref, F64, xs64, h0, loss)
     names = ["o", "S_last", "dq", "dk", "dv", "da", "dgk", "db", "dS0", "drate", "dw"]
     for n, x, y in zip(names, got, want):
         assert rel_err(x, y) < 2e-4, (n, rel_err(x, y))
@@ -265,14 +270,10 @@ def test_gated_delta_rule_against_sequential(T):
     h0 = r(B, H, K, V)
     do, dS = r(B, T, H, V), r(B, H, K, V)
 
-    def run(m, dtype):
-        xs = [x.to(dtype).requires_grad_() for x in xs64]
-        s0 = h0.to(dtype).requires_grad_()
-        o, fin = m(*xs, initial_state={"S": s0}, output_final_state=True)
-        loss = (o.double() * do).sum() + (fin["S"].double() * dS).sum()
-        return [o, fin["S"], *torch.autograd.grad(loss, [*xs, s0, *m.parameters()])]
+    def loss(outs, S):
+        return (outs[0].double() * do).sum() + (S.double() * dS).sum()
     names = ["o", "S_last", "dq", "dk", "dv", "da", "db", "dS0", "dA_log", "ddt_bias"]
-    for n, x, y in zip(names, run(tri, torch.float32), run(ref, F64)):
+    for n, x, y in zip(names, _run(tri, torch.float32, xs64, h0, loss), _run(ref, F64, xs64, h0, loss)):
         assert rel_err(x, y) < 2e-4, (n, rel_err(x, y))
 
 
@@ -433,15 +434,9 @@ def test_readout_epilogue_against_sequential(src, fused, T, monkeypatch):
     h0 = torch.randn(B, DIMS["H"], DIMS["K"], DIMS["V"], generator=g, dtype=F64)
     dS = torch.randn(B, DIMS["H"], DIMS["K"], DIMS["V"], generator=g, dtype=F64)
 
-    def run(m, dtype):
-        xs = [x.to(dtype).requires_grad_() for x in xs64]
-        s0 = h0.to(dtype).requires_grad_()
-        *outs, fin = m(*xs, initial_state={"S": s0}, output_final_state=True)
-        outs = outs[0] if isinstance(outs[0], tuple) else tuple(outs)
-        loss = sum((o.double() * (1 + k)).sin().sum() for k, o in enumerate(outs))
-        loss = loss + (fin["S"].double() * dS).sum()
-        return [*outs, fin["S"], *torch.autograd.grad(loss, [*xs, s0, *m.parameters()])]
-    got, want = run(tri, torch.float32), run(ref, F64)
+    def loss(outs, S):
+        return sum((o.double() * (1 + k)).sin().sum() for k, o in enumerate(outs)) + (S.double() * dS).sum()
+    got, want = _run(tri, torch.float32, xs64, h0, loss), _run(ref, F64, xs64, h0, loss)
     assert len(got) == len(want)
     for n, (x, y) in enumerate(zip(got, want)):
         assert rel_err(x, y) < 2e-4, (n, rel_err(x, y))

@@ -276,53 +276,43 @@ def test_chunked_plan(name, T, monkeypatch):
     the caller's bf16 memory (no float32 copy); what PyTorch computes from an input (mamba2's
     `Dskip * x`) reads a float32 copy. Outputs and input gradients bf16, states float32,
     within the allowance above of the sequential backend on the same bf16 inputs."""
+    from rnnc.backends import block_solver, triton_chunk, triton_delta
     monkeypatch.delenv("RNNC_TRITON_KERNEL", raising=False)
     case = CASE_BY_NAME[name]
     lowp = torch.bfloat16
     xs, params, h0, wy, _ = _values(case, 2, T, lowp)
-    m = rnnc.compile(str(case.path), backend="triton", **case.dims)
-    load_params(m, params)
     seen, leaves = [], []
-    solver = m._runner.solver
-    monkeypatch.setattr(m._runner, "solver", lambda s, p, i, h: seen.append({v.dtype for v in i.values()})
-                        or solver(s, p, i, h))
-    table = solver.K
-    for fn in ("chunk_linear_attention", "chunk_delta_rule"):
-        def spy(*args, _inner=getattr(table, fn), **kw):
+    solve = block_solver.BlockSolver.__call__
+    monkeypatch.setattr(block_solver.BlockSolver, "__call__", lambda self, s, p, i, h: seen.append(
+        {v.dtype for v in i.values()}) or solve(self, s, p, i, h))
+    for mod, fn in ((triton_chunk, "chunk_linear_attention"), (triton_delta, "chunk_delta_rule")):
+        def spy(*args, _inner=getattr(mod, fn), **kw):
             leaves.extend(x for a in args if hasattr(a, "leaves") for x in a.leaves)
             return _inner(*args, **kw)
-        monkeypatch.setattr(table, fn, spy)
-    x = [v.clone().requires_grad_() for v in xs]
-    y, final = m(*x, initial_state=h0, output_final_state=True)
+        monkeypatch.setattr(mod, fn, spy)   # before compile: the runner's table takes the spies
+    got = _run(case, "triton", xs, params, h0, wy, {}, F32, lowp)   # outputs' cotangent only
+    monkeypatch.undo()
     assert seen == ([] if T == 1 else [{lowp}])
     if T > 1:
-        ptrs = {v.data_ptr() for v in x}
+        ptrs = {v.data_ptr() for v in xs}
         raw = [t for t in leaves if t.dtype == lowp]
         assert raw and all(t.data_ptr() in ptrs for t in raw), "a raw input was copied"
         assert {t.dtype for t in leaves} <= {lowp, F32}
-    dx = torch.autograd.grad(y, x, wy[0])
+    dx = [got[f"dx{j}"] for j in range(len(xs))]
     assert all(g.dtype == lowp and torch.isfinite(g).all() for g in dx)
-    ref = rnnc.compile(str(case.path), backend="sequential", **case.dims)
-    load_params(ref, params)
-    xr = [v.clone().requires_grad_() for v in xs]
-    yr, fr = ref(*xr, initial_state=h0, output_final_state=True)
-    dxr = torch.autograd.grad(yr, xr, wy[0])
-    x64 = [v.double().requires_grad_() for v in xs]
-    ref64 = rnnc.compile(str(case.path), backend="sequential", **case.dims)
-    load_params(ref64, params)
-    y64, f64 = ref64.double()(*x64, initial_state={k: v.double() for k, v in h0.items()},
-                              output_final_state=True)
-    dx64 = torch.autograd.grad(y64, x64, wy[0].double())
-    y32, f32 = ref.float()(*[v.float() for v in xs], initial_state=h0, output_final_state=True)
-    assert y.dtype == lowp and all(v.dtype == F32 for v in final.values())
+    seqlp = _run(case, "sequential", xs, params, h0, wy, {}, F32, lowp)
+    seq32 = _run(case, "sequential", xs, params, h0, wy, {}, F32, F32)
+    seq64 = _run(case, "sequential", xs, params, h0, wy, {}, F64, F64)
+    assert got["out0"].dtype == lowp and all(v.dtype == F32 for k, v in got.items() if k.startswith("final_"))
     eps = torch.finfo(lowp).eps
-    base = rel_err(y32, y64)
-    assert rel_err(y, yr) <= 1.5 * eps + 20 * base + 2e-6
-    for k in final:
-        assert rel_err(final[k], f64[k]) <= 20 * rel_err(f32[k], f64[k]) + 2e-6, k
-    for j, (g, gr, g64) in enumerate(zip(dx, dxr, dx64)):
+    base = rel_err(seq32["out0"], seq64["out0"])
+    assert rel_err(got["out0"], seqlp["out0"]) <= 1.5 * eps + 20 * base + 2e-6
+    for k in (k for k in got if k.startswith("final_")):
+        assert rel_err(got[k], seq64[k]) <= 20 * rel_err(seq32[k], seq64[k]) + 2e-6, k
+    for j, g in enumerate(dx):
         # each use of an input in a kernel rounds its gradient contribution once
-        assert rel_err(g, g64) <= 4 * eps + 20 * rel_err(gr.float(), g64) + 2e-6, f"dx{j}"
+        g64 = seq64[f"dx{j}"]
+        assert rel_err(g, g64) <= 4 * eps + 20 * rel_err(seqlp[f"dx{j}"].float(), g64) + 2e-6, f"dx{j}"
 
 
 # --- generated source -------------------------------------------------------------------------
