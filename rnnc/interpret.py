@@ -7,6 +7,8 @@ the node's per-sample shape.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -33,9 +35,19 @@ def concrete(shape, sizes: dict) -> tuple:
     for s in shape:
         if s.is_Integer:
             out.append(int(s))
+        elif s.is_Symbol:
+            out.append(int(sizes[s.name]))
         else:
-            out.append(int(s.subs({sym: sizes[sym.name] for sym in s.free_symbols})))
+            out.append(_substituted(s, tuple(sorted((sym.name, sizes[sym.name])
+                                                    for sym in s.free_symbols))))
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _substituted(expr, values: tuple) -> int:
+    # sympy's subs costs ~0.1 ms; the block solver asks for the same shapes in every block
+    given = dict(values)
+    return int(expr.subs({sym: given[sym.name] for sym in expr.free_symbols}))
 
 
 def _select(node: ir.Select):

@@ -306,6 +306,26 @@ def test_dims_as_products():
     torch.testing.assert_close(m(x), x @ m.W.detach().to(F64).T, **TOL)
 
 
+def test_product_dims_resolve_per_size_set():
+    # concrete() caches substituted products; the cache must key on the sizes themselves
+    import sympy
+
+    from rnnc.interpret import concrete
+    from rnnc.ir import dim_symbol
+    H, D = (dim_symbol(n) for n in ("H", "D"))
+    three = sympy.Integer(3)
+    assert concrete((2 * H, D, three), {"H": 3, "D": 5}) == (6, 5, 3)
+    assert concrete((2 * H, D, three), {"H": 4, "D": 1}) == (8, 1, 3)
+    assert concrete((H * D,), {"H": 4, "D": 7}) == (28,)
+    m = rnnc.compile(spec("""
+        rnn f(x[D]) -> y[4*H] {
+            param W[4*H, D]
+            y = W @ x
+        }
+    """), H=3, D=2)
+    assert tuple(m(seq(B, T, 2)).shape) == (B, T, 12)
+
+
 def test_product_dim_is_solved_from_an_input():
     m, y = run("""
         rnn f(x[2*H], g[H]) -> y[2*H] {
