@@ -160,9 +160,10 @@ def _linear_scan_nograd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor):
         # about as much as the steps at S=[256]).
         a_t = a[:, :main].unflatten(1, (n, sub)).unbind(2)        # sub x [B, n, *S]
         b_t = b[:, :main].unflatten(1, (n, sub)).unbind(2)
-        h = b_t[0].to(dtype, copy=True)
-        P = a_t[0].to(dtype, copy=True)
-        for t in range(1, sub):
+        # the first step from the zero state is b_t[0] itself: start at the second (no copies)
+        h = torch.addcmul(b_t[1], a_t[1], b_t[0]).to(dtype)
+        P = torch.mul(a_t[0], a_t[1]).to(dtype)
+        for t in range(2, sub):
             torch.addcmul(b_t[t], a_t[t], h, out=h)
             P.mul_(a_t[t])
         inc = out.new_empty(B, n + 1, *S)                         # inc[:, j]: into sub-chunk j
