@@ -81,6 +81,7 @@ DEFAULT_CHUNK = 64         # the chunk when nothing is tuned (RNNC_TRITON_TUNE=0
 WARPS = 4                  # num_warps when nothing is tuned
 MAX_K = 256                # key channels one program holds
 MAX_BV = 64                # value channels per program (the grid's other axis)
+SPLIT_K = 64               # key channels per program where the tuner tries splitting K
 GRID_Y = 65535             # the most chunks a two-level launch takes (CUDA's grid y limit)
 STAGE_BYTES = 112 * 1024   # shared memory the state passes' prefetched chunks may take (below)
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, by sm
@@ -125,8 +126,8 @@ def source(sigs: tuple | None = None) -> str:
     if "u" in names:
         epilogue.append(f"acc += tl.sum(_tile_u({args['u']}b, h, H, K, ti, L, offs_k, mk, SUB), 1)"
                         f"[:, None] * _tile_x({args['x']}b, h, H, V, ti, L, offs_v, mv, SUB)")
-    if "e" in names:
-        epilogue.append(f"acc += _tile_e({args['e']}b, h, H, V, ti, L, offs_v, mv, SUB)")
+    if "e" in names:   # once, not once per key block (me)
+        epilogue.append(f"acc += _tile_e({args['e']}b, h, H, V, ti, L, offs_v, me, SUB)")
     extras = "".join(args[n] for n in names[4:])
     return gates.module_source(_TEMPLATE.read_text(), names, plain, SUB=str(SUB),
                                EXTRAS=extras, EPILOGUE=epilogue)
@@ -147,12 +148,22 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def geometry(K: int, V: int) -> tuple:
-    """(BK, BV): the key tile (all K channels, tl.dot needs >= 16) and the value block, so
-    that the state tile BK x BV stays at most 4096 values."""
-    BK = max(16, _pow2(K))
+def geometry(K: int, V: int, block_k: int = 0) -> tuple:
+    """(BK, BV): the key tile (all K channels, or block_k of them where the key axis is
+    split; tl.dot needs >= 16) and the value block, so that the state tile BK x BV stays at
+    most 4096 values."""
+    BK = max(16, _pow2(block_k or K))
     BV = max(16, min(_pow2(V), MAX_BV, 4096 // BK))
     return BK, BV
+
+
+def key_blocks(K: int) -> tuple:
+    """The key splits the tuner tries besides all K: BK = SPLIT_K where K is larger. At
+    K = V = 128 (issue 6's size) a program holding all K spills 0.5-3.5 KB of registers per
+    thread in the sm_90 cubins (compile_for(report=True)); one holding 64 key channels has
+    half the state and operand tiles, at the price of NK partial sums of the outputs and dv
+    (written, then added up) and of loading q, k and v's tiles once per key block."""
+    return (SPLIT_K,) if _pow2(K) > SPLIT_K else ()
 
 
 def configs(K: int, V: int, L: int, chunk: int | None = None, backward: bool = False,
@@ -168,21 +179,23 @@ def configs(K: int, V: int, L: int, chunk: int | None = None, backward: bool = F
     intra-chunk tiles, not the state tile, set their registers, and the grid of chunks, not
     the width of a program, gives them their parallelism. No split forward without q (the
     walk then only carries the state: it is the first level already), and none with more
-    than GRID_Y chunks (the grid's second axis)."""
-    BK, top = geometry(K, V)
+    than GRID_Y chunks (the grid's second axis). Where K is large (key_blocks) the same list
+    again with the key axis split."""
     if chunk is None:
         chunks = [c for c in tune.CHUNKS if c in CHUNKS and c <= max(SUB, tune.bucket(L))]
     else:
         chunks = [chunk]
     walk, split = [], []
-    for c in chunks:
-        bv = top
-        while bv >= 16:
-            ws = tune.warps_for(BK * bv * (2 if backward else 1))
-            walk += [tune.Config(c, bv, w) for w in ws]
-            if ws and (backward or has_q) and -(-L // c) <= GRID_Y:
-                split.append(tune.Config(c, bv, min(2 * max(ws), max(tune.WARPS)), True))
-            bv //= 2
+    for bk in (0,) + key_blocks(K):
+        BK, top = geometry(K, V, bk)
+        for c in chunks:
+            bv = top
+            while bv >= 16:
+                ws = tune.warps_for(BK * bv * (2 if backward else 1))
+                walk += [tune.Config(c, bv, w, False, bk) for w in ws]
+                if ws and (backward or has_q) and -(-L // c) <= GRID_Y:
+                    split.append(tune.Config(c, bv, min(2 * max(ws), max(tune.WARPS)), True, bk))
+                bv //= 2
     return walk + split
 
 
@@ -258,7 +271,8 @@ def _check(q, k, v, log_decay, S0, chunk):
 
 def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
                            chunk: int | str | None = None, precision: str | None = None,
-                           split: bool | None = None, extra=None, bonus=None):
+                           split: bool | None = None, extra=None, bonus=None,
+                           block_k: int | None = None):
     """Linear attention with diagonal decay over a block of any length L, in Triton.
 
     q: [B, L, H, K] or None; k: [B, L, H, K]; v: [B, L, H, V];
@@ -273,6 +287,9 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     split: None lets the tuner choose between the walk and the two-level kernels (the walk
     where nothing is timed); True or False forces one of them, forward and backward (a tuned
     chunk is then chosen among that kind's configs).
+    block_k: None lets the tuner choose between one program holding all K key channels and a
+    split of the key axis into blocks of SPLIT_K (where K is larger; all K where nothing is
+    timed); 0 forces all K, a power of two from 16 up forces that split.
     extra: [B, L, H, V] (a tensor or a Stream) or None: added to o as the kernels write it
     (a term of the spec's output beside the readout, computed in the kernels); needs q.
     bonus: (u [B, L, H, K], x [B, L, H, V]) or None: o_t += (sum_i u_t,i) x_t, a term of the
@@ -298,8 +315,10 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     if precision not in ("ieee", "tf32"):
         raise RnncError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
     has_q = q is not None
+    if block_k is not None and (block_k < 0 or (block_k and (block_k < 16 or block_k & (block_k - 1)))):
+        raise RnncError(f"block_k must be 0 (all K) or a power of two >= 16, got {block_k}")
     cfg = (bool(include_current), None if chunk is None else int(chunk), precision, has_q,
-           None if split is None else bool(split))
+           None if split is None else bool(split), None if block_k is None else int(block_k))
     streams = (q if has_q else k, k, v, g, *(s for _, s in extras))
     meta, leaves = gates.pack(streams, _used(has_q, len(streams)))
     o, S_last = _ChunkLA.apply(cfg, (meta, tuple(n for n, _ in extras)), S0, *leaves)
@@ -334,9 +353,10 @@ class _Ops:
 
 
 def _launch_dims(ops: _Ops, c: tune.Config):
+    """B, L, H, K, V, BK, NK (key blocks), NV (value blocks), NC (chunks), scalar."""
     B, L, H, K, V = ops.dims
-    BK = geometry(K, V)[0]
-    return B, L, H, K, V, BK, -(-V // c.block_v), -(-L // c.chunk), ops.scalar
+    BK = geometry(K, V, c.block_k)[0]
+    return B, L, H, K, V, BK, -(-K // BK), -(-V // c.block_v), -(-L // c.chunk), ops.scalar
 
 
 def _key(family, ops: _Ops, dtypes, *flags):
@@ -352,10 +372,11 @@ def _stores(c: tune.Config, has_q, store) -> bool:
 
 
 def _forward_buffers(c: tune.Config, ops: _Ops, has_q, store):
-    """(o, S_last, states) for config c: the stored states are per chunk of c."""
-    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(ops, c)
+    """(o, S_last, states) for config c: o [NK, B, L, H, V], one partial sum per key block
+    (_summed); the stored states are per chunk of c."""
+    B, L, H, K, V, BK, NK, NV, NC, scalar = _launch_dims(ops, c)
     f32 = dict(dtype=torch.float32, device=ops.device)
-    return (torch.empty(B, L, H, V, **f32) if has_q else torch.empty(0, **f32),
+    return (torch.empty(NK, B, L, H, V, **f32) if has_q else torch.empty(0, **f32),
             torch.empty(B, H, K, V, **f32),
             torch.empty(B, H, NC, K, V, **f32) if _stores(c, has_q, store)
             else torch.empty(1, **f32))
@@ -364,32 +385,34 @@ def _forward_buffers(c: tune.Config, ops: _Ops, has_q, store):
 def _forward(c: tune.Config, cfg, ops: _Ops, S0, store, out):
     """Launch the forward with config c into out = (o, S_last, states): chunk_fwd (the walk),
     or chunk_states then (with q) chunk_out (two levels)."""
-    include, _, prec, has_q, _ = cfg
-    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(ops, c)
+    include, _, prec, has_q, *_ = cfg
+    B, L, H, K, V, BK, NK, NV, NC, scalar = _launch_dims(ops, c)
     o, S_last, states = out
     ker = kernels(ops.sigs)
     if c.split:
-        ker.chunk_states[(NV, B * H)](
+        ker.chunk_states[(NK * NV, B * H)](
             *ops.leaves, S0, S_last, states, L, H, K, V, NC, C=c.chunk, BK=BK, BV=c.block_v,
             SCALAR=scalar, STORE=_stores(c, has_q, store), PREC=prec, num_warps=c.warps,
             num_stages=stages(c.chunk, BK, c.block_v, scalar))
         if has_q:
-            ker.chunk_out[(NV, NC, B * H)](
+            ker.chunk_out[(NK * NV, NC, B * H)](
                 *ops.leaves, o, states, L, H, K, V, NC, C=c.chunk, BK=BK, BV=c.block_v,
                 DELTA=0 if include else 1, SCALAR=scalar, PREC=prec, num_warps=c.warps)
         return
-    ker.chunk_fwd[(NV, B * H)](
+    ker.chunk_fwd[(NK * NV, B * H)](
         *ops.leaves, S0, o if has_q else S_last, S_last, states, L, H, K, V, NC,
         C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
         STORE=store, PREC=prec, num_warps=c.warps, num_stages=walk_stages(c.chunk, BK, scalar))
 
 
 def _backward_buffers(c: tune.Config, ops: _Ops, has_q):
-    """(dq, dk, dv, dS0, dstates); dstates (dL/dS at the end of every chunk) for two levels."""
-    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(ops, c)
+    """(dq, dk, dv, dS0, dstates): dq, dk [NV, B, L, H, K] and dv [NK, B, L, H, V], one share
+    per value or key block (_summed); dstates (dL/dS at the end of every chunk) for two
+    levels."""
+    B, L, H, K, V, BK, NK, NV, NC, scalar = _launch_dims(ops, c)
     f32 = dict(dtype=torch.float32, device=ops.device)
     dq = torch.zeros(NV, B, L, H, K, **f32) if has_q else torch.empty(1, **f32)
-    return (dq, torch.empty(NV, B, L, H, K, **f32), torch.empty(B, L, H, V, **f32),
+    return (dq, torch.empty(NV, B, L, H, K, **f32), torch.empty(NK, B, L, H, V, **f32),
             torch.empty(B, H, K, V, **f32),
             torch.empty(B, H, NC, K, V, **f32) if c.split else torch.empty(1, **f32))
 
@@ -397,30 +420,37 @@ def _backward_buffers(c: tune.Config, ops: _Ops, has_q):
 def _backward(c: tune.Config, cfg, ops: _Ops, do, dS_last, states, out):
     """Launch the backward with config c (its chunk: the forward's) into out = (dq, dk, dv,
     dS0, dstates): chunk_bwd (the walk), or chunk_dstates then chunk_dqkv (two levels)."""
-    include, _, prec, has_q, _ = cfg
-    B, L, H, K, V, BK, NV, NC, scalar = _launch_dims(ops, c)
+    include, _, prec, has_q, *_ = cfg
+    B, L, H, K, V, BK, NK, NV, NC, scalar = _launch_dims(ops, c)
     dq, dk, dv, dS0, dstates = out
     ker = kernels(ops.sigs)
     if c.split:
         flags = dict(C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar,
                      HAS_Q=has_q, PREC=prec, num_warps=c.warps)
-        ker.chunk_dstates[(NV, B * H)](*ops.leaves, do, dS_last, dstates, dS0, L, H, K, V, NC,
+        ker.chunk_dstates[(NK * NV, B * H)](*ops.leaves, do, dS_last, dstates, dS0, L, H, K, V, NC,
                                         **flags, num_stages=stages(c.chunk, BK, c.block_v, scalar))
-        ker.chunk_dqkv[(NV, NC, B * H)](*ops.leaves, do, states, dstates, dq, dk, dv,
+        ker.chunk_dqkv[(NK * NV, NC, B * H)](*ops.leaves, do, states, dstates, dq, dk, dv,
                                          L, H, K, V, NC, **flags)
         return
-    ker.chunk_bwd[(NV, B * H)](
+    ker.chunk_bwd[(NK * NV, B * H)](
         *ops.leaves, do, dS_last, states, dq, dk, dv, dS0, L, H, K, V, NC,
         C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar, HAS_Q=has_q,
         PREC=prec, num_warps=c.warps, num_stages=walk_stages(c.chunk, BK, scalar))
 
 
-def _only(cands: list, split: bool | None) -> list:
-    """The configs of one kind (split True or False), made so where the list has none; all of
-    them for None."""
-    if split is None:
-        return cands
-    return [c for c in cands if c.split == split] or [c._replace(split=split) for c in cands]
+def _only(cands: list, split: bool | None, block_k: int | None = None) -> list:
+    """The configs of one kind (split True or False) and key block (block_k; 0: all K), made
+    so where the list has none; all of them for None."""
+    for field, want in (("split", split), ("block_k", block_k)):
+        if want is not None:
+            cands = [c for c in cands if getattr(c, field) == want] or \
+                [c._replace(**{field: want}) for c in cands]
+    return cands
+
+
+def _summed(parts: torch.Tensor) -> torch.Tensor:
+    """[N, ...] partial sums (per key or value block) -> [...]: the one share as it is."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
 def _extra_grads(ops: _Ops, do) -> list:
@@ -442,31 +472,33 @@ def _extra_grads(ops: _Ops, do) -> list:
 
 class _ChunkLA(torch.autograd.Function):
     """(cfg, meta, S0, *leaves) -> (o, S_last); cfg = (include_current, chunk (None: tuned),
-    precision, has_q, split (None: either)); meta: ((code, kinds, shape) of the q, k, v, g
+    precision, has_q, split (None: either), block_k (None: either)); meta: ((code, kinds, shape) of the q, k, v, g
     streams and then of the extras, the extras' names (EXTRAS)); their leaves follow in that
     order (without q's when has_q is False: q then stands for k, and o is an empty tensor)."""
 
     @staticmethod
     def forward(ctx, cfg, meta, S0, *leaves):
-        include, chunk, prec, has_q, split = cfg
+        include, chunk, prec, has_q, split, block_k = cfg
         dtypes = [t.dtype for t in leaves]
         S0 = S0.contiguous()
         ops = _Ops(meta, [t.contiguous() for t in leaves], has_q)
         store = any(ctx.needs_input_grad)
         L, K, V = ops.dims[1], ops.dims[3], ops.dims[4]
         if chunk is None:
-            key = _key("chunk_la.fwd", ops, dtypes, include, has_q, store, prec, split)
+            key = _key("chunk_la.fwd", ops, dtypes, include, has_q, store, prec, split, block_k)
 
-            def bench(c):
+            def bench(c):   # the launches and the sum of the key blocks' outputs
                 out = _forward_buffers(c, ops, has_q, store)
-                return lambda: _forward(c, cfg, ops, S0, store, out)
+                return lambda: (_forward(c, cfg, ops, S0, store, out), has_q and _summed(out[0]))
             cands = configs(K, V, L, has_q=has_q or bool(split))
-            c = tune.choose(key, _only(cands, split), _only([default_config(K, V)], split)[0],
-                            bench, ops.device)
+            c = tune.choose(key, _only(cands, split, block_k),
+                            _only([default_config(K, V)], split, block_k)[0], bench, ops.device)
         else:
-            c = _only([default_config(K, V, chunk)], split)[0]
+            c = _only([default_config(K, V, chunk)], split, block_k)[0]
         o, S_last, states = out = _forward_buffers(c, ops, has_q, store)
         _forward(c, cfg, ops, S0, store, out)
+        if has_q:
+            o = _summed(o)
         ctx.cfg, ctx.meta, ctx.chunk, ctx.dtypes, ctx.s0_dtype = cfg, meta, c.chunk, dtypes, S0.dtype
         if store:   # S_last for d log_decay with q, S0 without
             ctx.save_for_backward(states, S_last if has_q else S0, *leaves)
@@ -476,7 +508,7 @@ class _ChunkLA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS_last):
-        include, tuned, prec, has_q, split = ctx.cfg
+        include, tuned, prec, has_q, split, block_k = ctx.cfg
         tuned = tuned is None
         states, S_end, *leaves = ctx.saved_tensors
         ops = _Ops(ctx.meta, [t.contiguous() for t in leaves], has_q)
@@ -491,19 +523,21 @@ class _ChunkLA(torch.autograd.Function):
             do = dS_last   # never read
         dS_last = dS_last.contiguous()
         # the chunk is the forward's: `states` holds the state entering each of its chunks
-        c = _only([default_config(K, V, ctx.chunk)], split)[0]
+        c = _only([default_config(K, V, ctx.chunk)], split, block_k)[0]
         if tuned:
-            key = _key("chunk_la.bwd", ops, ctx.dtypes, ctx.chunk, include, has_q, prec, split)
+            key = _key("chunk_la.bwd", ops, ctx.dtypes, ctx.chunk, include, has_q, prec, split,
+                       block_k)
 
-            def bench(c):
+            def bench(c):   # the launches and the sum of the key blocks' dv
                 out = _backward_buffers(c, ops, has_q)
-                return lambda: _backward(c, ctx.cfg, ops, do, dS_last, states, out)
-            cands = _only(configs(K, V, L, ctx.chunk, backward=True), split)
+                return lambda: (_backward(c, ctx.cfg, ops, do, dS_last, states, out),
+                                _summed(out[2]))
+            cands = _only(configs(K, V, L, ctx.chunk, backward=True), split, block_k)
             c = tune.choose(key, cands, c, bench, ops.device)
         dq, dk, dv, dS0, _ = out = _backward_buffers(c, ops, has_q)
         _backward(c, ctx.cfg, ops, do, dS_last, states, out)
-        dq = dq.sum(0) if has_q else None
-        dk = dk.sum(0)
+        dq = _summed(dq) if has_q else None
+        dk, dv = _summed(dk), _summed(dv)
         # [B, H, K]: the pairs through S_last (with q) or from S0 (without), see chunk_dg
         sl = (dS_last.float() * S_end if has_q else dS0 * S_end.float()).sum(-1).contiguous()
         dg = torch.empty(B, L, H, 1 if ops.scalar else K, **f32)
@@ -519,7 +553,7 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
                 include_current: bool = True, has_q: bool = True, precision: str = "tf32",
                 arch: int = 90, block_v: int | None = None, warps: int = WARPS,
                 names=KERNELS, report: bool = False, sigs: tuple | None = None,
-                dtype: str = "fp32") -> dict:
+                dtype: str = "fp32", block_k: int = 0) -> dict:
     """Compile the kernels (the walk's chunk_fwd and chunk_bwd, the two levels' chunk_states,
     chunk_out, chunk_dstates and chunk_dqkv, and chunk_dg) for an NVIDIA target without a GPU
     (Triton runs its whole pipeline down to a cubin on the CPU), with the launch options the
@@ -531,14 +565,15 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
     bytes (spills) from the cubin, through the cuobjdump that Triton bundles (None where it
     is missing). sigs: the operands' stream signatures (default: materialised operands, the
     decay per head with scalar); scalar must agree with them. dtype: the leaves' element type
-    ("fp32", "bf16" or "fp16"; everything else is float32). Run it without TRITON_INTERPRET
+    ("fp32", "bf16" or "fp16"; everything else is float32). block_k: the key channels per
+    program (0: all K; chunk_dg always takes all K). Run it without TRITON_INTERPRET
     (interpreted kernels do not compile)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     if _interpreting():
         raise RnncError("compile_for needs a process without TRITON_INTERPRET")
-    BK, BV = geometry(K, V)
+    BK, BV = geometry(K, V, block_k)
     BV = block_v or BV
     const = dict(C=chunk, BK=BK, BV=BV, DELTA=0 if include_current else 1, SCALAR=scalar,
                  HAS_Q=has_q, STORE=True, PREC=precision)
@@ -549,8 +584,8 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
     out = {}
     for name in names:
         fn = getattr(ker, name)
-        c = {a: (SUB if a == "C" and name == "chunk_dg" else const[a])
-             for a in fn.arg_names if a in const}
+        dg = {"C": SUB, "BK": geometry(K, V)[0]} if name == "chunk_dg" else {}
+        c = {a: dg.get(a, const[a]) for a in fn.arg_names if a in const}
         sig = {a: "constexpr" if a in c else "i32" if a in ints else
                f"*{dtype}" if a in leaves else "*fp32" for a in fn.arg_names}
         opts = dict(num_warps=WARPS if name == "chunk_dg" else warps)

@@ -50,6 +50,7 @@ class Config(NamedTuple):
     block_v: int    # value channels per program (BV)
     warps: int      # num_warps
     split: bool = False  # two-level kernels (a chunk-state pass, then every chunk in parallel)
+    block_k: int = 0     # key channels per program (BK) where the key axis is split; 0: all K
 
 
 # The timer: (key, config, run) -> seconds (any consistent unit), where run() launches the

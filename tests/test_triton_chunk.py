@@ -109,6 +109,23 @@ def test_several_sub_chunks_per_chunk(per_channel, include, chunk):
     check(make(1, 40, 2, 12, 20, per_channel, seed=2), include, chunk)
 
 
+@pytest.mark.parametrize("per_channel,include,split,has_q", [
+    (True, True, False, True), (True, False, True, True), (False, True, True, True),
+    (False, False, False, True), (True, True, True, False), (False, True, False, False)])
+def test_key_split_matches_scan_reference(monkeypatch, per_channel, include, split, has_q):
+    """The key axis split over programs (block_k=16 of K = 40: three key blocks, the last
+    one masked), in the walk and the two levels: the outputs and dv are partial sums per
+    key block, added up; the states and every gradient as without the split."""
+    parts = []
+    real = tc._summed
+    monkeypatch.setattr(tc, "_summed", lambda p: parts.append(p.shape[0]) or real(p))
+    fn = lambda *a, **k: tc.chunk_linear_attention(*a, **k, split=split, block_k=16)  # noqa: E731
+    ins = make(2, 37, 2, 40, 20, per_channel, seed=5)
+    check(ins, include, 16, has_q, ours=run(fn, ins, torch.float32, include, 16, has_q))
+    # the outputs (with q) and dv were split in three; dq and dk per value block, in two
+    assert parts == ([3] if has_q else []) + ([2, 2, 3] if has_q else [2, 3])
+
+
 def _extreme(shape, gen):
     """Log-decays of -30 and -1e-6 per step, about one in ten exactly -inf (a decay of 0)."""
     u = torch.rand(*shape, generator=gen, dtype=F64)

@@ -202,8 +202,18 @@ def test_candidates():
         assert c.warps == min(8, 2 * max(w.warps for w in walk if w[:2] == c[:2]))
     assert [c.warps for c in split if c.chunk == 64] == [8, 8, 4]   # BV 64, 32, 16
     bwd = tc.configs(64, 64, 4096, 64, backward=True)
-    assert len(bwd) == 8 and [c[1:] for c in bwd if c.split] == [(64, 8, True), (32, 8, True),
-                                                                  (16, 8, True)]
+    assert len(bwd) == 8 and [c[1:4] for c in bwd if c.split] == [(64, 8, True), (32, 8, True),
+                                                                    (16, 8, True)]
+    # no key split at K = 64; at K = 128 the same kinds again with 64 key channels a program,
+    # whose smaller state tile gets more value channels and fewer warps
+    assert {c.block_k for c in fwd + bwd} == {0}
+    big = tc.configs(128, 128, 4096)
+    whole, halves = [c for c in big if not c.block_k], [c for c in big if c.block_k]
+    assert {c.block_k for c in halves} == {tc.SPLIT_K} and whole and halves
+    assert {c.split for c in whole} == {c.split for c in halves} == {False, True}
+    assert max(c.block_v for c in halves) == 64 and max(c.block_v for c in whole) == 32
+    assert tc.key_blocks(200) == (64,) and tc.key_blocks(64) == tc.key_blocks(12) == ()
+    assert not tc.default_config(128, 128).block_k
     assert not any(c.split for c in tc.configs(64, 64, 4096, has_q=False))
     assert any(c.split for c in tc.configs(64, 64, 4096, 64, backward=True, has_q=False))
     assert not tc.default_config(64, 64).split and not tc.default_config(32, 32, 16).split

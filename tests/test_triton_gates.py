@@ -461,14 +461,16 @@ def test_readout_epilogue_falls_back_exactly():
     assert torch.isnan(got[1, 13:]).any() and torch.isnan(want[1, 13:]).any()
 
 
-@pytest.mark.parametrize("added,split,include", [("extra", False, True), ("bonus", True, False),
-                                                  ("both", False, False)])
-def test_extra_terms_against_adding_them_after(added, split, include):
+@pytest.mark.parametrize("added,split,include,block_k", [
+    ("extra", False, True, 0), ("bonus", True, False, 0), ("both", False, False, 0),
+    ("both", True, True, 16), ("both", False, False, 16)])
+def test_extra_terms_against_adding_them_after(added, split, include, block_k):
     """chunk_linear_attention(..., extra=e) is o + e, and bonus=(u, x) is o + (sum_i u_i) x,
     with their gradients, in both forward kinds (the walk and the two levels) and either
-    readout (the new or the old state); a wrong shape or no q is refused."""
+    readout (the new or the old state), also with the key axis split in two (e added once,
+    the bonus's sum over i split with it); a wrong shape or no q is refused."""
     g = torch.Generator().manual_seed(4)
-    B, L, H, K, V = 2, 21, 2, 16, 16
+    B, L, H, K, V = 2, 21, 2, 32 if block_k else 16, 16
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     base = [r(B, L, H, K), r(B, L, H, K), r(B, L, H, V), F.logsigmoid(r(B, L, H, K)),
             r(B, L, H, V), r(B, L, H, K), r(B, L, H, V), r(B, H, K, V)]
@@ -479,16 +481,18 @@ def test_extra_terms_against_adding_them_after(added, split, include):
         kw["extra"] = a[4]
     if added in ("bonus", "both"):
         kw["bonus"] = (a[5], a[6])
-    o, S = tc.chunk_linear_attention(*a[:4], a[7], include, chunk=16, split=split, **kw)
+    o, S = tc.chunk_linear_attention(*a[:4], a[7], include, chunk=16, split=split,
+                                     block_k=block_k, **kw)
     ga = torch.autograd.grad((o * w).sum() + S.sum(), a, allow_unused=True)
     b = [t.clone().requires_grad_() for t in base]
-    o2, S2 = tc.chunk_linear_attention(*b[:4], b[7], include, chunk=16, split=split)
+    o2, S2 = tc.chunk_linear_attention(*b[:4], b[7], include, chunk=16, split=split, block_k=0)
     if "extra" in kw:
         o2 = o2 + b[4]
     if "bonus" in kw:
         o2 = o2 + b[5].sum(-1, keepdim=True) * b[6]
     gb = torch.autograd.grad((o2 * w).sum() + S2.sum(), b, allow_unused=True)
-    assert torch.allclose(o, o2, atol=1e-5) and torch.equal(S, S2)
+    assert torch.allclose(o, o2, atol=1e-5)
+    assert torch.equal(S, S2) if not block_k else torch.allclose(S, S2, atol=1e-5)
     for x, y in zip(ga, gb):
         assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, atol=1e-5))
     with pytest.raises(rnnc.RnncError, match="extra must be"):
