@@ -217,12 +217,15 @@ def test_errors_are_clear():
 def test_compiles_for_gpu_without_one():
     """The three kernels compile down to an sm_90 cubin (Triton runs its whole pipeline on the
     CPU), in a process without the interpreter: per-key decay at chunk 32 (two sub-chunks,
-    tf32), one decay per head, state only, at chunk 16, and bf16 leaves (read as they are)."""
+    tf32), one decay per head, state only, at chunk 16, bf16 leaves (read as they are), and
+    the key axis split in two."""
     code = ("from rnnc.backends import triton_chunk as tc\n"
             "a = tc.compile_for(K=64, V=64, chunk=32)\n"
             "b = tc.compile_for(K=16, V=16, chunk=16, scalar=True, include_current=False,\n"
             "                   precision='ieee')\n"
             "c = tc.compile_for(K=16, V=16, chunk=16, dtype='bf16', names=('chunk_fwd',))\n"
-            "assert all(n > 0 for n in [*a.values(), *b.values(), *c.values()]), (a, b, c)\n"
+            "d = tc.compile_for(K=32, V=16, chunk=16, block_k=16,\n"
+            "                   names=('chunk_fwd', 'chunk_out', 'chunk_dqkv'))\n"
+            "assert all(n > 0 for n in [*a.values(), *b.values(), *c.values(), *d.values()])\n"
             "print('compiled')\n")
     compile_offline(code)
