@@ -79,7 +79,7 @@ SUB = 16                   # steps per sub-chunk: the tl.dot tile of the intra-c
 CHUNKS = (16, 32, 64, 128)
 DEFAULT_CHUNK = 64         # the chunk when nothing is tuned (RNNC_TRITON_TUNE=0, CPU)
 WARPS = 4                  # num_warps when nothing is tuned
-MAX_K = 256                # key channels one program holds
+MAX_K = 256                # key channels one program holds (beyond it the key axis is split)
 MAX_BV = 64                # value channels per program (the grid's other axis)
 SPLIT_K = 64               # key channels per program where the tuner tries splitting K
 GRID_Y = 65535             # the most chunks a two-level launch takes (CUDA's grid y limit)
@@ -166,6 +166,11 @@ def key_blocks(K: int) -> tuple:
     return (SPLIT_K,) if _pow2(K) > SPLIT_K else ()
 
 
+def _whole_k(K: int) -> tuple:
+    """(0,) where one program may hold all K key channels (at most MAX_K), else ()."""
+    return (0,) if _pow2(K) <= MAX_K else ()
+
+
 def configs(K: int, V: int, L: int, chunk: int | None = None, backward: bool = False,
             has_q: bool = True) -> list:
     """Candidate launch configs: chunks from triton_tune.CHUNKS up to L rounded up to a power
@@ -180,13 +185,13 @@ def configs(K: int, V: int, L: int, chunk: int | None = None, backward: bool = F
     the width of a program, gives them their parallelism. No split forward without q (the
     walk then only carries the state: it is the first level already), and none with more
     than GRID_Y chunks (the grid's second axis). Where K is large (key_blocks) the same list
-    again with the key axis split."""
+    again with the key axis split (only that beyond MAX_K)."""
     if chunk is None:
         chunks = [c for c in tune.CHUNKS if c in CHUNKS and c <= max(SUB, tune.bucket(L))]
     else:
         chunks = [chunk]
     walk, split = [], []
-    for bk in (0,) + key_blocks(K):
+    for bk in _whole_k(K) + key_blocks(K):
         BK, top = geometry(K, V, bk)
         for c in chunks:
             bv = top
@@ -227,7 +232,10 @@ def walk_stages(chunk: int, BK: int, scalar: bool) -> int:
 
 
 def default_config(K: int, V: int, chunk: int = DEFAULT_CHUNK) -> tune.Config:
-    return tune.Config(chunk, geometry(K, V)[1], WARPS)
+    """The untuned launch: the walk, all K key channels in one program (SPLIT_K beyond
+    MAX_K), geometry's value block, WARPS warps."""
+    bk = 0 if _whole_k(K) else SPLIT_K
+    return tune.Config(chunk, geometry(K, V, bk)[1], WARPS, False, bk)
 
 
 def _check(q, k, v, log_decay, S0, chunk):
@@ -252,9 +260,6 @@ def _check(q, k, v, log_decay, S0, chunk):
                         f"{(B, L, H, K)} (per key channel) or {(B, L, H, 1)} (per head)")
     if L < 1 or B < 1 or H < 1 or K < 1 or V < 1:
         raise RnncError(f"empty problem: B, L, H, K, V = {B, L, H, K, V}")
-    if K > MAX_K:
-        raise RnncError(f"the chunked Triton kernel holds all K = {K} key channels per "
-                        f"program (at most {MAX_K}); use the scan backend")
     ts = [x for s in (q, k, v, log_decay) if s is not None for x in s.leaves] + [S0]
     for t in ts:
         if t.dtype == torch.float64:
@@ -317,6 +322,9 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     has_q = q is not None
     if block_k is not None and (block_k < 0 or (block_k and (block_k < 16 or block_k & (block_k - 1)))):
         raise RnncError(f"block_k must be 0 (all K) or a power of two >= 16, got {block_k}")
+    if block_k == 0 and not _whole_k(k.shape[-1]):
+        raise RnncError(f"block_k=0 holds all K = {k.shape[-1]} key channels in one program "
+                        f"(at most {MAX_K}); leave block_k unset or split the keys")
     cfg = (bool(include_current), None if chunk is None else int(chunk), precision, has_q,
            None if split is None else bool(split), None if block_k is None else int(block_k))
     streams = (q if has_q else k, k, v, g, *(s for _, s in extras))

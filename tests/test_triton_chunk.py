@@ -126,6 +126,26 @@ def test_key_split_matches_scan_reference(monkeypatch, per_channel, include, spl
     assert parts == ([3] if has_q else []) + ([2, 2, 3] if has_q else [2, 3])
 
 
+def test_keys_beyond_one_program_are_split(monkeypatch):
+    """K past MAX_K: the default launch splits the keys (here K = 40 > MAX_K = 32: three
+    blocks of 16), where it used to refuse; holding all K (block_k=0) is refused by name."""
+    monkeypatch.setattr(tc, "MAX_K", 32)
+    monkeypatch.setattr(tc, "SPLIT_K", 16)
+    assert tc.default_config(40, 20).block_k == 16 and tc.default_config(32, 20).block_k == 0
+    assert {c.block_k for c in tc.configs(40, 20, 64)} == {16}
+    parts = []
+    real = tc._summed
+    monkeypatch.setattr(tc, "_summed", lambda p: parts.append(p.shape[0]) or real(p))
+    ins = make(1, 21, 1, 40, 20, True, seed=6)
+    check(ins, True)
+    assert parts[0] == 3
+    with pytest.raises(rnnc.RnncError, match="block_k=0 holds all K = 40"):
+        tc.chunk_linear_attention(*[x.float() for x in ins], chunk=16, block_k=0)
+    for bad in (24, 8, -16):
+        with pytest.raises(rnnc.RnncError, match="block_k must be 0 .all K. or a power of two"):
+            tc.chunk_linear_attention(*[x.float() for x in ins], chunk=16, block_k=bad)
+
+
 def _extreme(shape, gen):
     """Log-decays of -30 and -1e-6 per step, about one in ten exactly -inf (a decay of 0)."""
     u = torch.rand(*shape, generator=gen, dtype=F64)
