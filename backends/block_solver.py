@@ -522,20 +522,16 @@ class BlockSolver:
             self._fill_lazy(env)
         f, lay = self.facts[name], self.layout[name]
         labels = lay.labels
-        key_label = labels[lay.key]
         H, Kd, V = lay.sizes(shape)
         S0 = carry[name]
         ref = S0
 
         def kern(x):  # [B*L or 1, *state shape] -> [B, L, H, K, V]
             return lay.to_kernel(x, shape, B, L)
-        # Input p ⊗ v: the factors carrying the key axis form p, the others v.
+        # Input p ⊗ v: the factors carrying the key axis form p, the others v (Layout.p, .v).
         if lay.input is not None:
-            t = lay.input
-            kf = tuple(fc for fc in t.factors if key_label in fc.labels)
-            vf = tuple(fc for fc in t.factors if key_label not in fc.labels)
-            p = kern(eval_terms([Term(t.scale, kf, None, labels)], env, labels))[..., 0]
-            v = kern(eval_terms([Term(1.0, vf, None, labels)], env, labels))[..., 0, :] if vf else \
+            p = kern(eval_terms([lay.p], env, labels))[..., 0]
+            v = kern(eval_terms([lay.v], env, labels))[..., 0, :] if lay.v.factors else \
                 ref.new_ones(B, L, H, V)
             p = p.expand(B, L, H, Kd)
             v = v.expand(B, L, H, V)

@@ -581,6 +581,40 @@ def test_decay_over_one_of_two_head_axes():
     torch.testing.assert_close(fa["S"], fr["S"], rtol=1e-10, atol=1e-10)
 
 
+UNEQUAL_WRITES = """rnn f(q[H,K], k[H,K], v[H,V], a[H], b[H], c[H]) -> o[H,V] {
+    state S[H,K,V] = 0
+    u[h,j] = sum[i](k[h,i] * S[h,i,j])
+    S[h,i,j] = a[h] * (S[h,i,j] - b[h] * k[h,i] * u[h,j]) + c[h] * k[h,i] * v[h,j]
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}
+"""
+
+
+@pytest.mark.parametrize("src,same", [(UNEQUAL_WRITES, False),
+                                      (UNEQUAL_WRITES.replace("+ c[h] * k", "+ b[h] * k"), True)],
+                         ids=["erase_b-write_c", "erase_b-write_b"])
+def test_delta_rule_write_strengths(src, same, monkeypatch):
+    """The erase strength b and the write strength c over the heads: the same gate makes
+    w = p one tensor (the kernels' shorter path), different ones keep them apart; both agree
+    with the sequential backend, gradients included."""
+    seen = []
+    kernels = rnnc.backends.scan_kernels
+    real = kernels.chunk_delta_rule
+    monkeypatch.setattr(kernels, "chunk_delta_rule",
+                        lambda q, r, w, p, *a, **k: seen.append(w is p) or real(q, r, w, p, *a, **k))
+    dims = dict(H=2, K=4, V=3)
+    scan = rnnc.compile(src, backend="scan", chunk_size=4, **dims).double()
+    seq = rnnc.compile(src, backend="sequential", **dims).double()
+    assert scan.analysis.plan == "chunked_delta"
+    g = torch.Generator().manual_seed(8)
+    r = lambda *s: torch.randn(2, 11, *s, generator=g, dtype=F64)  # noqa: E731
+    k = torch.nn.functional.normalize(r(2, 4), dim=-1)
+    xs = [r(2, 4), k, r(2, 3), torch.sigmoid(r(2)), torch.sigmoid(r(2)), torch.sigmoid(r(2))]
+    init = {"S": torch.randn(2, 2, 4, 3, generator=g, dtype=F64)}
+    compare_grads(scan, seq, xs, init)
+    assert seen and set(seen) == {same}
+
+
 def test_chunked_plan_with_negative_decays_is_exact():
     """A decay that can be negative still gets the chunked plan; blocks where it is negative
     are solved exactly by materialising the state, never with an error or a wrong answer."""

@@ -238,14 +238,16 @@ GATED_DELTA = """rnn gdelta(q[H,K], k[H,K], v[H,V], a[H], b[H]) -> o[H,V] {
 
 def test_delta_rule_gates_run_in_the_kernels():
     """The delta rule's decay and write strength are computed in its kernels: the solver plans
-    streams for r, w (sigmoid(b) k; the normal form puts the write's sigmoid(b) into v), p,
-    v and the log-decay, and leaves the gate nodes lazy."""
+    streams for r, p (sigmoid(b) k, which is w too: the write strength over the heads goes
+    with p, so the kernels take their w = p path), v and the log-decay, and leaves the gate
+    nodes lazy."""
     _, tri = _pair(GATED_DELTA, DIMS)
     solver = tri._runner.solver
     plans = solver.streams["S"]
-    assert {"k", "v", "r", "w", "g"} <= set(plans)
-    for op in ("w", "v"):
-        assert Op.SIGMOID in {ins[1] for ins in plans[op].code if ins[0] == "op"}, op
+    assert {"k", "v", "r", "g"} <= set(plans) and "w" not in plans
+    assert solver.layout["S"].delta.same
+    assert Op.SIGMOID in {ins[1] for ins in plans["k"].code if ins[0] == "op"}
+    assert Op.SIGMOID not in {ins[1] for ins in plans["v"].code if ins[0] == "op"}
     g_ops = {ins[1] for ins in plans["g"].code if ins[0] == "op"}
     assert {Op.SOFTPLUS, Op.EXP, Op.ADD} <= g_ops
     rec = tri.recurrence
