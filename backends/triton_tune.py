@@ -1,6 +1,7 @@
 """A small autotuner for the Triton chunk kernels (`triton_chunk`, `triton_delta`).
 
-What it chooses: a `Config` (chunk length, value block BV, num_warps) for one kernel launch.
+What it chooses: a `Config` (chunk length, value block BV, num_warps, the walk or two levels,
+the key block BK of the linear-attention kernels) for one kernel launch.
 The chunk length changes the shapes of buffers the Python side allocates (the per-chunk
 states that training stores), which is why this is not `triton.autotune`: its configs can only
 change a kernel's meta-parameters, and it needs a GPU driver to benchmark. Every candidate
