@@ -320,7 +320,7 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     if precision not in ("ieee", "tf32"):
         raise RnncError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
     has_q = q is not None
-    if block_k is not None and (block_k < 0 or (block_k and (block_k < 16 or block_k & (block_k - 1)))):
+    if block_k is not None and block_k != 0 and (block_k < 16 or block_k & (block_k - 1)):
         raise RnncError(f"block_k must be 0 (all K) or a power of two >= 16, got {block_k}")
     if block_k == 0 and not _whole_k(k.shape[-1]):
         raise RnncError(f"block_k=0 holds all K = {k.shape[-1]} key channels in one program "
@@ -435,10 +435,11 @@ def _backward(c: tune.Config, cfg, ops: _Ops, do, dS_last, states, out):
     if c.split:
         flags = dict(C=c.chunk, BK=BK, BV=c.block_v, DELTA=0 if include else 1, SCALAR=scalar,
                      HAS_Q=has_q, PREC=prec, num_warps=c.warps)
-        ker.chunk_dstates[(NK * NV, B * H)](*ops.leaves, do, dS_last, dstates, dS0, L, H, K, V, NC,
-                                        **flags, num_stages=stages(c.chunk, BK, c.block_v, scalar))
+        ker.chunk_dstates[(NK * NV, B * H)](
+            *ops.leaves, do, dS_last, dstates, dS0, L, H, K, V, NC, **flags,
+            num_stages=stages(c.chunk, BK, c.block_v, scalar))
         ker.chunk_dqkv[(NK * NV, NC, B * H)](*ops.leaves, do, states, dstates, dq, dk, dv,
-                                         L, H, K, V, NC, **flags)
+                                              L, H, K, V, NC, **flags)
         return
     ker.chunk_bwd[(NK * NV, B * H)](
         *ops.leaves, do, dS_last, states, dq, dk, dv, dS0, L, H, K, V, NC,
