@@ -12,9 +12,13 @@ They read q, k, v and the log-decay only through loaders generated per call sign
 computed from and the spec's expression over them, evaluated inside the kernels.
 Two ways to run the forward and the backward, sharing the per-chunk code (the template's
 @triton.jit helpers _chunk_out, _chunk_state, _chunk_dq, _chunk_dkv), and chunk_dg after
-either. The walk (the default), one program per (value block, batch*head) walking the chunks:
+either. Every grid's first axis numbers NK * NV blocks of channels: NV value blocks of BV
+channels times NK key blocks of BK (NK = 1, all K in one program, unless the key axis is
+split: Config.block_k; the outputs and dv are then one partial sum per key block, added up
+here). The walk (the default), one program per (channel block, batch*head) walking the
+chunks:
 
-- chunk_fwd: the state S [K, BV] in float32 registers; per chunk the outputs (the incoming
+- chunk_fwd: the state S [BK, BV] in float32 registers; per chunk the outputs (the incoming
   state read through decayed queries, plus the intra-chunk attention) and the state update.
   When training it stores the state entering every chunk ([B, H, NC, K, V]): the backward
   walks the chunks in reverse and needs them in that order, which a recompute could only
@@ -23,23 +27,23 @@ either. The walk (the default), one program per (value block, batch*head) walkin
 - chunk_bwd: the chunks in reverse carrying dL/dS; dq, dk (per value block, summed here),
   dv and dS0.
 
-At long L that grid is only NV * B * H programs, each doing L / C dependent chunk steps with
+At long L that grid is only NK * NV * B * H programs, each doing L / C dependent chunk steps with
 all the intra-chunk work inside the walk. The two levels (Config.split) keep only the state
 recurrence sequential and do the rest for every chunk at once:
 
-- chunk_states, grid (NV, B*H): the walk with nothing but the state update (per chunk
+- chunk_states, grid (NK*NV, B*H): the walk with nothing but the state update (per chunk
   S <- exp(chunk total) S + (keys decayed to the chunk end)^T v, one tl.dot per sub-chunk),
   storing the state entering every chunk, exactly as chunk_fwd stores it (so either backward
   follows either forward), and S_last. A split forward with q stores them even without
   autograd (chunk_out reads them). Triton pipelines this loop, prefetching chunks into
   shared memory; `stages` picks its num_stages so that the prefetch stays within
   STAGE_BYTES.
-- chunk_out, grid (NV, NC, B*H): each chunk's outputs from its stored entering state.
-- chunk_dstates, grid (NV, B*H): the chunks in reverse carrying dL/dS through the chunk
+- chunk_out, grid (NK*NV, NC, B*H): each chunk's outputs from its stored entering state.
+- chunk_dstates, grid (NK*NV, B*H): the chunks in reverse carrying dL/dS through the chunk
   totals plus the outputs' share (q decayed to the chunk start)^T do, storing dL/dS at the end
   of every chunk ([B, H, NC, K, V], what that chunk's keys see from the later chunks) and
   dS0. Without q only the totals.
-- chunk_dqkv, grid (NV, NC, B*H): each chunk's dq, dk (per value block) and dv from its
+- chunk_dqkv, grid (NK*NV, NC, B*H): each chunk's dq, dk (per value block) and dv from its
   stored entering state and dL/dS at its end.
 - chunk_dg: d log_decay. With G the cumulative log-decay, q_t enters as q_t exp(G_{t-d})
   (d = 0 or 1 as include_current) and k_s as k_s exp(-G_s), so dL/dG_t =
