@@ -257,8 +257,9 @@ class BlockSolver:
                             "gate streams")
         dtype = torch.float32 if native else x0.dtype
         wide = {k: v for k, v in inputs.items() if k not in native}
+        out_shapes = {o.name: interpret.concrete(o.shape, sizes) for o in rec.outputs}
         if B == 0 or T == 0:  # nothing to scan: empty outputs, the initial state unchanged
-            return ({o.name: x0.new_zeros(B, T, *interpret.concrete(o.shape, sizes)) for o in rec.outputs},
+            return ({o.name: x0.new_zeros(B, T, *out_shapes[o.name]) for o in rec.outputs},
                     dict(state0))
         hoist_prog, phase_progs, self._lazy_prog = self._programs(sizes, dtype, device)
         self._sizes = sizes
@@ -287,7 +288,7 @@ class BlockSolver:
             interpret.run_program(phase_progs[-1], env)
             for o in rec.outputs:
                 v = env[o.node]
-                shape = interpret.concrete(o.shape, sizes)
+                shape = out_shapes[o.name]
                 v = v.expand(B * L if v.shape[0] == 1 else v.shape[0], *shape).reshape(B, L, *shape)
                 if grad or single:
                     outs[o.name].append(v)

@@ -27,8 +27,8 @@ chunks:
 - chunk_bwd: the chunks in reverse carrying dL/dS; dq, dk (per value block, summed here),
   dv and dS0.
 
-At long L that grid is only NK * NV * B * H programs, each doing L / C dependent chunk steps with
-all the intra-chunk work inside the walk. The two levels (Config.split) keep only the state
+At long L that grid is only NK * NV * B * H programs, each doing L / C dependent chunk steps
+with all the intra-chunk work inside the walk. The two levels (Config.split) keep only the state
 recurrence sequential and do the rest for every chunk at once:
 
 - chunk_states, grid (NK*NV, B*H): the walk with nothing but the state update (per chunk
@@ -485,9 +485,10 @@ def _extra_grads(ops: _Ops, do) -> list:
 
 class _ChunkLA(torch.autograd.Function):
     """(cfg, meta, S0, *leaves) -> (o, S_last); cfg = (include_current, chunk (None: tuned),
-    precision, has_q, split (None: either), block_k (None: either)); meta: ((code, kinds, shape) of the q, k, v, g
-    streams and then of the extras, the extras' names (EXTRAS)); their leaves follow in that
-    order (without q's when has_q is False: q then stands for k, and o is an empty tensor)."""
+    precision, has_q, split (None: either), block_k (None: either)); meta: ((code, kinds,
+    shape) of the q, k, v, g streams and then of the extras, the extras' names (EXTRAS)); their
+    leaves follow in that order (without q's when has_q is False: q then stands for k, and o
+    is an empty tensor)."""
 
     @staticmethod
     def forward(ctx, cfg, meta, S0, *leaves):

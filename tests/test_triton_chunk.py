@@ -33,6 +33,14 @@ NAMES = ("o", "S_last", "dq", "dk", "dv", "dlog_decay", "dS0")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture
+def key_parts(monkeypatch):
+    """The leading size of every partial-sum tensor triton_chunk adds up (_summed), in order."""
+    parts, real = [], tc._summed
+    monkeypatch.setattr(tc, "_summed", lambda p: parts.append(p.shape[0]) or real(p))
+    return parts
+
+
 @pytest.fixture(autouse=True)
 def _small(monkeypatch):
     monkeypatch.setattr(tc, "MAX_BV", 16)
@@ -112,33 +120,27 @@ def test_several_sub_chunks_per_chunk(per_channel, include, chunk):
 @pytest.mark.parametrize("per_channel,include,split,has_q", [
     (True, True, False, True), (True, False, True, True), (False, True, True, True),
     (False, False, False, True), (True, True, True, False), (False, True, False, False)])
-def test_key_split_matches_scan_reference(monkeypatch, per_channel, include, split, has_q):
+def test_key_split_matches_scan_reference(key_parts, per_channel, include, split, has_q):
     """The key axis split over programs (block_k=16 of K = 40: three key blocks, the last
     one masked), in the walk and the two levels: the outputs and dv are partial sums per
     key block, added up; the states and every gradient as without the split."""
-    parts = []
-    real = tc._summed
-    monkeypatch.setattr(tc, "_summed", lambda p: parts.append(p.shape[0]) or real(p))
     fn = lambda *a, **k: tc.chunk_linear_attention(*a, **k, split=split, block_k=16)  # noqa: E731
     ins = make(2, 37, 2, 40, 20, per_channel, seed=5)
     check(ins, include, 16, has_q, ours=run(fn, ins, torch.float32, include, 16, has_q))
     # the outputs (with q) and dv were split in three; dq and dk per value block, in two
-    assert parts == ([3] if has_q else []) + ([2, 2, 3] if has_q else [2, 3])
+    assert key_parts == ([3] if has_q else []) + ([2, 2, 3] if has_q else [2, 3])
 
 
-def test_keys_beyond_one_program_are_split(monkeypatch):
+def test_keys_beyond_one_program_are_split(monkeypatch, key_parts):
     """K past MAX_K: the default launch splits the keys (here K = 40 > MAX_K = 32: three
     blocks of 16), where it used to refuse; holding all K (block_k=0) is refused by name."""
     monkeypatch.setattr(tc, "MAX_K", 32)
     monkeypatch.setattr(tc, "SPLIT_K", 16)
     assert tc.default_config(40, 20).block_k == 16 and tc.default_config(32, 20).block_k == 0
     assert {c.block_k for c in tc.configs(40, 20, 64)} == {16}
-    parts = []
-    real = tc._summed
-    monkeypatch.setattr(tc, "_summed", lambda p: parts.append(p.shape[0]) or real(p))
     ins = make(1, 21, 1, 40, 20, True, seed=6)
     check(ins, True)
-    assert parts[0] == 3
+    assert key_parts[0] == 3
     with pytest.raises(rnnc.RnncError, match="block_k=0 holds all K = 40"):
         tc.chunk_linear_attention(*[x.float() for x in ins], chunk=16, block_k=0)
     for bad in (24, 8, -16):
