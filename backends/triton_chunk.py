@@ -291,8 +291,9 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
     Returns (o, S_last): o [B, L, H, V] (None when q is None), S_last [B, H, K, V], float32.
     chunk: steps per chunk (16, 32, 64 or 128); it changes the cost, not the result. None or
     "auto": tuned (see triton_tune; the default chunk of 64 off CUDA or with RNNC_TRITON_TUNE=0).
-    precision: tl.dot input precision, "ieee" or "tf32"; None: triton_gates.dot_precision
-    (TF32 on CUDA where torch allows it or an operand has bf16/fp16 leaves, else IEEE).
+    precision: tl.dot's operand precision, "ieee", "tf32" or "bf16" (operands rounded to
+    bfloat16, float32 accumulation); None: triton_gates.dot_precision (RNNC_TRITON_DOT, by
+    default TF32 on CUDA where torch allows it or an operand has bf16/fp16 leaves, else IEEE).
     split: None lets the tuner choose between the walk and the two-level kernels (the walk
     where nothing is timed); True or False forces one of them, forward and backward (a tuned
     chunk is then chosen among that kind's configs).
@@ -318,11 +319,11 @@ def chunk_linear_attention(q, k, v, log_decay, S0, include_current: bool = True,
             what = "extra" if n == "e" else f"bonus {n}"
             raise RnncError(f"chunk_linear_attention: {what} must be {list(want)} and needs q, "
                             f"got {list(s.shape)}{' without q' if q is None else ''}")
-    if precision is None:
+    if precision is not None and precision not in ("ieee", "tf32", "bf16"):
+        raise RnncError(f"precision must be 'ieee', 'tf32' or 'bf16', got {precision!r}")
+    if precision is None or precision == "bf16":
         precision = gates.dot_precision([S0, *(x for s in (q, k, v, g) if s is not None
-                                              for x in s.leaves)])
-    if precision not in ("ieee", "tf32"):
-        raise RnncError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+                                              for x in s.leaves)], precision)
     has_q = q is not None
     if block_k is not None and block_k != 0 and (block_k < 16 or block_k & (block_k - 1)):
         raise RnncError(f"block_k must be 0 (all K) or a power of two >= 16, got {block_k}")
@@ -503,7 +504,18 @@ class _ChunkLA(torch.autograd.Function):
 
             def bench(c):   # the launches and the sum of the key blocks' outputs
                 out = _forward_buffers(c, ops, has_q, store)
-                return lambda: (_forward(c, cfg, ops, S0, store, out), has_q and _summed(out[0]))
+                fwd = lambda: (_forward(c, cfg, ops, S0, store, out),  # noqa: E731
+                               has_q and _summed(out[0]))
+                if not store:
+                    return fwd
+                # training: the chunk chosen here is the backward's too, so each candidate is
+                # timed with the backward it implies (its default config at that chunk)
+                cb = _only([default_config(K, V, c.chunk)], split, block_k)[0]
+                back = _backward_buffers(cb, ops, has_q)
+                dS = torch.zeros_like(out[1])
+                do = out[0].new_zeros(ops.dims[:3] + (V,)) if has_q else dS
+                return lambda: (fwd(), _backward(cb, cfg, ops, do, dS, out[2], back),
+                                _summed(back[2]))
             cands = configs(K, V, L, has_q=has_q or bool(split))
             c = tune.choose(key, _only(cands, split, block_k),
                             _only([default_config(K, V)], split, block_k)[0], bench, ops.device)
@@ -579,9 +591,10 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
     bytes (spills) from the cubin, through the cuobjdump that Triton bundles (None where it
     is missing). sigs: the operands' stream signatures (default: materialised operands, the
     decay per head with scalar); scalar must agree with them. dtype: the leaves' element type
-    ("fp32", "bf16" or "fp16"; everything else is float32). block_k: the key channels per
-    program (0: all K; chunk_dg always takes all K). Run it without TRITON_INTERPRET
-    (interpreted kernels do not compile)."""
+    ("fp32", "bf16" or "fp16"; everything else is float32). precision: the products' operand
+    precision ("tf32", "ieee" or "bf16", as chunk_linear_attention's). block_k: the key
+    channels per program (0: all K; chunk_dg always takes all K). Run it without
+    TRITON_INTERPRET (interpreted kernels do not compile)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -614,25 +627,6 @@ def compile_for(K: int = 64, V: int = 64, chunk: int = 64, scalar: bool = False,
             raise RnncError(f"{name} needs {shared} bytes of shared memory at K={K}, BV={BV}, "
                             f"chunk={chunk}; sm_{arch} has {SHARED_LIMIT[arch]} per block")
         cubin = k.asm["cubin"]
-        out[name] = dict(cubin=len(cubin), shared=shared, **_usage(cubin)) if report \
+        out[name] = dict(cubin=len(cubin), shared=shared, **gates.cubin_usage(cubin)) if report \
             else len(cubin)
     return out
-
-
-def _usage(cubin: bytes) -> dict:
-    """{"regs", "stack"} of the one kernel in a cubin, from cuobjdump --dump-resource-usage."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        return dict(regs=None, stack=None)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
-                              text=True).stdout
-    got = {k: int(v) for k, v in re.findall(r"\b(REG|STACK):(\d+)", text)}
-    return dict(regs=got.get("REG"), stack=got.get("STACK"))

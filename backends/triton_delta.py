@@ -352,7 +352,16 @@ class _ChunkDelta(torch.autograd.Function):
             def bench(c):
                 geo = _geo(L, K, V, c)
                 out = _forward_buffers(geo, ops, has_q, want_grad)
-                return lambda: _forward(geo, flags, want_grad, ops, S0c, out)
+                fwd = lambda: _forward(geo, flags, want_grad, ops, S0c, out)  # noqa: E731
+                if not want_grad:
+                    return fwd
+                # training: the chunk chosen here is the backward's too, so each candidate is
+                # timed with the backward it implies (its default config at that chunk)
+                gb = _geo(L, K, V, default_config(L, K, V, c.chunk, block_v))
+                back = _backward_buffers(gb, ops, has_q, shared, has_la)
+                dsl = torch.zeros_like(out[1])
+                do = dsl.new_zeros(B, L, H, V) if has_q else None
+                return lambda: (fwd(), _backward(gb, flags, ops, out[2], do, dsl, back))
             cands = configs(L, K, V, None, block_v)
             default = default_config(L, K, V, block_v=block_v)
             if split is not None:
@@ -415,10 +424,10 @@ def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype
     Returns {(kernel, has_q, has_la, shared): cubin size}, or with detail
     {...: {"cubin": size, "shared": bytes of shared memory, "regs": registers per thread,
     "stack": bytes of stack per thread (spills)}} (regs and stack from the cuobjdump that
-    ships with Triton; absent without it). sigs: the operands' stream signatures (default:
+    ships with Triton; None without it). sigs: the operands' stream signatures (default:
     materialised operands). Run it without TRITON_INTERPRET.
     (With dot_prec="ieee", float32 tl.dot becomes unrolled FMAs: large cubins, slow compiles
-    at chunk 64; "tf32" uses the tensor cores.)"""
+    at chunk 64; "tf32" and "bf16" use the tensor cores.)"""
     import itertools
 
     import triton
@@ -456,30 +465,9 @@ def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 64, dtype
                            options={"num_warps": warps or geo["warps"]})
         cubin = k.asm["cubin"]
         out[(name, has_q, has_la, shared)] = (
-            {"cubin": len(cubin), "shared": k.metadata.shared, **_resource_usage(cubin)}
+            {"cubin": len(cubin), "shared": k.metadata.shared, **gates.cubin_usage(cubin)}
             if detail else len(cubin))
     return out
-
-
-def _resource_usage(cubin: bytes) -> dict:
-    """{"regs", "stack"} of a one-kernel cubin, read by Triton's bundled cuobjdump ({} where
-    there is none)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        return {}
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        Path(path).write_bytes(cubin)
-        text = subprocess.run([str(tool), "--dump-resource-usage", path], capture_output=True,
-                              text=True).stdout
-    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", text)
-    return {"regs": int(m.group(1)), "stack": int(m.group(2))} if m else {}
 
 
 __all__ = ["chunk_delta_rule", "geometry", "configs", "default_config", "kernels", "compile_for"]

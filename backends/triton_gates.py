@@ -24,11 +24,13 @@ labels); `Stream.build` (per call) places the leaves in the kernel layout.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from rnnc import ir
 from rnnc.affine import Term
+from rnnc.errors import RnncError
 from rnnc.interpret import _BINARY as _TORCH_BINARY, _UNARY as _TORCH_UNARY
 from rnnc.ir import Op
 
@@ -225,14 +227,38 @@ class Stream:
         return vals[-1]
 
 
-def dot_precision(leaves) -> str:
-    """tl.dot's input precision for one chunk-kernel call: "tf32" where torch allows TF32
-    matmuls, or where an operand is read from bf16/fp16 leaves (TF32's 11 significant bits
-    hold those values exactly, and round the float32 values computed from them by less than
-    the inputs' own rounding); "ieee" otherwise, and always off CUDA."""
+DOT_ENV = "RNNC_TRITON_DOT"
+DOT_MODES = ("auto", "tf32", "ieee", "bf16")
+
+
+def dot_precision(leaves, want: str | None = None) -> str:
+    """tl.dot's operand precision for one chunk-kernel call (the kernels' PREC / DOT_PREC).
+
+    want (else RNNC_TRITON_DOT, else "auto"):
+    - "auto": "tf32" where torch allows TF32 matmuls, or where an operand is read from
+      bf16/fp16 leaves (TF32's 11 significant bits hold those values exactly, and round the
+      float32 values computed from them by less than the inputs' own rounding); "ieee"
+      otherwise, and always off CUDA;
+    - "tf32", "ieee": that, on CUDA ("ieee" off CUDA);
+    - "bf16": operands rounded to bfloat16, products accumulated in float32, as fla's
+      kernels and torch's bf16 matmul do (faster tensor cores, fewer operand registers; every
+      product then carries bf16's 8-bit rounding, the state's included). Off CUDA this is
+      "bf16x", the same rounding before a float32 product: Triton's interpreter computes a
+      bfloat16 tl.dot wrongly and truncates its casts to bfloat16.
+    """
+    want = (want or os.environ.get(DOT_ENV, "") or "auto").strip().lower()
+    if want not in DOT_MODES:
+        raise RnncError(f"{DOT_ENV} (the chunk kernels' dot precision) must be one of "
+                        f"{', '.join(DOT_MODES)}; got {want!r}")
     on_cuda = any(x.is_cuda for x in leaves)
-    low = any(x.dtype in (torch.bfloat16, torch.float16) for x in leaves)
-    return "tf32" if on_cuda and (low or torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    if want == "bf16":
+        return "bf16" if on_cuda else "bf16x"
+    if not on_cuda:
+        return "ieee"
+    if want == "auto":
+        low = any(x.dtype in (torch.bfloat16, torch.float16) for x in leaves)
+        return "tf32" if low or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return want
 
 
 def as_stream(x):
@@ -365,3 +391,25 @@ def module_source(template: str, ops: tuple, sigs: tuple, **fragments) -> str:
 def arg_list(op: str, sig: tuple) -> str:
     """The leaves' argument names as the template splices them: 'k_0, k_1, '."""
     return "".join(f"{op}_{j}, " for j in range(len(sig[1])))
+
+
+def cubin_usage(cubin: bytes) -> dict:
+    """{"regs": registers per thread, "stack": stack bytes per thread (spills)} of the one
+    kernel in an NVIDIA cubin, read by the cuobjdump that Triton bundles (both None where this
+    Triton has none). For the chunk kernels' offline compiles (`compile_for`)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return dict(regs=None, stack=None)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+                              text=True).stdout
+    got = {k: int(v) for k, v in re.findall(r"\b(REG|STACK):(\d+)", text)}
+    return dict(regs=got.get("REG"), stack=got.get("STACK"))

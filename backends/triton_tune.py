@@ -24,7 +24,9 @@ How: the kernel modules build a short candidate list per call (their `configs()`
 The key is built by the caller: the kernel family, B, H, K, V, L rounded up to a power of two
 (`bucket`), the dtypes, the kernel's flags and the device's name. A forward chooses the chunk;
 the backward, which must walk the forward's stored per-chunk states, is tuned under its own key
-with the chunk fixed to the forward's (it chooses BV and num_warps only).
+with the chunk fixed to the forward's (it chooses BV and num_warps only). Since a training
+forward's chunk fixes its backward's, the callers' bench for a training forward launches each
+candidate's forward followed by the backward at that chunk's default config.
 
 Cost: a key is timed once per process, about (1 + REPS) launches of each of 10-25 candidates;
 the first time a config is seen Triton also compiles it (cached on disk by Triton afterwards).

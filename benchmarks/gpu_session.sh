@@ -30,13 +30,15 @@
 #   chunk3  issue 6: mamba2 (N=P=128) vs fla chunk_simple_gla and mamba-ssm's SSD
 #   chunk4  issue 6: gated_deltanet vs fla chunk_gated_delta_rule
 #           (one spec per stage: the first call of each shape compiles and tunes both sides)
+#   chunkbf16 issue 6's four chunk cases at T=2048 again with RNNC_TRITON_DOT=bf16 (rnnc's
+#           chunk-kernel products on bf16 operands, as fla's): whether that mode pays on a GPU
 #   all     every stage in turn (longer than one 10-minute command)
 #
 # The environment: peers and rnnc's own pure-Python dependencies are installed from
 # benchmarks/wheels/ into /tmp/rnnc-site (never over the machine's CUDA torch and triton), and
 # rnnc is put on PYTHONPATH from this checkout.
 set -u
-STAGE=${1:?"usage: bash benchmarks/gpu_session.sh session|check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|all [OUTDIR]"}
+STAGE=${1:?"usage: bash benchmarks/gpu_session.sh session|check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|chunkbf16|all [OUTDIR]"}
 OUT=${2:-benchmarks/results/gpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -83,6 +85,8 @@ stage() {
     chunk2) run chunk2 --cases chunk_retnet ;;
     chunk3) run chunk3 --cases chunk_mamba2 ;;
     chunk4) run chunk4 --cases chunk_gated_deltanet ;;
+    chunkbf16) RNNC_TRITON_DOT=bf16 RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} \
+              run chunkbf16 --cases chunk --chunk-T 2048 ;;
     session) mkdir -p "$OUT/session"
             RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} timeout "${SESSION_LIMIT:-520}" \
               "$PY" benchmarks/triton_gpu.py \

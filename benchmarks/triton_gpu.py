@@ -731,7 +731,8 @@ def render_md(meta, rows) -> str:
     v = meta["versions"]
     L.append(f"- **Software:** torch {v['torch']} (CUDA {v.get('cuda')}, cuDNN {v.get('cudnn')}), "
              f"triton {v['triton']}, Python {v['python']}; TF32 matmul={meta['tf32_matmul']}, "
-             f"cuDNN TF32={meta['tf32_cudnn']}")
+             f"cuDNN TF32={meta['tf32_cudnn']}; rnnc chunk-kernel products: "
+             f"RNNC_TRITON_DOT={meta.get('chunk_dot', 'auto')}")
     L.append("- **Peers:** " + ", ".join(f"{k} {v['peers'][k]}" for k in v["peers"]))
     L.append(f"- **When:** {meta['date']}, rnnc {meta['rnnc_commit']}; `{meta['command']}` took "
              f"{meta['elapsed_s']:.0f} s")
@@ -830,6 +831,7 @@ def machine_meta(args, device) -> dict:
                 datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "rnnc_commit": _git_commit(), "platform": platform.platform(),
             "command": "python benchmarks/triton_gpu.py " + " ".join(args.argv),
+            "chunk_dot": os.environ.get("RNNC_TRITON_DOT") or "auto",
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "tf32_cudnn": torch.backends.cudnn.allow_tf32}
     versions = {"torch": torch.__version__, "python": platform.python_version(),

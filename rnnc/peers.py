@@ -1,7 +1,7 @@
 """Peers: other people's implementations of the recurrences in examples/, timed by `rnnc bench --peers`.
 
 The table is explicit: `PEERS` maps an rnn block's name (elman, lstm, gru, gla, retnet, mamba2,
-deltanet, gated_deltanet, s6, hgrn) to the adapters that compute the same function. A spec is
+deltanet, gated_deltanet, s6, hgrn, hgrn2) to the adapters that compute the same function. A spec is
 recognised by its block name only, so every adapter is checked against rnnc's sequential
 reference on the same inputs and params before it is timed (`rnnc.bench` does this): a block
 that is called `gla` but computes something else makes the peer fail its check, and it is
@@ -144,6 +144,25 @@ def _gla_chunk(params, inputs, dims, requires_grad):
     return Prepared(run=lambda: f(q, k, v, g, scale=1.0), output=_first, leaves=[q, k, v, g])
 
 
+def _hgrn2(chunk: bool):
+    """hgrn2(q, f, v), param lb[H], on fla's GLA as fla's HGRN2 layer runs it: the forget gate
+    a = lb + (1 - lb) sigmoid(f) gives the key 1 - a and the log-decay log a."""
+    def prepare(params, inputs, dims, requires_grad):
+        q, f, v = (_leaf(t, requires_grad) for t in inputs)
+        lb = _leaf(params["lb"], requires_grad)
+        fn = _import("fla.ops.gla", "chunk_gla") if chunk else \
+            _import("fla.ops.gla.naive", "naive_recurrent_gla")
+
+        def run():
+            a = lb[:, None] + (1 - lb[:, None]) * torch.sigmoid(f)
+            if chunk:
+                return fn(q, 1 - a, v, torch.log(a), scale=1.0)
+            return fn(q * q.shape[-1] ** 0.5, 1 - a, v, torch.log(a),  # undo K**-0.5
+                      output_final_state=False)
+        return Prepared(run=run, output=_first, leaves=[q, f, v, lb])
+    return prepare
+
+
 def _simple_gla(fn: str, module: str):
     """retnet (fixed per-head decay gamma) and mamba2 (SSD) on fla's simple GLA."""
     def prepare(params, inputs, dims, requires_grad):
@@ -281,6 +300,11 @@ PEERS: dict[str, tuple] = {
     "gla": (
         Peer("gla", "fla naive_recurrent_gla", devices=("cpu",), prepare=_gla_naive, note=_CPU_REF, **_FLA),
         Peer("gla", "fla chunk_gla", devices=("cuda",), prepare=_gla_chunk, **_FLA),
+    ),
+    "hgrn2": (
+        Peer("hgrn2", "fla naive_recurrent_gla", devices=("cpu",), prepare=_hgrn2(False),
+             note=_CPU_REF, **_FLA),
+        Peer("hgrn2", "fla chunk_gla", devices=("cuda",), prepare=_hgrn2(True), **_FLA),
     ),
     "retnet": (
         Peer("retnet", "fla naive_recurrent_simple_gla", devices=("cpu",), note=_CPU_REF,

@@ -167,6 +167,14 @@ CASES: list[Case] = [
         oracle="oracle_gla", reference="ref_gla",
     ),
     Case(
+        name="hgrn2", dims=dict(H=2, K=3, V=4),
+        shapes={"q": ("H", "K"), "f": ("H", "K"), "v": ("H", "V")},
+        inputs={"q": N, "f": N, "v": N},
+        params={"lb": (("H",), "gate")},
+        states={"S": (("H", "K", "V"), N)}, outputs={"o": ("H", "V")},
+        oracle="oracle_hgrn2", reference="ref_hgrn2",
+    ),
+    Case(
         name="mamba2", dims=dict(H=2, P=3, N=4),
         shapes={"x": ("H", "P"), "dt": ("H",), "B": ("H", "N"), "C": ("H", "N")},
         inputs={"x": N, "dt": "positive", "B": N, "C": N},
@@ -225,11 +233,11 @@ CASES: list[Case] = [
 CASE_BY_NAME = {c.name: c for c in CASES}
 
 # Examples whose oracle is fla-core (need `import fla`, i.e. triton installed).  The
-# last five have no published oracle; their adapters run the recurrence with an fla scan
-# (gla for the [D, N] SSMs, hgrn for the elementwise gated RNNs).
+# last six have no published oracle; their adapters run the recurrence with an fla scan
+# (gla for hgrn2 and the [D, N] SSMs, hgrn for the elementwise gated RNNs).
 FLA_CASES = [c for c in CASES if c.name in
              ("gla", "retnet", "mamba2", "deltanet", "gated_deltanet", "hgrn", "rwkv6",
-              "s6", "s4d", "mingru", "minlstm", "rglru")]
+              "hgrn2", "s6", "s4d", "mingru", "minlstm", "rglru")]
 # Examples whose oracle is torch.nn
 TORCH_NN_CASES = [c for c in CASES if c.name in ("elman", "lstm", "gru")]
 

@@ -162,6 +162,18 @@ def oracle_rwkv6(params, inputs, initial_state=None):
 # Extra fla-backed oracles for examples with no published oracle of their own: the
 # recurrence itself is run by an fla scan, only the gate algebra is done here.
 
+def oracle_hgrn2(params, inputs, initial_state=None):
+    """HGRN2 as GLA (as fla's HGRN2 layer runs it): the forget gate
+    a = lb + (1 - lb) sigmoid(f) gives the log-decay g = log a and the key k = 1 - a."""
+    q, f, v = inputs
+    K = q.shape[-1]
+    a = params["lb"][:, None] + (1 - params["lb"][:, None]) * torch.sigmoid(f)
+    gla = _fla("fla.ops.gla.naive", "naive_recurrent_gla")
+    o, S = gla(q * K ** 0.5, 1 - a, v, torch.log(a),  # trap 3: undo the hard-coded K**-0.5
+               initial_state=_init(initial_state, "S"), output_final_state=True)
+    return o.to(q.dtype), {"S": S.to(q.dtype)}
+
+
 def oracle_s6(params, inputs, initial_state=None):
     """S6 as GLA with one "head" per channel d, K = N, V = 1:
     q = C, k = dt[d] B[n], v = x[d], gk[d, n] = -exp(A_log[d, n]) dt[d]; plus D x."""

@@ -276,6 +276,22 @@ def ref_gla(params, inputs, initial_state=None):
     return torch.stack(ys, 1), {"S": S}
 
 
+def ref_hgrn2(params, inputs, initial_state=None):
+    """HGRN2 (Qin et al. 2024): a = lb + (1 - lb) sigmoid(f) per key channel,
+    S = diag(a) S + (1 - a) v^T, o = S^T q."""
+    q, f, v = inputs
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    lb = params["lb"][:, None]                         # [H, 1]
+    S = _state(initial_state, "S", q, (B, H, K, V))
+    ys = []
+    for t in range(T):
+        a = lb + (1 - lb) * torch.sigmoid(f[:, t])     # [B, H, K]
+        S = a[..., None] * S + _outer(1 - a, v[:, t])
+        ys.append(_readout(q[:, t], S))
+    return torch.stack(ys, 1), {"S": S}
+
+
 def ref_mamba2(params, inputs, initial_state=None):
     """Mamba-2 SSD (Dao & Gu 2024), per head h with scalar a_t = exp(dt A), A = -exp(A_log):
     S = a S + dt B x^T (S[N, P]), y = S^T C + D x."""

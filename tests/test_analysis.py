@@ -76,6 +76,8 @@ EXPECTED = {
             "states": [("h", ["D", "N"], AFF("diagonal", ["D", "N"], dd=False))]},
     "gla": {"associative": True, "plan": "chunked", "hoisted": [],
             "states": [("S", ["H", "K", "V"], AFF("diagonal", ["H", "K"]))]},
+    "hgrn2": {"associative": True, "plan": "chunked", "hoisted": ["a"],
+              "states": [("S", ["H", "K", "V"], AFF("diagonal", ["H", "K"]))]},
     "rwkv6": {"associative": True, "plan": "chunked", "hoisted": [],
               "states": [("S", ["H", "K", "V"], AFF("diagonal", ["H", "K"]))]},
     "retnet": {"associative": True, "plan": "chunked", "hoisted": [],

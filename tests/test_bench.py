@@ -166,6 +166,24 @@ def test_peers_on_cpu(tmp_path):
         assert naive["status"] == "n/a" and "not installed" in naive["reason"]
 
 
+def test_hgrn2_peer_on_cpu(tmp_path):
+    """hgrn2 on fla's GLA (the key 1 - a, the log-decay log a), checked against the
+    sequential backend before it is timed; chunk_gla is CUDA-only."""
+    from rnnc.peers import PEERS, unavailable
+    rc, recs = bench(tmp_path, str(ROOT / "examples" / "hgrn2.rnn"), "--dims", "H=2,K=4,V=4",
+                     "--B", "1", "--T", "8", "--reps", "1", "--warmup", "0", "--device", "cpu",
+                     "--peers", "--backend", "sequential")
+    assert rc == 0
+    peer = {r["backend"]: r for r in recs if r["kind"] == "peer"}
+    assert set(peer) == {"fla naive_recurrent_gla", "fla chunk_gla"}
+    assert peer["fla chunk_gla"]["status"] == "n/a"
+    naive = peer["fla naive_recurrent_gla"]
+    if unavailable(PEERS["hgrn2"][0], "cpu") is None:
+        assert naive["status"] == "ok" and naive["check_error"] < 1e-4 and naive["ms_median"] > 0
+    else:
+        assert naive["status"] == "n/a" and "not installed" in naive["reason"]
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_input_distributions_match_cases(case):
     rec = rnnc.load(str(case.path))

@@ -419,3 +419,56 @@ def test_a_numeric_setting_caps_the_candidates_timed(monkeypatch):
     got = tune.choose(("k", 2), cands, default, bench, torch.device("cpu"))
     assert sorted(seen) == sorted(cands) and got == cands[-1]
     assert tune._spread(list(range(7)), 4) == [0, 2, 4, 6]
+
+
+BACKWARD_KERNELS = {"chunk_bwd", "chunk_dstates", "chunk_dqkv", "delta_bwd"}
+
+
+@pytest.mark.parametrize("family", ["la", "delta"])
+def test_a_training_forward_is_timed_with_its_backward(launches, monkeypatch, family):
+    """A forward that stores states for a backward fixes the backward's chunk, so each of its
+    candidates is timed together with the backward at that chunk (that chunk's default BV and
+    warps). Costs here favour chunk 64 in the forward and make its backward dear: inference
+    picks chunk 64, training another chunk; the results stay those of the reference."""
+    K = V = 32
+    rec = launches[family]
+
+    def cost(key, config, run):
+        start = len(rec.log)
+        run()
+        ran = rec.log[start:]
+        spent = sum((10.0 if c == 64 else 1.0) if n in BACKWARD_KERNELS else
+                    (1.0 if c == 64 else 2.0) for n, c, _, _ in ran)
+        timed.append((key[0], config, ran))
+        return spent
+
+    timed = []
+    monkeypatch.setattr(tune, "TIMER", cost)
+    monkeypatch.setenv("RNNC_TRITON_TUNE", "4")   # the default and three others, chunk 16 first
+    if family == "la":
+        ins, fn = la_inputs(1, 2, K, V, True), la_fn(True)
+        ref, ref32 = la_reference(ins, True)
+        bwd_default = lambda chunk: tc.default_config(K, V, chunk)  # noqa: E731
+    else:
+        ins, fn = delta_inputs(1, 2, K, V, True, True), delta_fn()
+        ref, ref32 = delta_reference(ins)
+        bwd_default = lambda chunk: td.default_config(L, K, V, chunk)  # noqa: E731
+    fam = "chunk_la.fwd" if family == "la" else "chunk_delta.fwd"
+
+    with torch.no_grad():
+        fn(*[None if x is None else x.float() for x in ins])
+    inference = [(c, ran) for f, c, ran in timed if f == fam]
+    assert len(inference) == 4
+    assert all(n not in BACKWARD_KERNELS for _, r in inference for n, *_ in r)
+    assert {k[0]: c for k, c in tune.chosen().items()}[fam].chunk == 64
+
+    timed.clear()
+    judge(results(fn, ins, F32), ref, ref32)
+    training = [(c, ran) for f, c, ran in timed if f == fam]
+    assert len(training) == 4
+    for c, ran in training:   # each candidate's run: its forward, then the backward it implies
+        back = [(C, bv, w) for n, C, bv, w in ran if n in BACKWARD_KERNELS]
+        want = bwd_default(c.chunk)
+        assert back and all(b == (want.chunk, want.block_v, want.warps) for b in back), (c, back)
+    chosen = [c for k, c in tune.chosen().items() if k[0] == fam and c.chunk != 64]
+    assert len(chosen) == 1   # the training key's choice avoids the dear backward
