@@ -30,6 +30,8 @@
 #   chunk3  issue 6: mamba2 (N=P=128) vs fla chunk_simple_gla and mamba-ssm's SSD
 #   chunk4  issue 6: gated_deltanet vs fla chunk_gated_delta_rule
 #           (one spec per stage: the first call of each shape compiles and tunes both sides)
+#   chunk5  hgrn2 at chunk4's shapes vs fla chunk_gla (its gates computed in rnnc's kernels,
+#           materialised for fla's)
 #   chunkbf16 issue 6's four chunk cases at T=2048 again with RNNC_TRITON_DOT=bf16 (rnnc's
 #           chunk-kernel products on bf16 operands, as fla's): whether that mode pays on a GPU
 #   all     every stage in turn (longer than one 10-minute command)
@@ -38,7 +40,7 @@
 # benchmarks/wheels/ into /tmp/rnnc-site (never over the machine's CUDA torch and triton), and
 # rnnc is put on PYTHONPATH from this checkout.
 set -u
-STAGE=${1:?"usage: bash benchmarks/gpu_session.sh session|check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|chunkbf16|all [OUTDIR]"}
+STAGE=${1:?"usage: bash benchmarks/gpu_session.sh session|check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|chunk5|chunkbf16|all [OUTDIR]"}
 OUT=${2:-benchmarks/results/gpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -85,6 +87,7 @@ stage() {
     chunk2) run chunk2 --cases chunk_retnet ;;
     chunk3) run chunk3 --cases chunk_mamba2 ;;
     chunk4) run chunk4 --cases chunk_gated_deltanet ;;
+    chunk5) run chunk5 --cases chunk_hgrn2 ;;
     chunkbf16) RNNC_TRITON_DOT=bf16 RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} \
               run chunkbf16 --cases chunk --chunk-T 2048 ;;
     session) mkdir -p "$OUT/session"
@@ -98,7 +101,7 @@ stage() {
 }
 
 if [ "$STAGE" = all ]; then
-  for s in check scan rnn fla chunk1 chunk2 chunk3 chunk4; do stage "$s"; done
+  for s in check scan rnn fla chunk1 chunk2 chunk3 chunk4 chunk5; do stage "$s"; done
 else
   stage "$STAGE"
 fi

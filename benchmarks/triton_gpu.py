@@ -31,6 +31,8 @@ Cases (--cases, comma-separated; "fla" = gla,retnet,gated_deltanet):
              mamba2) / chunk_gated_delta_rule, and mamba-ssm mamba_chunk_scan_combined for
              mamba2. Each case's first calls compile and tune both sides (minutes), so
              run them one per command (benchmarks/gpu_session.sh chunk1 .. chunk4).
+    chunk_hgrn2  examples/hgrn2.rnn at the same shapes vs fla chunk_gla, handed the key 1 - a
+             and the log-decay log a that rnnc computes inside its kernels (not in "chunk")
 
 Every implementation is first checked against rnnc's sequential backend (float64 reference,
 B=2, T=128, relative error max|got - want| / max|want| <= 5e-3 in fp32, since matmuls may run
@@ -70,8 +72,10 @@ ROOT = HERE.parent
 EXAMPLES = ROOT / "examples"
 
 CHUNK_CASES = ("chunk_gla", "chunk_retnet", "chunk_mamba2", "chunk_gated_deltanet")
+# chunked cases beyond issue 6's four: the same shapes, not in the "chunk" alias
+MORE_CHUNK_CASES = ("chunk_hgrn2",)
 ALL_CASES = ("lstm", "lstm_sync", "gru", "mhlstm", "s6", "scan", "gla", "retnet",
-             "gated_deltanet") + CHUNK_CASES
+             "gated_deltanet") + CHUNK_CASES + MORE_CHUNK_CASES
 ALIASES = {"fla": ("gla", "retnet", "gated_deltanet"), "chunk": CHUNK_CASES, "all": ALL_CASES}
 
 CHECK_B, CHECK_T = 2, 128
@@ -279,7 +283,7 @@ def _peers_for(case: str, fla_chunk: bool) -> list:
                 PeerSpec(Peer("linscan", "accelerated_scan warp (CUDA)", "accelerated_scan",
                               "accelerated-scan", ("cuda",), _acc_scan("accelerated_scan.warp")),
                          needs="nvcc")]
-    if case in CHUNK_CASES:  # fla's chunk kernels, and mamba-ssm's SSD for mamba2 (which, unlike
+    if case in CHUNK_CASES + MORE_CHUNK_CASES:  # fla's chunk kernels, and mamba-ssm's SSD for mamba2 (which, unlike
         # fla's chunk kernels, runs under Triton's interpreter in float32: the dry run checks it)
         return [PeerSpec(p, interpretable=p.package == "mamba_ssm")
                 for p in P.peers_for(case[len("chunk_"):]) if "chunk" in p.name and "cuda" in p.devices]
@@ -376,7 +380,7 @@ def build_cases(keys, mode: str, fla_chunk: bool, chunk_T=None) -> list:
             B, T = pick((4, 2048), (2, 256), (2, 16))
             dims = pick(dict(H=8, K=64, V=64), dict(H=2, K=64, V=64), dict(H=2, K=16, V=16))
             out.append(Case(key, key, EXAMPLES / f"{key}.rnn", dims, B, T))
-        elif key in CHUNK_CASES:
+        elif key in CHUNK_CASES + MORE_CHUNK_CASES:
             name = key[len("chunk_"):]
             B = pick(8, 2, 2)
             H, K = pick((16, 128), (4, 64), (2, 16))

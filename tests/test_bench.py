@@ -240,6 +240,10 @@ def test_gpu_benchmark_chunk_cases_dry_run(tmp_path):
     assert peers["chunk_retnet"] == {"fla chunk_simple_gla"}
     assert peers["chunk_mamba2"] == {"fla chunk_simple_gla", "mamba_ssm mamba_chunk_scan_combined"}
     assert peers["chunk_gated_deltanet"] == {"fla chunk_gated_delta_rule"}
+    # hgrn2, beyond the four (not in the "chunk" alias): the same shapes, fla's GLA
+    (h2, _) = triton_gpu.build_cases(["chunk_hgrn2"], "full", False)
+    assert (h2.label, h2.B, h2.dims, h2.dtypes) == ("hgrn2", 8, dict(H=16, K=128, V=128), ("bfloat16",))
+    assert {ps.peer.name for ps in h2.peers} == {"fla chunk_gla"}
 
     # In a child process: the dry run patches triton's autotuner and torch.cuda.device.
     import subprocess
