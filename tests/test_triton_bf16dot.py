@@ -66,10 +66,13 @@ def _bf16_round(xs):
     return [x.to(BF16).to(F64) for x in xs]
 
 
-@pytest.mark.parametrize("per_channel", [True, False], ids=["channel", "scalar"])
-def test_linear_attention_bf16_dots(per_channel):
+@pytest.mark.parametrize("per_channel,split,block_k", [
+    (True, False, None), (False, False, None), (True, True, None), (False, True, 16)],
+    ids=["channel-walk", "scalar-walk", "channel-levels", "scalar-levels-keysplit"])
+def test_linear_attention_bf16_dots(per_channel, split, block_k):
     """gla-like (a decay per key channel) and retnet-like (one per head) at L = 37, chunk 16
-    (three chunks, the last one partial), forward and backward; precision="bf16"."""
+    (three chunks, the last one partial), forward and backward, in the walk and the two-level
+    kernels, all K in one program or two key blocks of 16; precision="bf16"."""
     gen = torch.Generator().manual_seed(3)
     B, L, H, K, V = 1, 37, 2, 32, 32
     r = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
@@ -79,7 +82,8 @@ def test_linear_attention_bf16_dots(per_channel):
     ref_fn = lambda *a: sk.chunk_linear_attention(*a, chunk=16)  # noqa: E731
     ref = _grads(ref_fn, xs, cot)
     rounded = _grads(ref_fn, _bf16_round(xs), cot)
-    got = _grads(lambda *a: tc.chunk_linear_attention(*a, chunk=16, precision="bf16"),
+    got = _grads(lambda *a: tc.chunk_linear_attention(*a, chunk=16, precision="bf16", split=split,
+                                                      block_k=block_k),
                  [x.float() for x in xs], cot)
     ieee = _grads(lambda *a: tc.chunk_linear_attention(*a, chunk=16, precision="ieee"),
                   [x.float() for x in xs], cot)
