@@ -173,3 +173,39 @@ def test_bf16_dots_compile_for_gpu_without_one():
         "assert len(a) == 2 and len(b) == 2, (a, b)\n"
         "assert all(r['cubin'] > 0 and r['shared'] > 0 for r in [*a.values(), *b.values()]), (a, b)\n"
         "print('compiled')\n")
+
+
+@pytest.mark.parametrize("kind,seed", [("chunked", 0), ("chunked", 3), ("delta", 0), ("delta", 3)])
+def test_random_specs_with_bf16_dots(monkeypatch, kind, seed):
+    """Random specs with a matrix state (`rnnc.random_spec`) on the triton backend with
+    RNNC_TRITON_DOT=bf16, against float64 sequential: outputs and final states within 4 e_in
+    and further than e_in / 16, where the yardstick e_in rounds the params as well as the
+    inputs to bf16 (the operands the kernels round are computed from both). Gradients are
+    judged by the kernel tests above: in a random spec a log-decay's gradient is a sum that
+    cancels (see triton_chunk's chunk_dg), whose rounding the bf16 products raise in absolute
+    terms, unlike rounding a param."""
+    from rnnc.interpret import concrete
+    src, dims = rnnc.random_spec(seed, kind)
+    ref = rnnc.compile(src, backend="sequential", **dims).double()
+    rounded = rnnc.compile(src, backend="sequential", **dims).double()
+    rounded.load_state_dict({k: v.to(BF16).double() for k, v in ref.state_dict().items()})
+    tri = rnnc.compile(src, backend="triton", chunk_size=16, **dims)
+    tri.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    assert ref.analysis.plan in ("chunked", "chunked_delta")
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(2, 21, *concrete(d.shape, dims), generator=gen, dtype=F64)
+          for d in ref.recurrence.inputs]
+
+    def results(m, inputs):
+        with torch.no_grad():
+            ys, final = m(*inputs, output_final_state=True)
+        ys = ys if isinstance(ys, tuple) else (ys,)
+        return [y.double() for y in ys] + [s.double() for s in final.values()]
+
+    want, yardstick = results(ref, xs), results(rounded, _bf16_round(xs))
+    monkeypatch.setenv(tg.DOT_ENV, "bf16")
+    got = results(tri, [x.float() for x in xs])
+    assert len(got) == len(want) >= 2
+    for a, b, c in zip(want, yardstick, got):
+        e_in, e = _rel(b, a), _rel(c, a)
+        assert e_in / 16 < e <= 4 * e_in, (e, e_in)
