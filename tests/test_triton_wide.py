@@ -188,7 +188,7 @@ def test_compiles_for_gpu_at_full_width():
     code = ("import rnnc, triton\n"
             "from triton.backends.compiler import GPUTarget\n"
             "from triton.compiler import ASTSource\n"
-            "from rnnc.backends import triton_backend as tb, triton_chunk as tc\n"
+            "from rnnc.backends import triton_backend as tb, triton_gates as tg\n"
             "for name in ('lstm', 'gru'):\n"
             "    rec = rnnc.load(f'examples/{name}.rnn')\n"
             "    a = rnnc.analysis.analyse(rec)\n"
@@ -204,7 +204,7 @@ def test_compiles_for_gpu_at_full_width():
             "                           {**geo['const'], 'SYNC': True}, flags=w.flag_args)\n"
             "k = triton.compile(ASTSource(fn=mod.wide_forward, signature=sig, constexprs=consts),\n"
             "                   target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))\n"
-            "use = tc._usage(k.asm['cubin'])\n"
+            "use = tg.cubin_usage(k.asm['cubin'])\n"
             "assert use['stack'] in (0, None), use\n"
             "print('compiled')\n")
     compile_offline(code)
