@@ -30,8 +30,8 @@
 #   chunk3  issue 6: mamba2 (N=P=128) vs fla chunk_simple_gla and mamba-ssm's SSD
 #   chunk4  issue 6: gated_deltanet vs fla chunk_gated_delta_rule
 #           (one spec per stage: the first call of each shape compiles and tunes both sides)
-#   chunk5  hgrn2 at chunk4's shapes vs fla chunk_gla (its gates computed in rnnc's kernels,
-#           materialised for fla's)
+#   chunk5  hgrn2 and rwkv6 at chunk4's shapes vs fla chunk_gla (hgrn2's gates computed in
+#           rnnc's kernels, materialised for fla's) and fla chunk_rwkv6
 #   chunkbf16 issue 6's four chunk cases at T=2048 again with RNNC_TRITON_DOT=bf16 (rnnc's
 #           chunk-kernel products on bf16 operands, as fla's): whether that mode pays on a GPU
 #   all     every stage in turn (longer than one 10-minute command)
@@ -87,7 +87,7 @@ stage() {
     chunk2) run chunk2 --cases chunk_retnet ;;
     chunk3) run chunk3 --cases chunk_mamba2 ;;
     chunk4) run chunk4 --cases chunk_gated_deltanet ;;
-    chunk5) run chunk5 --cases chunk_hgrn2 ;;
+    chunk5) run chunk5 --cases chunk_hgrn2,chunk_rwkv6 ;;
     chunkbf16) RNNC_TRITON_DOT=bf16 RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} \
               run chunkbf16 --cases chunk --chunk-T 2048 ;;
     session) mkdir -p "$OUT/session"

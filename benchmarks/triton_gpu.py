@@ -31,8 +31,10 @@ Cases (--cases, comma-separated; "fla" = gla,retnet,gated_deltanet):
              mamba2) / chunk_gated_delta_rule, and mamba-ssm mamba_chunk_scan_combined for
              mamba2. Each case's first calls compile and tune both sides (minutes), so
              run them one per command (benchmarks/gpu_session.sh chunk1 .. chunk4).
-    chunk_hgrn2  examples/hgrn2.rnn at the same shapes vs fla chunk_gla, handed the key 1 - a
-             and the log-decay log a that rnnc computes inside its kernels (not in "chunk")
+    chunk_hgrn2, chunk_rwkv6   (not in "chunk")
+             the same shapes: examples/hgrn2.rnn vs fla chunk_gla, handed the key 1 - a and
+             the log-decay log a that rnnc computes inside its kernels; examples/rwkv6.rnn vs
+             fla chunk_rwkv6 (the bonus u computed in rnnc's kernels)
 
 Every implementation is first checked against rnnc's sequential backend (float64 reference,
 B=2, T=128, relative error max|got - want| / max|want| <= 5e-3 in fp32, since matmuls may run
@@ -73,7 +75,7 @@ EXAMPLES = ROOT / "examples"
 
 CHUNK_CASES = ("chunk_gla", "chunk_retnet", "chunk_mamba2", "chunk_gated_deltanet")
 # chunked cases beyond issue 6's four: the same shapes, not in the "chunk" alias
-MORE_CHUNK_CASES = ("chunk_hgrn2",)
+MORE_CHUNK_CASES = ("chunk_hgrn2", "chunk_rwkv6")
 ALL_CASES = ("lstm", "lstm_sync", "gru", "mhlstm", "s6", "scan", "gla", "retnet",
              "gated_deltanet") + CHUNK_CASES + MORE_CHUNK_CASES
 ALIASES = {"fla": ("gla", "retnet", "gated_deltanet"), "chunk": CHUNK_CASES, "all": ALL_CASES}

@@ -1,7 +1,7 @@
 """Peers: other people's implementations of the recurrences in examples/, timed by `rnnc bench --peers`.
 
 The table is explicit: `PEERS` maps an rnn block's name (elman, lstm, gru, gla, retnet, mamba2,
-deltanet, gated_deltanet, s6, hgrn, hgrn2) to the adapters that compute the same function. A spec is
+deltanet, gated_deltanet, s6, hgrn, hgrn2, rwkv6) to the adapters that compute the same function. A spec is
 recognised by its block name only, so every adapter is checked against rnnc's sequential
 reference on the same inputs and params before it is timed (`rnnc.bench` does this): a block
 that is called `gla` but computes something else makes the peer fail its check, and it is
@@ -163,6 +163,23 @@ def _hgrn2(chunk: bool):
     return prepare
 
 
+def _rwkv6(chunk: bool):
+    """rwkv6(r, k, v, w), param u[H, K]: fla's chunk_rwkv6 takes [B, T, H, K]; its naive
+    reference takes [B, H, T, K] (PEERS.md) and returns that layout."""
+    def prepare(params, inputs, dims, requires_grad):
+        r, k, v, w = (_leaf(t, requires_grad) for t in inputs)
+        u = _leaf(params["u"], requires_grad)
+        if chunk:
+            fn = _import("fla.ops.rwkv6", "chunk_rwkv6")
+            return Prepared(run=lambda: fn(r, k, v, w, u, scale=1.0), output=_first,
+                            leaves=[r, k, v, w, u])
+        fn = _import("fla.ops.rwkv6.recurrent_naive", "naive_recurrent_rwkv6")
+        tr = lambda t: t.transpose(1, 2)  # noqa: E731
+        return Prepared(run=lambda: fn(tr(r), tr(k), tr(v), tr(w), u, scale=1.0),
+                        output=lambda y: tr(_first(y)), leaves=[r, k, v, w, u])
+    return prepare
+
+
 def _simple_gla(fn: str, module: str):
     """retnet (fixed per-head decay gamma) and mamba2 (SSD) on fla's simple GLA."""
     def prepare(params, inputs, dims, requires_grad):
@@ -300,6 +317,11 @@ PEERS: dict[str, tuple] = {
     "gla": (
         Peer("gla", "fla naive_recurrent_gla", devices=("cpu",), prepare=_gla_naive, note=_CPU_REF, **_FLA),
         Peer("gla", "fla chunk_gla", devices=("cuda",), prepare=_gla_chunk, **_FLA),
+    ),
+    "rwkv6": (
+        Peer("rwkv6", "fla naive_recurrent_rwkv6", devices=("cpu",), prepare=_rwkv6(False),
+             note=_CPU_REF, **_FLA),
+        Peer("rwkv6", "fla chunk_rwkv6", devices=("cuda",), prepare=_rwkv6(True), **_FLA),
     ),
     "hgrn2": (
         Peer("hgrn2", "fla naive_recurrent_gla", devices=("cpu",), prepare=_hgrn2(False),

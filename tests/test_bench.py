@@ -166,19 +166,23 @@ def test_peers_on_cpu(tmp_path):
         assert naive["status"] == "n/a" and "not installed" in naive["reason"]
 
 
-def test_hgrn2_peer_on_cpu(tmp_path):
-    """hgrn2 on fla's GLA (the key 1 - a, the log-decay log a), checked against the
-    sequential backend before it is timed; chunk_gla is CUDA-only."""
+@pytest.mark.parametrize("name,cpu_peer,cuda_peer", [
+    ("hgrn2", "fla naive_recurrent_gla", "fla chunk_gla"),
+    ("rwkv6", "fla naive_recurrent_rwkv6", "fla chunk_rwkv6")])
+def test_more_fla_peers_on_cpu(tmp_path, name, cpu_peer, cuda_peer):
+    """hgrn2 on fla's GLA (the key 1 - a, the log-decay log a) and rwkv6 on fla's RWKV-6
+    (its naive reference in [B, H, T, K]), each checked against the sequential backend before
+    it is timed; the chunk kernels are CUDA-only."""
     from rnnc.peers import PEERS, unavailable
-    rc, recs = bench(tmp_path, str(ROOT / "examples" / "hgrn2.rnn"), "--dims", "H=2,K=4,V=4",
+    rc, recs = bench(tmp_path, str(ROOT / "examples" / f"{name}.rnn"), "--dims", "H=2,K=4,V=4",
                      "--B", "1", "--T", "8", "--reps", "1", "--warmup", "0", "--device", "cpu",
                      "--peers", "--backend", "sequential")
     assert rc == 0
     peer = {r["backend"]: r for r in recs if r["kind"] == "peer"}
-    assert set(peer) == {"fla naive_recurrent_gla", "fla chunk_gla"}
-    assert peer["fla chunk_gla"]["status"] == "n/a"
-    naive = peer["fla naive_recurrent_gla"]
-    if unavailable(PEERS["hgrn2"][0], "cpu") is None:
+    assert set(peer) == {cpu_peer, cuda_peer}
+    assert peer[cuda_peer]["status"] == "n/a"
+    naive = peer[cpu_peer]
+    if unavailable(PEERS[name][0], "cpu") is None:
         assert naive["status"] == "ok" and naive["check_error"] < 1e-4 and naive["ms_median"] > 0
     else:
         assert naive["status"] == "n/a" and "not installed" in naive["reason"]
@@ -241,9 +245,12 @@ def test_gpu_benchmark_chunk_cases_dry_run(tmp_path):
     assert peers["chunk_mamba2"] == {"fla chunk_simple_gla", "mamba_ssm mamba_chunk_scan_combined"}
     assert peers["chunk_gated_deltanet"] == {"fla chunk_gated_delta_rule"}
     # hgrn2, beyond the issue's four (not in the "chunk" alias): the same shapes, fla's GLA
-    (h2, _) = triton_gpu.build_cases(["chunk_hgrn2"], "full", False)
-    assert (h2.label, h2.B, h2.dims, h2.dtypes) == ("hgrn2", 8, dict(H=16, K=128, V=128), ("bfloat16",))
-    assert {ps.peer.name for ps in h2.peers} == {"fla chunk_gla"}
+    more = triton_gpu.build_cases(["chunk_hgrn2", "chunk_rwkv6"], "full", False)
+    assert [(c.label, c.B, c.T, c.dims, c.dtypes) for c in more] == [
+        (n, 8, T, dict(H=16, K=128, V=128), ("bfloat16",)) for n in ("hgrn2", "rwkv6")
+        for T in (2048, 8192)]
+    assert [{ps.peer.name for ps in c.peers} for c in more[::2]] == [{"fla chunk_gla"},
+                                                                      {"fla chunk_rwkv6"}]
 
     # In a child process: the dry run patches triton's autotuner and torch.cuda.device.
     import subprocess
