@@ -375,6 +375,14 @@ def _choose_method(rec, st, facts: StateFacts):
         if facts.key_axis != key or facts.transition.rank != 1:
             facts.reason = "low-rank axis differs from the readout axis, or rank above 1"
             return
+        labels = _labels(len(st.shape))
+        if any(t.state is not None and t.state[1] == labels and
+               any(labels[key] in f.labels for f in t.factors) for t in facts.terms):
+            # The chunk forms of the delta rule take one decay per head; a decay per key channel
+            # (as in Kimi Delta Attention) would need decayed keys inside the UT transform.
+            facts.reason = ("the decay varies along the delta rule's key axis (a decay per key "
+                            "channel); the chunked delta rule takes one decay per head")
+            return
         facts.method, facts.reason = "chunked_delta", None
     else:
         facts.method = "chunked"

@@ -3,7 +3,8 @@
     src, dims = rnnc.random_spec(seed, kind="chunked")
 
 kind: "diagonal" (elementwise scan), "chunked" (matrix state, diagonal decay, rank-1 write),
-"delta" (identity/diagonal plus rank-1), "dense" (a small dense transition), "maxplus",
+"delta" (identity/diagonal plus rank-1), "delta_channel" (a delta rule decayed per key
+channel, as Kimi Delta Attention: a dense scan), "dense" (a small dense transition), "maxplus",
 "nonlinear". The spec text is built from a seeded `random.Random`, so a seed always gives the
 same spec; `dims` are small sizes to compile it with.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-KINDS = ("diagonal", "chunked", "delta", "dense", "maxplus", "nonlinear")
+KINDS = ("diagonal", "chunked", "delta", "delta_channel", "dense", "maxplus", "nonlinear")
 
 _POSITIVE_GATES = ("sigmoid({x})", "exp(-softplus({x}))", "exp(logsigmoid({x}))")
 _SIGNED = ("tanh({x})", "{x}", "silu({x})", "0.5 * {x}")
@@ -93,6 +94,25 @@ def _delta(r, seed):
         lines.append("    S[h,i,j] = alpha[h] * (S[h,i,j] - beta[h] * k[h,i] * u[h,j]) + beta[h] * k[h,i] * v[h,j]")
     else:
         lines.append("    S[h,i,j] = S[h,i,j] + beta[h] * k[h,i] * (v[h,j] - u[h,j])")
+    lines.append("    o[h,j] = sum[i](q[h,i] * S[h,i,j])")
+    lines.append("}")
+    return "\n".join(lines) + "\n", dims
+
+
+def _delta_channel(r, seed):
+    dims = {"H": 2, "K": r.choice([2, 3]), "V": r.choice([2, 3])}
+    decay = _gate(r, "g[h,i]")
+    lines = [f"rnn rand_kda_{seed}(q[H,K], k[H,K], v[H,V], g[H,K], b[H]) -> o[H,V] {{",
+             "    state S[H,K,V] = 0",
+             "    beta = sigmoid(b)"]
+    if r.random() < 0.5:   # erase what the decayed state holds along k (KDA)
+        lines.append(f"    D[h,i,j] = {decay} * S[h,i,j]")
+        lines.append("    u[h,j] = sum[i](k[h,i] * D[h,i,j])")
+        lines.append("    S[h,i,j] = D[h,i,j] + beta[h] * k[h,i] * (v[h,j] - u[h,j])")
+    else:                  # erase first, then decay
+        lines.append("    u[h,j] = sum[i](k[h,i] * S[h,i,j])")
+        lines.append(f"    S[h,i,j] = {decay} * (S[h,i,j] - beta[h] * k[h,i] * u[h,j]) "
+                     "+ beta[h] * k[h,i] * v[h,j]")
     lines.append("    o[h,j] = sum[i](q[h,i] * S[h,i,j])")
     lines.append("}")
     return "\n".join(lines) + "\n", dims

@@ -485,6 +485,7 @@ KIND_CLASS = {
     "diagonal": ({"diagonal"}, "elementwise_scan"),
     "chunked": ({"diagonal"}, "chunked"),
     "delta": ({"identity_plus_low_rank", "diagonal_plus_low_rank"}, "chunked_delta"),
+    "delta_channel": ({"diagonal_plus_low_rank"}, "dense_scan"),
     "dense": ({"dense"}, "dense_scan"),
     "maxplus": ({"maxplus"}, "elementwise_scan"),
     "nonlinear": ({"nonlinear"}, "sequential"),
@@ -595,6 +596,17 @@ rnn dbv(q[H,K], k[H,K], v[H,V], beta[H,V]) -> o[H,V] {
 }""", {"H": 2, "K": 3, "V": 2}, "identity_plus_low_rank with no value axis keeps method "
                                "'elementwise' (_choose_method returns on `not value_axes`): plan "
                                "elementwise_scan, wrong results from the scan backend"),
+    "delta_rule_decay_per_key_channel": ("""
+rnn kda(q[H,K], k[H,K], v[H,V], g[H,K], beta[H]) -> o[H,V] {
+    state S[H,K,V] = 0
+    D[h,i,j] = exp(g[h,i]) * S[h,i,j]
+    u[h,j] = sum[i](k[h,i] * D[h,i,j])
+    S[h,i,j] = D[h,i,j] + beta[h] * k[h,i] * (v[h,j] - u[h,j])
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}""", {"H": 2, "K": 3, "V": 2}, "a delta rule whose decay varies along its key axis (Kimi Delta "
+                               "Attention's decay per key channel) got the chunked_delta plan, "
+                               "whose chunk forms take one decay per head: they read key "
+                               "channel 0's decay for all of them, 22% off on both backends"),
     "maxplus_fixed_transition": ("""
 rnn mpc(x[N]) -> y[N] {
     param p[N]

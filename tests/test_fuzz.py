@@ -800,7 +800,8 @@ def test_hypothesis_structured_specs(text):
 
 
 @_hyp(40)
-@given(kind=st.sampled_from(["diagonal", "chunked", "delta", "dense", "maxplus", "nonlinear"]),
+@given(kind=st.sampled_from(["diagonal", "chunked", "delta", "delta_channel", "dense", "maxplus",
+                            "nonlinear"]),
        seed=st.integers(0, 10 ** 6))
 def test_hypothesis_random_spec(kind, seed):
     """rnnc.random_spec's well-typed specs of each analysis class: both backends agree."""

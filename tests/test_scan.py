@@ -179,7 +179,7 @@ def test_grads_match_sequential(case, T, with_init):
 # 2. random specs of each associative class
 # ---------------------------------------------------------------------------
 
-RANDOM_KINDS = ("diagonal", "chunked", "delta", "dense", "maxplus")
+RANDOM_KINDS = ("diagonal", "chunked", "delta", "delta_channel", "dense", "maxplus")
 SEEDS = range(5)
 
 
@@ -199,7 +199,7 @@ def random_setup(seed, kind, B, T, dtype=F64):
     xs = []
     for d in rec.inputs:
         x = torch.randn(B, T, *concrete(d.shape, dims), generator=gen, dtype=F64)
-        if kind == "delta" and d.name == "k":  # delta-rule keys are normalized in practice
+        if kind.startswith("delta") and d.name == "k":  # delta-rule keys are normalized in practice
             x = x / x.norm(dim=-1, keepdim=True)
         xs.append(x.to(dtype))
     init = {s.name: torch.randn(B, *concrete(s.shape, dims), generator=gen, dtype=F64).to(dtype)
@@ -613,6 +613,31 @@ def test_delta_rule_write_strengths(src, same, monkeypatch):
     init = {"S": torch.randn(2, 2, 4, 3, generator=g, dtype=F64)}
     compare_grads(scan, seq, xs, init)
     assert seen and set(seen) == {same}
+
+
+def test_delta_rule_with_a_decay_per_key_channel():
+    """A delta rule decayed per key channel (Kimi Delta Attention's form) is not a chunked
+    delta rule, whose chunk forms take one decay per head (it once got that plan and a wrong
+    answer): it runs as a dense scan, and agrees with the sequential backend, gradients
+    included."""
+    src = """rnn kda(q[H,K], k[H,K], v[H,V], g[H,K], beta[H]) -> o[H,V] {
+    state S[H,K,V] = 0
+    D[h,i,j] = exp(g[h,i]) * S[h,i,j]
+    u[h,j] = sum[i](k[h,i] * D[h,i,j])
+    S[h,i,j] = D[h,i,j] + beta[h] * k[h,i] * (v[h,j] - u[h,j])
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}"""
+    dims = dict(H=2, K=4, V=3)
+    scan = rnnc.compile(src, backend="scan", chunk_size=4, **dims).double()
+    seq = rnnc.compile(src, backend="sequential", **dims).double()
+    assert scan.analysis.plan == "dense_scan"
+    assert "key channel" in scan.analysis.state("S").reason
+    g = torch.Generator().manual_seed(9)
+    r = lambda *s: torch.randn(2, 11, *s, generator=g, dtype=F64)  # noqa: E731
+    xs = [r(2, 4), torch.nn.functional.normalize(r(2, 4), dim=-1), r(2, 3),
+          torch.nn.functional.logsigmoid(r(2, 4) + 2), torch.sigmoid(r(2))]
+    init = {"S": torch.randn(2, 2, 4, 3, generator=g, dtype=F64)}
+    compare_grads(scan, seq, xs, init)
 
 
 def test_chunked_plan_with_negative_decays_is_exact():

@@ -78,7 +78,8 @@ def test_step_matches_sequence(case):
         torch.testing.assert_close(state[k], final[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["diagonal", "chunked", "delta", "dense", "maxplus", "nonlinear"])
+@pytest.mark.parametrize("kind", ["diagonal", "chunked", "delta", "delta_channel", "dense", "maxplus",
+                                  "nonlinear"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_specs(kind, seed):
     """Randomly built specs of every analysis class: forward and gradients match the float64
