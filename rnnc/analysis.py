@@ -371,6 +371,11 @@ def _choose_method(rec, st, facts: StateFacts):
     value_axes = _value_axes(facts.terms, cut, key, _labels(len(st.shape)))
     if not value_axes:
         return
+    inputs = sum(1 for t in facts.terms if t.state is None)
+    if inputs > 1:   # e.g. k⊗v + k2⊗v2, or k⊗v + 0.5: the chunk forms take one outer product
+        facts.reason = (f"the input is a sum of {inputs} terms; the chunk forms take one outer "
+                        "product k⊗v")
+        return
     if kind.endswith("low_rank"):
         if facts.key_axis != key or facts.transition.rank != 1:
             facts.reason = "low-rank axis differs from the readout axis, or rank above 1"

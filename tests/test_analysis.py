@@ -607,6 +607,20 @@ rnn kda(q[H,K], k[H,K], v[H,V], g[H,K], beta[H]) -> o[H,V] {
                                "Attention's decay per key channel) got the chunked_delta plan, "
                                "whose chunk forms take one decay per head: they read key "
                                "channel 0's decay for all of them, 22% off on both backends"),
+    "matrix_state_two_outer_products": ("""
+rnn two(q[H,K], k[H,K], v[H,V], g[H,K], k2[H,K], v2[H,V]) -> o[H,V] {
+    state S[H,K,V] = 0
+    S[h,i,j] = exp(g[h,i]) * S[h,i,j] + k[h,i] * v[h,j] + k2[h,i] * v2[h,j]
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}""", {"H": 2, "K": 3, "V": 2}, "an input of two outer products got the chunked plan, and "
+                               "compiling it on scan or triton (auto included) raised 'a chunked "
+                               "plan needs one outer-product input term' for a valid spec"),
+    "matrix_state_outer_product_plus_constant": ("""
+rnn plus(q[H,K], k[H,K], v[H,V], g[H,K]) -> o[H,V] {
+    state S[H,K,V] = 0
+    S[h,i,j] = exp(g[h,i]) * S[h,i,j] + k[h,i] * v[h,j] + 0.5
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}""", {"H": 2, "K": 3, "V": 2}, "k⊗v + 0.5 is two input terms: the same refusal as above"),
     "maxplus_fixed_transition": ("""
 rnn mpc(x[N]) -> y[N] {
     param p[N]
