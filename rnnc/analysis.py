@@ -501,10 +501,15 @@ def plan_of(a: "Analysis") -> tuple:
                          f"{','.join(top.transition.mixed_axes)}, read out along it: chunked WY/UT form",
         "chunked": f"{top.name}: diagonal decay over [{','.join(top.transition.varies_over)}] with "
                    f"input {top.input}: chunked linear attention",
-        "dense_scan": f"{top.name}: dense transition mixing [{','.join(top.transition.mixed_axes)}]: "
-                      "scan over matrix products",
+        "dense_scan": f"{top.name}: {top.transition.kind.replace('_', ' ')} transition mixing "
+                      f"[{','.join(top.transition.mixed_axes)}]: scan over matrix products",
         "elementwise_scan": "every state is elementwise (diagonal or max-plus): elementwise scan",
     }[plan]
+    # why a matrix state did not get a chunk form (a decay per key channel in a delta rule,
+    # an input of several terms), where the analysis said
+    shy = [f for f in a.states if len(f.shape) >= 2 and f.reason and f.method in ("dense", "elementwise")]
+    if shy and plan in ("dense_scan", "elementwise_scan"):
+        why += f"; {shy[0].name}: {shy[0].reason}"
     return plan, why
 
 
