@@ -380,10 +380,13 @@ def loader_source(op: str, sig: tuple) -> list:
 
 def module_source(template: str, ops: tuple, sigs: tuple, **fragments) -> str:
     """A chunk-kernel template filled for the operands `ops` with stream signatures `sigs`:
-    the op helpers, each operand's loaders, and its leaves' argument names ({{QS}} ...)."""
-    from .triton_codegen import _fill, op_helpers
+    the op helpers and the products' helper (templates/chunk_dot.py.tmpl), each operand's
+    loaders, and its leaves' argument names ({{QS}} ...)."""
+    from .triton_codegen import TEMPLATES, _fill, op_helpers
     loaders = [line for op, sig in zip(ops, sigs) for line in loader_source(op, sig)]
-    frags = {"HELPERS": op_helpers(), "LOADERS": loaders, **fragments}
+    dot = (TEMPLATES / "chunk_dot.py.tmpl").read_text()
+    dot = dot[dot.index("@triton.jit"):].rstrip().splitlines()
+    frags = {"HELPERS": op_helpers() + ["", ""] + dot, "LOADERS": loaders, **fragments}
     frags.update({f"{op.upper()}S": arg_list(op, sig) for op, sig in zip(ops, sigs)})
     return _fill(template, frags)
 
