@@ -30,6 +30,8 @@ candidate's forward followed by the backward at that chunk's default config.
 
 Cost: a key is timed once per process, about (1 + REPS) launches of each of 10-25 candidates;
 the first time a config is seen Triton also compiles it (cached on disk by Triton afterwards).
+A training forward's candidates also compile the backward's default config at each distinct
+chunk among them.
 """
 from __future__ import annotations
 
