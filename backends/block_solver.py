@@ -388,9 +388,12 @@ class BlockSolver:
         if f.method == "dense":
             n = math.prod(shape)
             if B * L * n * n > DENSE_LIMIT:
-                raise RnncError(f"state {name}: a dense scan over {n} elements needs {B * L * n * n} "
-                                f"transition entries per chunk (limit {DENSE_LIMIT}); use "
-                                "backend='sequential' or a smaller chunk_size")
+                # the transitions would not fit (a delta rule decayed per key channel at
+                # K = V = 64 has n = H*K*V): step through the block instead, exactly, at the
+                # sequential backend's pace
+                self._store(name, env, self._steps(name, env, carry[name], shape, B, L, b=b),
+                            carry, B, L, shape)
+                return
             eye = torch.eye(n, dtype=b.dtype, device=b.device).reshape(n, 1, *shape)
             with_state = [t for t in f.terms if t.state is not None]
             cols = eval_terms(with_state, env, labels, state_value=eye, out_shape=shape)
@@ -603,22 +606,31 @@ class BlockSolver:
         h, _ = self.K.linear_scan(a, b, S0)
         self._readouts(name, env, carry, S0, h, B, L, shape)
 
-    def _solve_stepwise(self, name, env, carry, shape, B, L, t0, S):
-        """Steps t0.. of a block's chunked state, one at a time from its affine normal form
-        (as the sequential backend does), from S, the state before step t0 [B, *shape]."""
+    def _steps(self, name, env, h, shape, B, L, t0=0, b=None):
+        """[B, L - t0, *shape]: a state's values after steps t0.. of the block, one step at a
+        time from its affine normal form (as the sequential backend does), from h [B, *shape],
+        its value before step t0. b: the state-free terms already evaluated, [B, L, *shape]
+        (None: evaluated per step with the rest)."""
         f = self.facts[name]
-        labels = self.layout[name].labels
-        self._fill_lazy(env)
-        S_t0 = S
-        nodes = {fc.node for t in f.terms for fc in t.factors}
+        terms = list(f.terms) if b is None else [t for t in f.terms if t.state is not None]
+        nodes = {fc.node for t in terms for fc in t.factors}
         per_step = {n: env[n].reshape(B, L, *env[n].shape[1:]) for n in nodes if env[n].shape[0] == B * L}
         fixed = {n: env[n] for n in nodes if n not in per_step}
-        steps = []
+        out = []
         for t in range(t0, L):
             values = {**fixed, **{n: x[:, t] for n, x in per_step.items()}}
-            S = eval_terms(list(f.terms), values, labels, state_value=S, out_shape=shape).expand(B, *shape)
-            steps.append(S)
-        self._readouts(name, env, carry, S_t0, torch.stack(steps, 1), B, L, shape, t0)
+            h = eval_terms(terms, values, _labels(len(shape)), state_value=h,
+                           out_shape=shape).expand(B, *shape)
+            out.append(h if b is None else h + b[:, t])
+            h = out[-1]
+        return torch.stack(out, 1)
+
+    def _solve_stepwise(self, name, env, carry, shape, B, L, t0, S):
+        """Steps t0.. of a block's chunked state, one at a time (`_steps`), from S, the state
+        before step t0 [B, *shape], and their readouts."""
+        self._fill_lazy(env)
+        self._readouts(name, env, carry, S, self._steps(name, env, S, shape, B, L, t0), B, L,
+                       shape, t0)
 
     def _readouts(self, name, env, carry, S0, h, B, L, shape, t0=0):
         """Readouts of a chunked state at steps t0.. of the block from its value after each of

@@ -615,18 +615,29 @@ def test_delta_rule_write_strengths(src, same, monkeypatch):
     assert seen and set(seen) == {same}
 
 
-def test_delta_rule_with_a_decay_per_key_channel():
-    """A delta rule decayed per key channel (Kimi Delta Attention's form) is not a chunked
-    delta rule, whose chunk forms take one decay per head (it once got that plan and a wrong
-    answer): it runs as a dense scan, and agrees with the sequential backend, gradients
-    included."""
-    src = """rnn kda(q[H,K], k[H,K], v[H,V], g[H,K], beta[H]) -> o[H,V] {
+KDA = """rnn kda(q[H,K], k[H,K], v[H,V], g[H,K], beta[H]) -> o[H,V] {
     state S[H,K,V] = 0
     D[h,i,j] = exp(g[h,i]) * S[h,i,j]
     u[h,j] = sum[i](k[h,i] * D[h,i,j])
     S[h,i,j] = D[h,i,j] + beta[h] * k[h,i] * (v[h,j] - u[h,j])
     o[h,j] = sum[i](q[h,i] * S[h,i,j])
 }"""
+
+
+@pytest.mark.parametrize("limit", [None, 1], ids=["scanned", "stepped"])
+def test_delta_rule_with_a_decay_per_key_channel(limit, monkeypatch):
+    """A delta rule decayed per key channel (Kimi Delta Attention's form) is not a chunked
+    delta rule, whose chunk forms take one decay per head (it once got that plan and a wrong
+    answer): it runs as a dense scan, or, where its transitions would not fit (here forced
+    with a limit of 1 entry; at K = V = 64 it raised), step by step through each block; both
+    agree with the sequential backend, gradients included."""
+    import rnnc.backends.block_solver as bs
+    if limit is not None:
+        monkeypatch.setattr(bs, "DENSE_LIMIT", limit)
+    steps = []
+    real = bs.BlockSolver._steps
+    monkeypatch.setattr(bs.BlockSolver, "_steps", lambda *a, **k: steps.append(1) or real(*a, **k))
+    src = KDA
     dims = dict(H=2, K=4, V=3)
     scan = rnnc.compile(src, backend="scan", chunk_size=4, **dims).double()
     seq = rnnc.compile(src, backend="sequential", **dims).double()
@@ -638,6 +649,7 @@ def test_delta_rule_with_a_decay_per_key_channel():
           torch.nn.functional.logsigmoid(r(2, 4) + 2), torch.sigmoid(r(2))]
     init = {"S": torch.randn(2, 2, 4, 3, generator=g, dtype=F64)}
     compare_grads(scan, seq, xs, init)
+    assert bool(steps) == (limit is not None)
 
 
 def test_chunked_plan_with_negative_decays_is_exact():
