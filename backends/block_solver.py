@@ -616,13 +616,13 @@ class BlockSolver:
         nodes = {fc.node for t in terms for fc in t.factors}
         per_step = {n: env[n].reshape(B, L, *env[n].shape[1:]) for n in nodes if env[n].shape[0] == B * L}
         fixed = {n: env[n] for n in nodes if n not in per_step}
-        out = []
+        labels, out = _labels(len(shape)), []
         for t in range(t0, L):
             values = {**fixed, **{n: x[:, t] for n, x in per_step.items()}}
-            h = eval_terms(terms, values, _labels(len(shape)), state_value=h,
-                           out_shape=shape).expand(B, *shape)
-            out.append(h if b is None else h + b[:, t])
-            h = out[-1]
+            h = eval_terms(terms, values, labels, state_value=h, out_shape=shape).expand(B, *shape)
+            if b is not None:
+                h = h + b[:, t]
+            out.append(h)
         return torch.stack(out, 1)
 
     def _solve_stepwise(self, name, env, carry, shape, B, L, t0, S):

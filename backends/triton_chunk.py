@@ -462,6 +462,12 @@ def _only(cands: list, split: bool | None, block_k: int | None = None) -> list:
     return cands
 
 
+def _backward_default(K: int, V: int, chunk: int, split, block_k) -> tune.Config:
+    """The backward's untuned config at the forward's chunk, of the kind and key block the
+    call forces (if any)."""
+    return _only([default_config(K, V, chunk)], split, block_k)[0]
+
+
 def _summed(parts: torch.Tensor) -> torch.Tensor:
     """[N, ...] partial sums (per key or value block) -> [...]: the one share as it is."""
     return parts[0] if parts.shape[0] == 1 else parts.sum(0)
@@ -510,7 +516,7 @@ class _ChunkLA(torch.autograd.Function):
                     return fwd
                 # training: the chunk chosen here is the backward's too, so each candidate is
                 # timed with the backward it implies (its default config at that chunk)
-                cb = _only([default_config(K, V, c.chunk)], split, block_k)[0]
+                cb = _backward_default(K, V, c.chunk, split, block_k)
                 back = _backward_buffers(cb, ops, has_q)
                 dS = torch.zeros_like(out[1])
                 do = out[0].new_zeros(ops.dims[:3] + (V,)) if has_q else dS
@@ -549,7 +555,7 @@ class _ChunkLA(torch.autograd.Function):
             do = dS_last   # never read
         dS_last = dS_last.contiguous()
         # the chunk is the forward's: `states` holds the state entering each of its chunks
-        c = _only([default_config(K, V, ctx.chunk)], split, block_k)[0]
+        c = _backward_default(K, V, ctx.chunk, split, block_k)
         if tuned:
             key = _key("chunk_la.bwd", ops, ctx.dtypes, ctx.chunk, include, has_q, prec, split,
                        block_k)

@@ -76,8 +76,9 @@ EXAMPLES = ROOT / "examples"
 CHUNK_CASES = ("chunk_gla", "chunk_retnet", "chunk_mamba2", "chunk_gated_deltanet")
 # chunked cases beyond issue 6's four: the same shapes, not in the "chunk" alias
 MORE_CHUNK_CASES = ("chunk_hgrn2", "chunk_rwkv6")
+CHUNKED = CHUNK_CASES + MORE_CHUNK_CASES   # every case of a chunked plan at issue 6's shapes
 ALL_CASES = ("lstm", "lstm_sync", "gru", "mhlstm", "s6", "scan", "gla", "retnet",
-             "gated_deltanet") + CHUNK_CASES + MORE_CHUNK_CASES
+             "gated_deltanet") + CHUNKED
 ALIASES = {"fla": ("gla", "retnet", "gated_deltanet"), "chunk": CHUNK_CASES, "all": ALL_CASES}
 
 CHECK_B, CHECK_T = 2, 128
@@ -285,7 +286,7 @@ def _peers_for(case: str, fla_chunk: bool) -> list:
                 PeerSpec(Peer("linscan", "accelerated_scan warp (CUDA)", "accelerated_scan",
                               "accelerated-scan", ("cuda",), _acc_scan("accelerated_scan.warp")),
                          needs="nvcc")]
-    if case in CHUNK_CASES + MORE_CHUNK_CASES:  # fla's chunk kernels, and mamba-ssm's SSD for mamba2 (which, unlike
+    if case in CHUNKED:  # fla's chunk kernels, and mamba-ssm's SSD for mamba2 (which, unlike
         # fla's chunk kernels, runs under Triton's interpreter in float32: the dry run checks it)
         return [PeerSpec(p, interpretable=p.package == "mamba_ssm")
                 for p in P.peers_for(case[len("chunk_"):]) if "chunk" in p.name and "cuda" in p.devices]
@@ -382,7 +383,7 @@ def build_cases(keys, mode: str, fla_chunk: bool, chunk_T=None) -> list:
             B, T = pick((4, 2048), (2, 256), (2, 16))
             dims = pick(dict(H=8, K=64, V=64), dict(H=2, K=64, V=64), dict(H=2, K=16, V=16))
             out.append(Case(key, key, EXAMPLES / f"{key}.rnn", dims, B, T))
-        elif key in CHUNK_CASES + MORE_CHUNK_CASES:
+        elif key in CHUNKED:
             name = key[len("chunk_"):]
             B = pick(8, 2, 2)
             H, K = pick((16, 128), (4, 64), (2, 16))

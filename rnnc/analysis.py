@@ -368,7 +368,8 @@ def _choose_method(rec, st, facts: StateFacts):
     facts.method = "dense" if kind.endswith("low_rank") else "elementwise"
     # A chunked plan pays off only with a value axis: one the decay and the keys do not
     # vary over (V in S[H,K,V]). Without one (s6's h[D,N]) an elementwise scan is cheaper.
-    value_axes = _value_axes(facts.terms, cut, key, _labels(len(st.shape)))
+    labels = _labels(len(st.shape))
+    value_axes = _value_axes(facts.terms, cut, key, labels)
     if not value_axes:
         return
     inputs = sum(1 for t in facts.terms if t.state is None)
@@ -380,7 +381,6 @@ def _choose_method(rec, st, facts: StateFacts):
         if facts.key_axis != key or facts.transition.rank != 1:
             facts.reason = "low-rank axis differs from the readout axis, or rank above 1"
             return
-        labels = _labels(len(st.shape))
         if any(t.state is not None and t.state[1] == labels and
                any(labels[key] in f.labels for f in t.factors) for t in facts.terms):
             # The chunk forms of the delta rule take one decay per head; a decay per key channel

@@ -130,18 +130,23 @@ def _torch_nn(kind: str):
 # fla-core: CPU references (naive_*) and CUDA kernels (chunk_*)
 # ---------------------------------------------------------------------------------------------
 
-def _gla_naive(params, inputs, dims, requires_grad):
-    q, k, v, g = (_leaf(t, requires_grad) for t in inputs)
+def _gla_call(chunk: bool):
+    """fla's GLA as f(q, k, v, g) -> its result, with rnnc's readout o = S^T q: chunk_gla
+    (CUDA) with scale 1, or naive_recurrent_gla (CPU), whose q scale K**-0.5 is hard-coded
+    and undone by scaling q up."""
+    if chunk:
+        f = _import("fla.ops.gla", "chunk_gla")
+        return lambda q, k, v, g: f(q, k, v, g, scale=1.0)
     f = _import("fla.ops.gla.naive", "naive_recurrent_gla")
-    K = q.shape[-1]
-    return Prepared(run=lambda: f(q * K ** 0.5, k, v, g, output_final_state=False),  # undo K**-0.5
-                    output=_first, leaves=[q, k, v, g])
+    return lambda q, k, v, g: f(q * q.shape[-1] ** 0.5, k, v, g, output_final_state=False)
 
 
-def _gla_chunk(params, inputs, dims, requires_grad):
-    q, k, v, g = (_leaf(t, requires_grad) for t in inputs)
-    f = _import("fla.ops.gla", "chunk_gla")
-    return Prepared(run=lambda: f(q, k, v, g, scale=1.0), output=_first, leaves=[q, k, v, g])
+def _gla(chunk: bool):
+    def prepare(params, inputs, dims, requires_grad):
+        q, k, v, g = (_leaf(t, requires_grad) for t in inputs)
+        f = _gla_call(chunk)
+        return Prepared(run=lambda: f(q, k, v, g), output=_first, leaves=[q, k, v, g])
+    return prepare
 
 
 def _hgrn2(chunk: bool):
@@ -150,15 +155,11 @@ def _hgrn2(chunk: bool):
     def prepare(params, inputs, dims, requires_grad):
         q, f, v = (_leaf(t, requires_grad) for t in inputs)
         lb = _leaf(params["lb"], requires_grad)
-        fn = _import("fla.ops.gla", "chunk_gla") if chunk else \
-            _import("fla.ops.gla.naive", "naive_recurrent_gla")
+        gla = _gla_call(chunk)
 
         def run():
             a = lb[:, None] + (1 - lb[:, None]) * torch.sigmoid(f)
-            if chunk:
-                return fn(q, 1 - a, v, torch.log(a), scale=1.0)
-            return fn(q * q.shape[-1] ** 0.5, 1 - a, v, torch.log(a),  # undo K**-0.5
-                      output_final_state=False)
+            return gla(q, 1 - a, v, torch.log(a))
         return Prepared(run=run, output=_first, leaves=[q, f, v, lb])
     return prepare
 
@@ -315,8 +316,8 @@ PEERS: dict[str, tuple] = {
     "lstm": (Peer("lstm", "torch.nn.LSTM", "torch", "torch", ("cpu", "cuda"), _torch_nn("lstm")),),
     "gru": (Peer("gru", "torch.nn.GRU", "torch", "torch", ("cpu", "cuda"), _torch_nn("gru")),),
     "gla": (
-        Peer("gla", "fla naive_recurrent_gla", devices=("cpu",), prepare=_gla_naive, note=_CPU_REF, **_FLA),
-        Peer("gla", "fla chunk_gla", devices=("cuda",), prepare=_gla_chunk, **_FLA),
+        Peer("gla", "fla naive_recurrent_gla", devices=("cpu",), prepare=_gla(False), note=_CPU_REF, **_FLA),
+        Peer("gla", "fla chunk_gla", devices=("cuda",), prepare=_gla(True), **_FLA),
     ),
     "rwkv6": (
         Peer("rwkv6", "fla naive_recurrent_rwkv6", devices=("cpu",), prepare=_rwkv6(False),

@@ -4,7 +4,7 @@
 - a backend that computes wrong outputs, or raises, is reported as failed and never timed;
   one that cannot run the spec is "n/a" with its reason;
 - --plot writes a PNG;
-- --peers runs on CPU: torch.nn.RNN for elman, fla's naive reference for gla;
+- --peers runs on CPU: torch.nn.RNN for elman, fla's naive references for gla, hgrn2 and rwkv6;
 - input distributions read off the spec equal the ones tests/cases.py declares by hand;
 - errors come out as FILE:LINE:COL: error, never as tracebacks.
 
@@ -151,28 +151,16 @@ def test_peers_on_cpu(tmp_path):
     assert {r["backend"] for r in peer} == {"torch.nn.RNN"}
     assert all(r["status"] == "ok" and r["ms_median"] > 0 and r["check_error"] < 1e-4 for r in peer)
 
-    rc, recs = bench(tmp_path, GLA, "--dims", "H=2,K=4,V=4", "--B", "1", "--T", "8", "--reps", "1",
-                     "--warmup", "0", "--device", "cpu", "--peers", "--backend", "sequential")
-    assert rc == 0
-    peer = {r["backend"]: r for r in recs if r["kind"] == "peer"}
-    assert set(peer) == {"fla naive_recurrent_gla", "fla chunk_gla"}
-    assert peer["fla chunk_gla"]["status"] == "n/a" and "CUDA" in peer["fla chunk_gla"]["reason"]
-    naive = peer["fla naive_recurrent_gla"]
-    from rnnc.peers import PEERS, unavailable
-    if unavailable(PEERS["gla"][0], "cpu") is None:  # fla-core (with triton) is installed
-        assert naive["status"] == "ok" and naive["check_error"] < 1e-4 and naive["ms_median"] > 0
-        assert "CPU reference" in naive["reason"]
-    else:
-        assert naive["status"] == "n/a" and "not installed" in naive["reason"]
-
 
 @pytest.mark.parametrize("name,cpu_peer,cuda_peer", [
+    ("gla", "fla naive_recurrent_gla", "fla chunk_gla"),
     ("hgrn2", "fla naive_recurrent_gla", "fla chunk_gla"),
     ("rwkv6", "fla naive_recurrent_rwkv6", "fla chunk_rwkv6")])
-def test_more_fla_peers_on_cpu(tmp_path, name, cpu_peer, cuda_peer):
-    """hgrn2 on fla's GLA (the key 1 - a, the log-decay log a) and rwkv6 on fla's RWKV-6
-    (its naive reference in [B, H, T, K]), each checked against the sequential backend before
-    it is timed; the chunk kernels are CUDA-only."""
+def test_fla_peers_on_cpu(tmp_path, name, cpu_peer, cuda_peer):
+    """gla, hgrn2 on fla's GLA (the key 1 - a, the log-decay log a) and rwkv6 on fla's RWKV-6
+    (its naive reference in [B, H, T, K]): fla's CPU reference, where fla-core is installed,
+    checked against the sequential backend before it is timed; the chunk kernels are
+    CUDA-only."""
     from rnnc.peers import PEERS, unavailable
     rc, recs = bench(tmp_path, str(ROOT / "examples" / f"{name}.rnn"), "--dims", "H=2,K=4,V=4",
                      "--B", "1", "--T", "8", "--reps", "1", "--warmup", "0", "--device", "cpu",
@@ -180,10 +168,11 @@ def test_more_fla_peers_on_cpu(tmp_path, name, cpu_peer, cuda_peer):
     assert rc == 0
     peer = {r["backend"]: r for r in recs if r["kind"] == "peer"}
     assert set(peer) == {cpu_peer, cuda_peer}
-    assert peer[cuda_peer]["status"] == "n/a"
+    assert peer[cuda_peer]["status"] == "n/a" and "CUDA" in peer[cuda_peer]["reason"]
     naive = peer[cpu_peer]
-    if unavailable(PEERS[name][0], "cpu") is None:
+    if unavailable(PEERS[name][0], "cpu") is None:  # fla-core (with triton) is installed
         assert naive["status"] == "ok" and naive["check_error"] < 1e-4 and naive["ms_median"] > 0
+        assert "CPU reference" in naive["reason"]
     else:
         assert naive["status"] == "n/a" and "not installed" in naive["reason"]
 

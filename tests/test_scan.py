@@ -637,10 +637,9 @@ def test_delta_rule_with_a_decay_per_key_channel(limit, monkeypatch):
     steps = []
     real = bs.BlockSolver._steps
     monkeypatch.setattr(bs.BlockSolver, "_steps", lambda *a, **k: steps.append(1) or real(*a, **k))
-    src = KDA
     dims = dict(H=2, K=4, V=3)
-    scan = rnnc.compile(src, backend="scan", chunk_size=4, **dims).double()
-    seq = rnnc.compile(src, backend="sequential", **dims).double()
+    scan = rnnc.compile(KDA, backend="scan", chunk_size=4, **dims).double()
+    seq = rnnc.compile(KDA, backend="sequential", **dims).double()
     assert scan.analysis.plan == "dense_scan"
     assert "key channel" in scan.analysis.state("S").reason
     g = torch.Generator().manual_seed(9)

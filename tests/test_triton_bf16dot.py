@@ -31,16 +31,11 @@ from rnnc.backends import triton_delta as td  # noqa: E402
 from rnnc.backends import triton_gates as tg  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cases import compile_offline  # noqa: E402
+from cases import compile_offline, rel_err  # noqa: E402
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _rel(x, ref):
-    scale = ref.abs().max().item()
-    return (x.double() - ref).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
 def _grads(fn, xs, cotangents):
@@ -56,7 +51,7 @@ def _judge(names, ref, rounded_in, got):
     bad = []
     for name, a, b, c in zip(names, ref, rounded_in, got):
         assert torch.isfinite(c).all(), name
-        e_in, e = _rel(b, a), _rel(c, a)
+        e_in, e = rel_err(b, a), rel_err(c, a)
         if not e_in / 16 < e <= 4 * e_in:
             bad.append(f"{name}: {e:.2e} against inputs rounded to bf16 {e_in:.2e}")
     assert not bad, bad
@@ -89,7 +84,7 @@ def test_linear_attention_bf16_dots(per_channel, split, block_k):
                   [x.float() for x in xs], cot)
     names = ["o", "S_last", "dq", "dk", "dv", "dlog_decay", "dS0"]
     _judge(names, ref, rounded, got)
-    assert max(_rel(a, b) for a, b in zip(ieee, ref)) < 1e-5   # what "rounded nothing" gives
+    assert max(rel_err(a, b) for a, b in zip(ieee, ref)) < 1e-5   # what "rounded nothing" gives
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["walk", "split"])
@@ -134,8 +129,8 @@ def test_the_mode_reaches_a_compiled_spec(monkeypatch):
         plain = tri(q, k, v, g)
         monkeypatch.setenv(tg.DOT_ENV, "bf16")
         rounded = tri(q, k, v, g)
-    assert _rel(plain, want) < 1e-5
-    e = _rel(rounded, want)
+    assert rel_err(plain, want) < 1e-5
+    e = rel_err(rounded, want)
     assert 2.0 ** -14 < e < 2.0 ** -5, e
 
 
@@ -207,5 +202,5 @@ def test_random_specs_with_bf16_dots(monkeypatch, kind, seed):
     got = results(tri, [x.float() for x in xs])
     assert len(got) == len(want) >= 2
     for a, b, c in zip(want, yardstick, got):
-        e_in, e = _rel(b, a), _rel(c, a)
+        e_in, e = rel_err(b, a), rel_err(c, a)
         assert e_in / 16 < e <= 4 * e_in, (e, e_in)
