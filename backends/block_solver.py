@@ -30,6 +30,9 @@ from .chunk_plan import NO_DECAY, Layout, StreamPlan, coef as _coef, exp_factors
 from .scan_kernels import _needs_grad, _shares  # tensor predicates, not the kernels table
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # inputs the chunk kernels read as they are
+# The chunk of scan_kernels.chunk_dplr where the kernels table tunes its own chunk (Triton:
+# the delta rule with a decay per key channel has no Triton chunk kernel yet)
+DPLR_CHUNK = 64
 DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
 
 
@@ -544,12 +547,12 @@ class BlockSolver:
             v = ref.new_zeros(B, L, H, V)
         diag = [_coef(t) for t in lay.diag]
         log_decay = self._log_coef(diag, env, labels, name) if diag else None
-        if diag and log_decay is None:
+        if diag and log_decay is None:   # a decay <= 0 somewhere: the chunk forms need its log
             if f.method == "chunked":
                 self._solve_materialised(name, env, carry, shape, B, L)
-                return
-            raise RnncError(f"state {name}: the chunked delta rule needs a positive decay, and this "
-                            "input produced a negative one; use backend='sequential' for it")
+            else:   # exact, one step at a time (a delta rule's state has no cheaper exact form)
+                self._solve_stepwise(name, env, carry, shape, B, L, 0, self._from_kernel(name, S0, shape))
+            return
         if f.method == "chunked":
             if log_decay is None:
                 log_decay = ref.new_full((B * L, *[1] * len(shape)), NO_DECAY)
@@ -564,14 +567,19 @@ class BlockSolver:
             r = kern(eval_terms([d.r], env, d.r.out))[..., 0]
             # w and p the same product (DeltaNet: both beta*k): one tensor, the kernel's fast path
             w = p if d.same else kern(eval_terms([d.w], env, labels))[..., 0]
-            if not d.cancel and log_decay is not None:
+            if not d.cancel and not d.channel and log_decay is not None:
                 w = w / kern(torch.exp(log_decay))[..., 0]
-            la = None if log_decay is None else kern(log_decay)[..., 0, 0].expand(B, L, H)
             r = r.expand(B, L, H, Kd)
             w = w if w is p else w.expand(B, L, H, Kd)
+            if d.channel:   # diag(alpha) S - w (r^T S) + p v^T, alpha per key channel
+                la = kern(log_decay)[..., 0].expand(B, L, H, Kd)
+                form, chunk = self.K.chunk_dplr, self.chunk or DPLR_CHUNK
+            else:
+                la = None if log_decay is None else kern(log_decay)[..., 0, 0].expand(B, L, H)
+                form, chunk = self.K.chunk_delta_rule, self.chunk
             kin = {"r": r, "w": w, "p": p, "v": v, "log_alpha": la}
-            run = lambda q, include, kin: self.K.chunk_delta_rule(  # noqa: E731
-                q, kin["r"], kin["w"], kin["p"], kin["v"], kin["log_alpha"], S0, chunk=self.chunk)
+            run = lambda q, include, kin: form(  # noqa: E731
+                q, kin["r"], kin["w"], kin["p"], kin["v"], kin["log_alpha"], S0, chunk=chunk)
         # The chunk forms mix a chunk's steps in matrix products, where 0 * NaN would carry a
         # non-finite input back to the steps before it. From the first such step t0 on, the block
         # is solved step by step; before it, the chunk forms run on inputs whose non-finite

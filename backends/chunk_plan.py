@@ -42,7 +42,11 @@ class Delta:
     """A delta-rule state's update alpha (S - w (r^T S)) + p v^T in the chunk kernels' terms:
     r (the factors of the low-rank term carrying the contracted key axis, over r's labels),
     w (the others, scaled), cancel (alpha taken out of the low-rank term exactly, so w holds
-    no alpha) and same (w and p the same product: DeltaNet's beta*k)."""
+    no alpha) and same (w and p the same product: DeltaNet's beta*k).
+
+    channel: the decay varies along the key axis (Kimi Delta Attention, RWKV-7). The update
+    is then diag(alpha) S - w (r^T S) + p v^T as it stands (scan_kernels.chunk_dplr): alpha
+    stays wherever the spec put it, in w (decay after the erase) or in r (before it)."""
 
     def __init__(self, lay):
         labels = lay.labels
@@ -50,7 +54,8 @@ class Delta:
         x = low.state[1][lay.key]
         alpha_nodes = sorted(fc.node for t in lay.diag for fc in t.factors)
         factors = list(low.factors)
-        self.cancel = len(lay.diag) == 1 and all(
+        self.channel = any(labels[lay.key] in fc.labels for t in lay.diag for fc in t.factors)
+        self.cancel = not self.channel and len(lay.diag) == 1 and all(
             any(fc.node == a for fc in factors) for a in alpha_nodes)
         if self.cancel:  # alpha * (S - w r^T S): take alpha out of the low-rank term exactly
             for a in alpha_nodes:
@@ -61,7 +66,7 @@ class Delta:
         r_labels = tuple(x if k == lay.key else labels[k] for k in range(len(labels)))
         self.r = Term(1.0, rf, None, r_labels)
         self.w = Term(scale, wf, None, labels)
-        self.same = lay.p is not None and self.cancel and scale == lay.p.scale and sorted(
+        self.same = lay.p is not None and (self.cancel or self.channel) and scale == lay.p.scale and sorted(
             (fc.node, fc.power) for fc in wf) == sorted((fc.node, fc.power) for fc in lay.p.factors)
 
 

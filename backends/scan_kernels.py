@@ -28,7 +28,7 @@ import math
 import torch
 
 __all__ = ["linear_scan", "maxplus_scan", "chunk_linear_attention", "chunk_delta_rule",
-           "dense_scan"]
+           "chunk_dplr", "dense_scan"]
 
 # --------------------------------------------------------------------------- helpers
 
@@ -617,6 +617,131 @@ def _delta_rule_core(q, r, w, p, v, log_alpha, S0, chunk, shared):
         q_eff = q_dec - AY[..., :K]
         o = _baddmm(a_qp.transpose(-1, -2) @ vh - AY[..., K:], q_eff, S_in)
     return _from_blocks(o, L), S_last
+
+
+def chunk_dplr(q, r, w, p, v, log_alpha, S0, chunk: int = 64):
+    """Diagonal-plus-rank-1 transition with a decay per key channel over a block of any
+    length L (Kimi Delta Attention, RWKV-7, a delta rule decayed per channel).
+
+    S_t = diag(alpha_t) S_{t-1} - w_t (r_t^T S_{t-1}) + p_t v_t^T, and o_t = S_t^T q_t,
+    with alpha_t = exp(log_alpha_t) per key channel. Unlike chunk_delta_rule, the decay does
+    not scale the erase: KDA's (I - beta k k^T) diag(alpha) is w = beta k, r = alpha * k, and
+    the decay-after-erase form diag(alpha) (I - beta k k^T) is w = alpha * beta k, r = k.
+
+    q: [B, L, H, K] or None; r, w, p: [B, L, H, K]; v: [B, L, H, V];
+    log_alpha: [B, L, H, K]; S0: [B, H, K, V]. Returns (o, S_last) as chunk_delta_rule,
+    whose fast path for w is p it shares.
+
+    Inside a chunk, with G_t the per-channel log-decay summed over steps 1..t of the chunk,
+    the state is S_t = diag(exp G_t) X_t, and X follows an undecayed update whose pair terms
+    each carry the decay of one segment: with y_t = S_{t-1}^T r_t,
+      y_t + sum_{s<t} (r_t . w_s)_{G_{t-1} - G_s} y_s
+          = (r_t * exp G_{t-1})^T S0 + sum_{s<t} (r_t . p_s)_{G_{t-1} - G_s} v_s,
+      o_t = (q_t * exp G_t)^T S0 + sum_{s<=t} (q_t . p_s)_{G_t - G_s} v_s - (q_t . w_s)_{G_t - G_s} y_s,
+      S_c = diag(exp G_c) S0 + sum_s (p_s exp(G_c - G_s)) v_s^T - (w_s exp(G_c - G_s)) y_s^T,
+    where (a . b)_x = sum_k a_k b_k exp(x_k): a channel-weighted product, as in linear
+    attention with a decay per channel. _channel_pairs computes those score matrices by the
+    same recursive halving (products of decays, never quotients); the rest is the
+    chunk_delta_rule scheme: one unit lower triangular solve for y = Y0 S0 + y_loc, then
+    S_{j+1} = M_j S_j + dS_j chained over the chunks.
+    """
+    B, L, H, K = r.shape
+    nc, c = _chunking(L, chunk, pow2=True)
+    shared = p is w
+    return _in_groups(
+        lambda q, r, w, p, v, la, S: _dplr_core(q, r, w, p, v, la, S, c, shared),
+        (q, r, w, p, v, log_alpha), S0, L, c, B * H)
+
+
+def _channel_pairs(queries, keys, x, c):
+    """Channel-weighted pair scores inside chunks of c = 2^m steps, by recursive halving.
+
+    queries: [(q [B, H, N, K], include)], keys: [k [B, H, N, K]], x: log-decays [B, H, N, K],
+    N = nc * c. Returns (A, Q, Kd, T): A [B, H, nq, nk, nc, c, c] with A[t, s] = sum_k q_t,k
+    k_s,k exp(sum of x_u,k over s < u <= t) for s < t (u <= t - 1 where include is False) and
+    q_t . k_t on the diagonal where include is True, zero elsewhere; Q [B, H, nq, N, K] the
+    queries decayed from the chunk start (to t, or to t - 1); Kd [B, H, nk, N, K] the keys
+    decayed to the chunk end; T [B, H, nc, K] the chunks' total decays. The halving is
+    _linear_attention_channel's, with the score blocks kept instead of applied to v.
+    """
+    B, H, N, K = x.shape
+    nc = N // c
+    a = torch.exp(x)
+    Q = torch.stack([qq * a if inc else qq for qq, inc in queries], 2)
+    Kd = torch.stack(keys, 2)
+    nq, nk = Q.shape[2], Kd.shape[2]
+    A = Q.new_zeros(B, H, nq, nk, nc, c, c)
+    for i, (qq, inc) in enumerate(queries):
+        if inc:   # s = t: no decay
+            A[:, :, i].diagonal(dim1=-2, dim2=-1).copy_(
+                (qq.unsqueeze(2) * Kd).sum(-1).view(B, H, nk, nc, c))
+    # Without autograd the levels rescale Q and K in place (as _linear_attention_channel);
+    # they are fresh stacks here, never the inputs.
+    in_place = not _needs_grad(x, *keys, *(qq for qq, _ in queries))
+    T = a
+    h = 1
+    while h < c:
+        n, m = N // (2 * h), c // (2 * h)
+        Q0, Q1 = Q.view(B, H, nq, n, 2, h, K).unbind(4)
+        K0, K1 = Kd.view(B, H, nk, n, 2, h, K).unbind(4)
+        T0, T1 = T.view(B, H, n, 2, 1, K).unbind(3)
+        if h <= 2:   # tiny score blocks: elementwise beats a batch of tiny matmuls
+            sc = (Q1.unsqueeze(3).unsqueeze(-2) * K0.unsqueeze(2).unsqueeze(-3)).sum(-1)
+        else:
+            sc = Q1.unsqueeze(3) @ K0.unsqueeze(2).transpose(-1, -2)  # [B, H, nq, nk, n, h, h]
+        # block j of a chunk at this level: the rows of its second half against the columns
+        # of its first half, written where they lie in the chunk's matrix
+        blocks = A.view(B, H, nq, nk, nc, m, 2, h, m, 2, h)[:, :, :, :, :, :, 1, :, :, 0, :]
+        blocks.diagonal(dim1=5, dim2=7).copy_(
+            sc.view(B, H, nq, nk, nc, m, h, h).permute(0, 1, 2, 3, 4, 6, 7, 5))
+        if in_place:
+            Q1.mul_(T0.unsqueeze(2))
+            K0.mul_(T1.unsqueeze(2))
+        else:
+            Q = torch.stack([Q0, Q1 * T0.unsqueeze(2)], 4).view(B, H, nq, N, K)
+            Kd = torch.stack([K0 * T1.unsqueeze(2), K1], 4).view(B, H, nk, N, K)
+        T = T0 * T1
+        h *= 2
+    return A, Q, Kd, T.view(B, H, nc, K)
+
+
+def _dplr_core(q, r, w, p, v, log_alpha, S0, c, shared):
+    B, L, H, K = r.shape
+    nc = -(-L // c)
+    N = nc * c
+    flat = lambda t: _to_blocks(t, nc, c).view(B, H, N, t.shape[-1])  # noqa: E731
+    rh, wh, vh, x = flat(r), flat(w), flat(v), flat(log_alpha)
+    ph = wh if shared else flat(p)
+    keys = [wh] if shared else [wh, ph]
+    queries = [(rh, False)] + ([] if q is None else [(flat(q), True)])
+    A, Q, Kd, T = _channel_pairs(queries, keys, x, c)
+    blk = lambda t: t.view(B, H, nc, c, t.shape[-1])  # noqa: E731
+    vb = blk(vh)
+    a_rw = A[:, :, 0, 0]
+    a_rp = a_rw if shared else A[:, :, 0, 1]
+    Y = _solve_unit_lower(a_rw, torch.cat([blk(Q[:, :, 0]), a_rp @ vb], -1))  # [Y0, y_loc]
+    wd = blk(Kd[:, :, 0])
+    eye = torch.diag_embed(T)                                      # [B, H, nc, K, K]
+    if shared:
+        U = torch.cat([-Y[..., :K], vb - Y[..., K:]], -1)
+        MdS = wd.transpose(-1, -2) @ U
+        M, dS = eye + MdS[..., :K], MdS[..., K:]
+    else:
+        WY = wd.transpose(-1, -2) @ Y
+        M = eye - WY[..., :K]
+        dS = blk(Kd[:, :, 1]).transpose(-1, -2) @ vb - WY[..., K:]
+    S_in, S_last = _chain_dense(M, dS, S0)
+    if q is None:
+        return None, S_last
+    a_qw = A[:, :, 1, 0]
+    if shared:
+        AU = a_qw @ U
+        q_eff, o_loc = blk(Q[:, :, 1]) + AU[..., :K], AU[..., K:]
+    else:
+        AY = a_qw @ Y
+        q_eff = blk(Q[:, :, 1]) - AY[..., :K]
+        o_loc = A[:, :, 1, 1] @ vb - AY[..., K:]
+    return _from_blocks(_baddmm(o_loc, q_eff, S_in), L), S_last
 
 
 # --------------------------------------------------------------------------- 5. dense

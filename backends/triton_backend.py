@@ -109,7 +109,11 @@ def emit(rec, analysis) -> str:
     if wide.source is not None:
         text += ("\n\n# ---- wide kernel: the module generated for states too wide for the fused "
                  "kernel's registers ----\n" + wide.source)
-    if analysis.plan in ("chunked", "chunked_delta"):
+    if analysis.plan == "chunked_delta" and _decay_per_key(rec, analysis):
+        text += (f"\n\n{LIBRARY_MARKER}: none. The chunked_delta plan's decay varies per key "
+                 "channel, which the Triton delta-rule kernels do not take yet: sequences run "
+                 "scan_kernels.chunk_dplr (PyTorch) and single steps the fused kernel above.\n")
+    elif analysis.plan in ("chunked", "chunked_delta"):
         from . import triton_chunk, triton_delta
         lib = triton_chunk if analysis.plan == "chunked" else triton_delta
         text += (f"\n\n{LIBRARY_MARKER} for the {analysis.plan} plan (the spec's gates computed by "
@@ -117,6 +121,12 @@ def emit(rec, analysis) -> str:
                  "_tile_u and _tile_x, the readouts' other terms in PyTorch) "
                  "----\n" + lib.source(chunk_signatures(rec, analysis)))
     return text
+
+
+def _decay_per_key(rec, analysis) -> bool:
+    """Whether a chunked delta-rule state decays per key channel (chunk_plan.Delta.channel)."""
+    solver = ChunkedRunner(rec, analysis).solver
+    return any(lay.delta is not None and lay.delta.channel for lay in solver.layout.values())
 
 
 def chunk_signatures(rec, analysis) -> tuple | None:
@@ -504,7 +514,9 @@ class ChunkedRunner:
             linear_scan=scan_kernels.linear_scan, maxplus_scan=scan_kernels.maxplus_scan,
             dense_scan=scan_kernels.dense_scan,
             chunk_linear_attention=triton_chunk.chunk_linear_attention,
-            chunk_delta_rule=triton_delta.chunk_delta_rule, gate_streams=triton_gates)
+            chunk_delta_rule=triton_delta.chunk_delta_rule, gate_streams=triton_gates,
+            # no Triton chunk kernel yet for a delta rule decayed per key channel: PyTorch's
+            chunk_dplr=scan_kernels.chunk_dplr)
         self.solver = BlockSolver(rec, analysis, table, chunk, block=CHUNKED_BLOCK)
         self._fused = None
 

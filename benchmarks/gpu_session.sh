@@ -32,6 +32,8 @@
 #           (one spec per stage: the first call of each shape compiles and tunes both sides)
 #   chunk5  hgrn2 and rwkv6 at chunk4's shapes vs fla chunk_gla (hgrn2's gates computed in
 #           rnnc's kernels, materialised for fla's) and fla chunk_rwkv6
+#   chunk6  kda and rwkv7 at chunk4's shapes vs fla chunk_kda and chunk_rwkv7 (rnnc: the PyTorch
+#           chunk form of a delta rule decayed per key channel, on cuBLAS)
 #   chunkbf16 issue 6's four chunk cases at T=2048 again with RNNC_TRITON_DOT=bf16 (rnnc's
 #           chunk-kernel products on bf16 operands, as fla's): whether that mode pays on a GPU
 #   all     every stage in turn (longer than one 10-minute command)
@@ -40,7 +42,7 @@
 # benchmarks/wheels/ into /tmp/rnnc-site (never over the machine's CUDA torch and triton), and
 # rnnc is put on PYTHONPATH from this checkout.
 set -u
-STAGE=${1:?"usage: bash benchmarks/gpu_session.sh session|check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|chunk5|chunkbf16|all [OUTDIR]"}
+STAGE=${1:?"usage: bash benchmarks/gpu_session.sh session|check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|chunk5|chunk6|chunkbf16|all [OUTDIR]"}
 OUT=${2:-benchmarks/results/gpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -88,6 +90,7 @@ stage() {
     chunk3) run chunk3 --cases chunk_mamba2 ;;
     chunk4) run chunk4 --cases chunk_gated_deltanet ;;
     chunk5) run chunk5 --cases chunk_hgrn2,chunk_rwkv6 ;;
+    chunk6) run chunk6 --cases chunk_kda,chunk_rwkv7 ;;
     chunkbf16) RNNC_TRITON_DOT=bf16 RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} \
               run chunkbf16 --cases chunk --chunk-T 2048 ;;
     session) mkdir -p "$OUT/session"
@@ -101,7 +104,7 @@ stage() {
 }
 
 if [ "$STAGE" = all ]; then
-  for s in check scan rnn fla chunk1 chunk2 chunk3 chunk4 chunk5; do stage "$s"; done
+  for s in check scan rnn fla chunk1 chunk2 chunk3 chunk4 chunk5 chunk6; do stage "$s"; done
 else
   stage "$STAGE"
 fi

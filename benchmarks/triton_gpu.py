@@ -35,6 +35,10 @@ Cases (--cases, comma-separated; "fla" = gla,retnet,gated_deltanet):
              the same shapes: examples/hgrn2.rnn vs fla chunk_gla, handed the key 1 - a and
              the log-decay log a that rnnc computes inside its kernels; examples/rwkv6.rnn vs
              fla chunk_rwkv6 (the bonus u computed in rnnc's kernels)
+    chunk_kda, chunk_rwkv7   (not in "chunk")
+             the same shapes: examples/kda.rnn vs fla chunk_kda, examples/rwkv7.rnn vs fla
+             chunk_rwkv7 (a delta rule decayed per key channel: rnnc runs the PyTorch chunk
+             form scan_kernels.chunk_dplr, having no Triton kernel for it yet)
 
 Every implementation is first checked against rnnc's sequential backend (float64 reference,
 B=2, T=128, relative error max|got - want| / max|want| <= 5e-3 in fp32, since matmuls may run
@@ -75,7 +79,7 @@ EXAMPLES = ROOT / "examples"
 
 CHUNK_CASES = ("chunk_gla", "chunk_retnet", "chunk_mamba2", "chunk_gated_deltanet")
 # chunked cases beyond issue 6's four: the same shapes, not in the "chunk" alias
-MORE_CHUNK_CASES = ("chunk_hgrn2", "chunk_rwkv6")
+MORE_CHUNK_CASES = ("chunk_hgrn2", "chunk_rwkv6", "chunk_kda", "chunk_rwkv7")
 CHUNKED = CHUNK_CASES + MORE_CHUNK_CASES   # every case of a chunked plan at issue 6's shapes
 ALL_CASES = ("lstm", "lstm_sync", "gru", "mhlstm", "s6", "scan", "gla", "retnet",
              "gated_deltanet") + CHUNKED

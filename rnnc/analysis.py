@@ -381,13 +381,8 @@ def _choose_method(rec, st, facts: StateFacts):
         if facts.key_axis != key or facts.transition.rank != 1:
             facts.reason = "low-rank axis differs from the readout axis, or rank above 1"
             return
-        if any(t.state is not None and t.state[1] == labels and
-               any(labels[key] in f.labels for f in t.factors) for t in facts.terms):
-            # The chunk forms of the delta rule take one decay per head; a decay per key channel
-            # (as in Kimi Delta Attention) would need decayed keys inside the UT transform.
-            facts.reason = ("the decay varies along the delta rule's key axis (a decay per key "
-                            "channel); the chunked delta rule takes one decay per head")
-            return
+        # A decay per key channel (Kimi Delta Attention, RWKV-7) is chunked too: the block
+        # solver gives it the diagonal-plus-rank-1 form (chunk_plan.Delta.channel).
         facts.method, facts.reason = "chunked_delta", None
     else:
         facts.method = "chunked"
@@ -487,6 +482,13 @@ _PLAN_NAME = {"chunked_delta": "chunked_delta", "chunked": "chunked", "dense": "
               "constant": "elementwise_scan"}
 
 
+def _decay_per_key(f: StateFacts) -> bool:
+    """Whether a chunked delta rule's decay varies along its key axis (KDA, RWKV-7)."""
+    labels = _labels(len(f.shape))
+    return any(t.state is not None and t.state[1] == labels and
+               any(labels[f.key_axis] in fc.labels for fc in t.factors) for t in f.terms)
+
+
 def plan_of(a: "Analysis") -> tuple:
     """(plan, one-line reason) from the per-state methods."""
     bad = [f for f in a.states if f.update == "nonlinear"]
@@ -498,7 +500,9 @@ def plan_of(a: "Analysis") -> tuple:
     plan = _PLAN_NAME[top.method]
     why = {
         "chunked_delta": f"{top.name}: {top.transition.kind.replace('_', ' ')} of rank 1 over "
-                         f"{','.join(top.transition.mixed_axes)}, read out along it: chunked WY/UT form",
+                         f"{','.join(top.transition.mixed_axes)}, read out along it: chunked WY/UT form"
+                         + (", the decay per key channel inside the pair products"
+                            if top.method == "chunked_delta" and _decay_per_key(top) else ""),
         "chunked": f"{top.name}: diagonal decay over [{','.join(top.transition.varies_over)}] with "
                    f"input {top.input}: chunked linear attention",
         "dense_scan": f"{top.name}: {top.transition.kind.replace('_', ' ')} transition mixing "

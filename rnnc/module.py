@@ -2,6 +2,7 @@
 
     y = m(*xs)                                   # each x [B, T, *shape] -> y [B, T, *shape]
     y, final = m(*xs, initial_state=None, output_final_state=True)
+    y, final = m(*xs, cu_seqlens=cu, ...)       # N sequences packed: x [1, T_total, *shape]
     y_t, state = m.step(*x_ts, state=None)       # each x_t [B, *shape]
 
 Several outputs come back as a tuple in header order. States are dicts {name: [B, *shape]}.
@@ -18,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from . import ir
+from . import ir, varlen
 from .errors import RnncError
 from .interpret import concrete
 
@@ -263,9 +264,16 @@ class RecurrentModule(nn.Module):
             outs = tuple(o.squeeze(1) for o in outs)
         return (outs[0] if len(outs) == 1 else outs), final
 
-    def forward(self, *xs, initial_state=None, output_final_state=False):
-        """Run over whole sequences: inputs [B, T, *shape] in header order."""
-        out, final = self._run(xs, initial_state, lead=2)
+    def forward(self, *xs, initial_state=None, output_final_state=False, cu_seqlens=None):
+        """Run over whole sequences: inputs [B, T, *shape] in header order. With cu_seqlens
+        ([N + 1] offsets, fla's convention), the inputs are N sequences packed back to back,
+        [1, T_total, *shape]; states are then [N, *shape] (rnnc.varlen)."""
+        if cu_seqlens is None:
+            out, final = self._run(xs, initial_state, lead=2)
+        else:
+            self._bind(xs, 2)   # the packed inputs checked as one batch first
+            out, final = varlen.run_packed(lambda x, s: self._run(x, s, lead=2), xs, cu_seqlens,
+                                           initial_state, self._error)
         return (out, final) if output_final_state else out
 
     def step(self, *xs, state=None):

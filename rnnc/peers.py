@@ -1,7 +1,7 @@
 """Peers: other people's implementations of the recurrences in examples/, timed by `rnnc bench --peers`.
 
 The table is explicit: `PEERS` maps an rnn block's name (elman, lstm, gru, gla, retnet, mamba2,
-deltanet, gated_deltanet, s6, hgrn, hgrn2, rwkv6) to the adapters that compute the same function. A spec is
+deltanet, gated_deltanet, kda, s6, hgrn, hgrn2, rwkv6, rwkv7) to the adapters that compute the same function. A spec is
 recognised by its block name only, so every adapter is checked against rnnc's sequential
 reference on the same inputs and params before it is timed (`rnnc.bench` does this): a block
 that is called `gla` but computes something else makes the peer fail its check, and it is
@@ -181,6 +181,43 @@ def _rwkv6(chunk: bool):
     return prepare
 
 
+def _kda(chunk: bool):
+    """kda(q, k, v, g, beta): fla's chunk_kda (CUDA) and naive_recurrent_kda (CPU) take rnnc's
+    layout [B, T, H, K] and the log decay g as they are."""
+    def prepare(params, inputs, dims, requires_grad):
+        q, k, v, g, beta = (_leaf(t, requires_grad) for t in inputs)
+        f = _import("fla.ops.kda", "chunk_kda") if chunk else \
+            _import("fla.ops.kda.naive", "naive_recurrent_kda")
+        return Prepared(run=lambda: f(q, k, v, g, beta, scale=1.0), output=_first,
+                        leaves=[q, k, v, g, beta])
+    return prepare
+
+
+def _rwkv7(chunk: bool):
+    """rwkv7(r, w, k, v, kk, a), param rk[H, K], as fla's RWKV-7 layer runs it: the
+    diagonal-plus-low-rank recurrence with a = -kk, b = kk * a (chunk_rwkv7 on CUDA,
+    [B, T, H, K]; dplr_recurrence on CPU, [B, H, T, K], its q scale K**-0.5 hard-coded and
+    its a left uncast: both undone here), then the bonus (r . rk k) v added."""
+    def prepare(params, inputs, dims, requires_grad):
+        r, w, k, v, kk, a = (_leaf(t, requires_grad) for t in inputs)
+        rk = _leaf(params["rk"], requires_grad)
+        if chunk:
+            f = _import("fla.ops.rwkv7", "chunk_rwkv7")
+            core = lambda: _first(f(r, w, k, v, -kk, kk * a, scale=1.0))  # noqa: E731
+        else:
+            f = _import("fla.ops.generalized_delta_rule.dplr.naive", "dplr_recurrence")
+            tr = lambda t: t.transpose(1, 2)  # noqa: E731
+            core = lambda: tr(_first(f(tr(r) * r.shape[-1] ** 0.5, tr(k), tr(v),  # noqa: E731
+                                       tr(-kk).float(), tr(kk * a), tr(w),
+                                       output_final_state=False)))
+
+        def run():
+            o = core()
+            return o + ((r * rk * k).sum(-1, keepdim=True) * v).to(o.dtype)
+        return Prepared(run=run, output=lambda y: y, leaves=[r, w, k, v, kk, a, rk])
+    return prepare
+
+
 def _simple_gla(fn: str, module: str):
     """retnet (fixed per-head decay gamma) and mamba2 (SSD) on fla's simple GLA."""
     def prepare(params, inputs, dims, requires_grad):
@@ -323,6 +360,16 @@ PEERS: dict[str, tuple] = {
         Peer("rwkv6", "fla naive_recurrent_rwkv6", devices=("cpu",), prepare=_rwkv6(False),
              note=_CPU_REF, **_FLA),
         Peer("rwkv6", "fla chunk_rwkv6", devices=("cuda",), prepare=_rwkv6(True), **_FLA),
+    ),
+    "kda": (
+        Peer("kda", "fla naive_recurrent_kda", devices=("cpu",), prepare=_kda(False),
+             note=_CPU_REF, **_FLA),
+        Peer("kda", "fla chunk_kda", devices=("cuda",), prepare=_kda(True), **_FLA),
+    ),
+    "rwkv7": (
+        Peer("rwkv7", "fla dplr_recurrence", devices=("cpu",), prepare=_rwkv7(False),
+             note=_CPU_REF, **_FLA),
+        Peer("rwkv7", "fla chunk_rwkv7", devices=("cuda",), prepare=_rwkv7(True), **_FLA),
     ),
     "hgrn2": (
         Peer("hgrn2", "fla naive_recurrent_gla", devices=("cpu",), prepare=_hgrn2(False),

@@ -4,7 +4,7 @@
 
 kind: "diagonal" (elementwise scan), "chunked" (matrix state, diagonal decay, rank-1 write),
 "delta" (identity/diagonal plus rank-1), "delta_channel" (a delta rule decayed per key
-channel, as Kimi Delta Attention: a dense scan), "dense" (a small dense transition), "maxplus",
+channel, as Kimi Delta Attention or RWKV-7: diagonal plus rank 1), "dense" (a small dense transition), "maxplus",
 "nonlinear". The spec text is built from a seeded `random.Random`, so a seed always gives the
 same spec; `dims` are small sizes to compile it with.
 """
@@ -105,7 +105,12 @@ def _delta_channel(r, seed):
     lines = [f"rnn rand_kda_{seed}(q[H,K], k[H,K], v[H,V], g[H,K], b[H]) -> o[H,V] {{",
              "    state S[H,K,V] = 0",
              "    beta = sigmoid(b)"]
-    if r.random() < 0.5:   # erase what the decayed state holds along k (KDA)
+    form = r.random()
+    if form < 0.25:        # RWKV-7: erase along a vector apart from the one read (here q)
+        lines.append("    u[h,j] = sum[i](q[h,i] * S[h,i,j])")
+        lines.append(f"    S[h,i,j] = {decay} * S[h,i,j] - beta[h] * k[h,i] * u[h,j] "
+                     "+ k[h,i] * v[h,j]")
+    elif form < 0.6:       # erase what the decayed state holds along k (KDA)
         lines.append(f"    D[h,i,j] = {decay} * S[h,i,j]")
         lines.append("    u[h,j] = sum[i](k[h,i] * D[h,i,j])")
         lines.append("    S[h,i,j] = D[h,i,j] + beta[h] * k[h,i] * (v[h,j] - u[h,j])")

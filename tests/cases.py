@@ -228,6 +228,23 @@ CASES: list[Case] = [
         states={"S": (("H", "K", "V"), N)}, outputs={"o": ("H", "V")},
         oracle="oracle_rwkv6", reference="ref_rwkv6",
     ),
+    Case(
+        name="kda", dims=dict(H=2, K=3, V=4),
+        shapes={"q": ("H", "K"), "k": ("H", "K"), "v": ("H", "V"), "g": ("H", "K"),
+                "beta": ("H",)},
+        inputs={"q": N, "k": "unit", "v": N, "g": "logdecay", "beta": "gate"},
+        states={"S": (("H", "K", "V"), N)}, outputs={"o": ("H", "V")},
+        oracle="oracle_kda", reference="ref_kda",
+    ),
+    Case(
+        name="rwkv7", dims=dict(H=2, K=3, V=4),
+        shapes={"r": ("H", "K"), "w": ("H", "K"), "k": ("H", "K"), "v": ("H", "V"),
+                "kk": ("H", "K"), "a": ("H", "K")},
+        inputs={"r": N, "w": "logdecay", "k": N, "v": N, "kk": "unit", "a": "gate"},
+        params={"rk": (("H", "K"), N)},
+        states={"S": (("H", "K", "V"), N)}, outputs={"o": ("H", "V")},
+        oracle="oracle_rwkv7", reference="ref_rwkv7",
+    ),
 ]
 
 CASE_BY_NAME = {c.name: c for c in CASES}
@@ -237,7 +254,7 @@ CASE_BY_NAME = {c.name: c for c in CASES}
 # (gla for hgrn2 and the [D, N] SSMs, hgrn for the elementwise gated RNNs).
 FLA_CASES = [c for c in CASES if c.name in
              ("gla", "retnet", "mamba2", "deltanet", "gated_deltanet", "hgrn", "rwkv6",
-              "hgrn2", "s6", "s4d", "mingru", "minlstm", "rglru")]
+              "kda", "rwkv7", "hgrn2", "s6", "s4d", "mingru", "minlstm", "rglru")]
 # Examples whose oracle is torch.nn
 TORCH_NN_CASES = [c for c in CASES if c.name in ("elman", "lstm", "gru")]
 

@@ -159,6 +159,30 @@ def oracle_rwkv6(params, inputs, initial_state=None):
     return tr(o).to(r.dtype), {"S": S.to(r.dtype)}
 
 
+def oracle_kda(params, inputs, initial_state=None):
+    q, k, v, g, beta = inputs
+    f = _fla("fla.ops.kda.naive", "naive_recurrent_kda")
+    # [B, T, H, K] layout; g the log decay per key channel, applied before the erase
+    o, S = f(q, k, v, g, beta, scale=1.0,
+             initial_state=_init(initial_state, "S"), output_final_state=True)
+    return o.to(q.dtype), {"S": S.to(q.dtype)}
+
+
+def oracle_rwkv7(params, inputs, initial_state=None):
+    """RWKV-7 as fla's layer runs it: the diagonal-plus-low-rank recurrence
+    S = diag(exp gk) S + b (a^T S) + k v^T with a = -kk and b = kk * a (fla's
+    ``dplr_recurrence``), then the bonus added outside the recurrence."""
+    r, w, k, v, kk, a = inputs
+    K = r.shape[-1]
+    f = _fla("fla.ops.generalized_delta_rule.dplr.naive", "dplr_recurrence")
+    tr = lambda t: t.transpose(1, 2)  # noqa: E731  [B, H, T, K]
+    # trap: dplr_recurrence casts q, k, v, b and gk to fp32 but not a, and then mixes them
+    o, S = f(tr(r * K ** 0.5), tr(k), tr(v), tr(-kk).float(), tr(kk * a), tr(w),  # K**-0.5
+             initial_state=_init(initial_state, "S"), output_final_state=True)
+    bonus = (r * params["rk"] * k).sum(-1, keepdim=True) * v
+    return tr(o).to(r.dtype) + bonus, {"S": S.to(r.dtype)}
+
+
 # Extra fla-backed oracles for examples with no published oracle of their own: the
 # recurrence itself is run by an fla scan, only the gate algebra is done here.
 

@@ -391,5 +391,39 @@ def ref_rwkv6(params, inputs, initial_state=None):
     return torch.stack(ys, 1), {"S": S}
 
 
+def ref_kda(params, inputs, initial_state=None):
+    """Kimi Delta Attention: S = (I - beta k k^T) diag(exp g) S + beta k v^T, o = S^T q,
+    with the Householder-like matrix and the decay built explicitly."""
+    q, k, v, g, beta = inputs
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    eye = torch.eye(K, dtype=q.dtype, device=q.device)
+    S = _state(initial_state, "S", q, (B, H, K, V))
+    ys = []
+    for t in range(T):
+        b = beta[:, t, :, None, None]
+        kt = k[:, t]
+        S = (eye - b * _outer(kt, kt)) @ (torch.diag_embed(torch.exp(g[:, t])) @ S) \
+            + b * _outer(kt, v[:, t])
+        ys.append(_readout(q[:, t], S))
+    return torch.stack(ys, 1), {"S": S}
+
+
+def ref_rwkv7(params, inputs, initial_state=None):
+    """RWKV-7: S = (diag(exp w) - (a * kk) kk^T) S + k v^T,
+    o = S^T r + (sum_i r_i rk_i k_i) v, the transition built explicitly."""
+    r, w, k, v, kk, a = inputs
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    S = _state(initial_state, "S", r, (B, H, K, V))
+    ys = []
+    for t in range(T):
+        M = torch.diag_embed(torch.exp(w[:, t])) - _outer(a[:, t] * kk[:, t], kk[:, t])
+        S = M @ S + _outer(k[:, t], v[:, t])
+        bonus = (r[:, t] * params["rk"] * k[:, t]).sum(-1, keepdim=True) * v[:, t]
+        ys.append(_readout(r[:, t], S) + bonus)
+    return torch.stack(ys, 1), {"S": S}
+
+
 REFERENCES = {name[len("ref_"):]: fn for name, fn in globals().items()
               if name.startswith("ref_") and callable(fn)}

@@ -155,10 +155,13 @@ def test_peers_on_cpu(tmp_path):
 @pytest.mark.parametrize("name,cpu_peer,cuda_peer", [
     ("gla", "fla naive_recurrent_gla", "fla chunk_gla"),
     ("hgrn2", "fla naive_recurrent_gla", "fla chunk_gla"),
-    ("rwkv6", "fla naive_recurrent_rwkv6", "fla chunk_rwkv6")])
+    ("rwkv6", "fla naive_recurrent_rwkv6", "fla chunk_rwkv6"),
+    ("kda", "fla naive_recurrent_kda", "fla chunk_kda"),
+    ("rwkv7", "fla dplr_recurrence", "fla chunk_rwkv7")])
 def test_fla_peers_on_cpu(tmp_path, name, cpu_peer, cuda_peer):
-    """gla, hgrn2 on fla's GLA (the key 1 - a, the log-decay log a) and rwkv6 on fla's RWKV-6
-    (its naive reference in [B, H, T, K]): fla's CPU reference, where fla-core is installed,
+    """gla, hgrn2 on fla's GLA (the key 1 - a, the log-decay log a), rwkv6 on fla's RWKV-6
+    (its naive reference in [B, H, T, K]), kda on fla's KDA, rwkv7 on fla's diagonal-plus-
+    low-rank recurrence: fla's CPU reference, where fla-core is installed,
     checked against the sequential backend before it is timed; the chunk kernels are
     CUDA-only."""
     from rnnc.peers import PEERS, unavailable

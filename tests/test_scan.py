@@ -34,7 +34,7 @@ import rnnc.ir  # noqa: E402
 from rnnc.interpret import concrete  # noqa: E402
 
 import oracles  # noqa: E402
-from cases import (CASE_BY_NAME, CASES, gradcheck_fn, load_params,  # noqa: E402
+from cases import (CASE_BY_NAME, CASES, EXAMPLES, gradcheck_fn, load_params,  # noqa: E402
                    make_initial_state, make_inputs, make_params)
 
 F64, F32 = torch.float64, torch.float32
@@ -615,22 +615,99 @@ def test_delta_rule_write_strengths(src, same, monkeypatch):
     assert seen and set(seen) == {same}
 
 
-KDA = """rnn kda(q[H,K], k[H,K], v[H,V], g[H,K], beta[H]) -> o[H,V] {
+# A delta rule decayed per key channel, the decay before the erase (Kimi Delta Attention) and
+# after it; RWKV-7's form (an erase vector apart from the read vector) is examples/rwkv7.rnn.
+KDA_BEFORE = """rnn kda(q[H,K], k[H,K], v[H,V], g[H,K], beta[H]) -> o[H,V] {
     state S[H,K,V] = 0
     D[h,i,j] = exp(g[h,i]) * S[h,i,j]
     u[h,j] = sum[i](k[h,i] * D[h,i,j])
     S[h,i,j] = D[h,i,j] + beta[h] * k[h,i] * (v[h,j] - u[h,j])
     o[h,j] = sum[i](q[h,i] * S[h,i,j])
 }"""
+KDA_AFTER = """rnn kdb(q[H,K], k[H,K], v[H,V], g[H,K], beta[H]) -> o[H,V] {
+    state S[H,K,V] = 0
+    u[h,j] = sum[i](k[h,i] * S[h,i,j])
+    S[h,i,j] = exp(g[h,i]) * (S[h,i,j] - beta[h] * k[h,i] * u[h,j]) + beta[h] * k[h,i] * v[h,j]
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}"""
+
+
+def _kda_inputs(g, T=11):
+    r = lambda *s: torch.randn(2, T, *s, generator=g, dtype=F64)  # noqa: E731
+    return [r(2, 4), torch.nn.functional.normalize(r(2, 4), dim=-1), r(2, 3),
+            torch.nn.functional.logsigmoid(r(2, 4) + 2), torch.sigmoid(r(2))]
+
+
+@pytest.mark.parametrize("src", [KDA_BEFORE, KDA_AFTER], ids=["decay_then_erase", "erase_then_decay"])
+def test_delta_rule_with_a_decay_per_key_channel(src, monkeypatch):
+    """A delta rule decayed per key channel runs the diagonal-plus-rank-1 chunk form
+    (scan_kernels.chunk_dplr), the decay kept wherever the spec put it. It once got the
+    per-head chunk form, which read key channel 0's decay for every channel (22% off), then
+    a dense scan. Forward, final state and gradients against sequential, over T = 11 steps
+    in chunks of 4 (the kernel rounds them to a power of two)."""
+    kernels = rnnc.backends.scan_kernels
+    calls = []
+    real = kernels.chunk_dplr
+    monkeypatch.setattr(kernels, "chunk_dplr", lambda *a, **k: calls.append(1) or real(*a, **k))
+    dims = dict(H=2, K=4, V=3)
+    scan = rnnc.compile(src, backend="scan", chunk_size=4, **dims).double()
+    seq = rnnc.compile(src, backend="sequential", **dims).double()
+    assert scan.analysis.plan == "chunked_delta"
+    assert "per key channel" in scan.analysis.plan_reason
+    g = torch.Generator().manual_seed(9)
+    init = {"S": torch.randn(2, 2, 4, 3, generator=g, dtype=F64)}
+    compare_grads(scan, seq, _kda_inputs(g), init)
+    assert calls
+
+
+def test_delta_rule_with_a_nonpositive_decay_is_stepped(monkeypatch):
+    """A delta rule whose decay is negative in a block (the chunk forms need its logarithm)
+    is solved step by step there, exactly; it once raised. Per key channel and per head.
+    A decay of exactly 0 (log-decay -inf) stays on the chunk form, which takes it."""
+    import rnnc.backends.block_solver as bs
+    steps = []
+    real = bs.BlockSolver._steps
+    monkeypatch.setattr(bs.BlockSolver, "_steps", lambda *a, **k: steps.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    dims = dict(H=2, K=4, V=3)
+    signed = KDA_BEFORE.replace("exp(g[h,i])", "tanh(g[h,i])")
+    gdn = (EXAMPLES / "gated_deltanet.rnn").read_text()
+    for src, stepped in ((signed, True), (gdn, True), (KDA_BEFORE, False)):
+        steps.clear()
+        scan = rnnc.compile(src, backend="scan", chunk_size=4, **dims).double()
+        seq = rnnc.compile(src, backend="sequential", **dims).double()
+        assert scan.analysis.plan == "chunked_delta"
+        xs = _kda_inputs(g, T=9)
+        if src is signed:
+            xs[3] = torch.randn(xs[3].shape, generator=g, dtype=F64)
+        elif src is gdn:
+            xs = [xs[0], xs[1], xs[2], torch.tanh(xs[4] * 3 - 1.5), xs[4]]
+        else:
+            xs[3] = torch.where(xs[3] < -0.5, -torch.inf, xs[3])
+        init = {"S": torch.randn(2, 2, 4, 3, generator=g, dtype=F64)}
+        ya, fa = scan(*xs, initial_state=init, output_final_state=True)
+        yr, fr = seq(*xs, initial_state=init, output_final_state=True)
+        torch.testing.assert_close(ya, yr, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(fa["S"], fr["S"], rtol=1e-10, atol=1e-10)
+        assert bool(steps) == stepped, src
+
+
+# A delta rule of rank 2 (two erases, as DeltaProduct): a dense scan, the chunk forms being
+# rank 1.
+RANK2 = """rnn dp2(q[H,K], k[H,K], k2[H,K], v[H,V], beta[H]) -> o[H,V] {
+    state S[H,K,V] = 0
+    u[h,j] = sum[i](k[h,i] * S[h,i,j])
+    u2[h,j] = sum[i](k2[h,i] * S[h,i,j])
+    S[h,i,j] = S[h,i,j] - beta[h] * k[h,i] * u[h,j] - beta[h] * k2[h,i] * u2[h,j] + k[h,i] * v[h,j]
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}"""
 
 
 @pytest.mark.parametrize("limit", [None, 1], ids=["scanned", "stepped"])
-def test_delta_rule_with_a_decay_per_key_channel(limit, monkeypatch):
-    """A delta rule decayed per key channel (Kimi Delta Attention's form) is not a chunked
-    delta rule, whose chunk forms take one decay per head (it once got that plan and a wrong
-    answer): it runs as a dense scan, or, where its transitions would not fit (here forced
-    with a limit of 1 entry; at K = V = 64 it raised), step by step through each block; both
-    agree with the sequential backend, gradients included."""
+def test_dense_state_too_large_is_stepped(limit, monkeypatch):
+    """A dense-scan state whose per-step transitions would not fit (here forced with a limit
+    of 1 entry; a 1024-wide h = A @ h + x once raised) is stepped through each block; both
+    ways agree with the sequential backend, gradients included."""
     import rnnc.backends.block_solver as bs
     if limit is not None:
         monkeypatch.setattr(bs, "DENSE_LIMIT", limit)
@@ -638,14 +715,13 @@ def test_delta_rule_with_a_decay_per_key_channel(limit, monkeypatch):
     real = bs.BlockSolver._steps
     monkeypatch.setattr(bs.BlockSolver, "_steps", lambda *a, **k: steps.append(1) or real(*a, **k))
     dims = dict(H=2, K=4, V=3)
-    scan = rnnc.compile(KDA, backend="scan", chunk_size=4, **dims).double()
-    seq = rnnc.compile(KDA, backend="sequential", **dims).double()
+    scan = rnnc.compile(RANK2, backend="scan", chunk_size=4, **dims).double()
+    seq = rnnc.compile(RANK2, backend="sequential", **dims).double()
     assert scan.analysis.plan == "dense_scan"
-    assert "key channel" in scan.analysis.state("S").reason
     g = torch.Generator().manual_seed(9)
     r = lambda *s: torch.randn(2, 11, *s, generator=g, dtype=F64)  # noqa: E731
-    xs = [r(2, 4), torch.nn.functional.normalize(r(2, 4), dim=-1), r(2, 3),
-          torch.nn.functional.logsigmoid(r(2, 4) + 2), torch.sigmoid(r(2))]
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    xs = [r(2, 4), unit(r(2, 4)), unit(r(2, 4)), r(2, 3), torch.sigmoid(r(2)) * 0.5]
     init = {"S": torch.randn(2, 2, 4, 3, generator=g, dtype=F64)}
     compare_grads(scan, seq, xs, init)
     assert bool(steps) == (limit is not None)

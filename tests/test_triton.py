@@ -122,7 +122,10 @@ def _generated(rec):
     analysis = rnnc.analysis.analyse(rec)
     text = backend.emit(rec, analysis)
     head, marker, tail = text.partition(backend.LIBRARY_MARKER)
-    if marker:
+    if marker and tail.startswith(": none."):   # a delta rule decayed per key channel (kda)
+        assert "chunk_dplr" in tail and "@triton.jit" not in tail
+        head = head.removesuffix("\n\n")
+    elif marker:
         from rnnc.backends import triton_chunk, triton_delta
         lib = (triton_delta if analysis.plan == "chunked_delta" else triton_chunk).source(
             backend.chunk_signatures(rec, analysis))
