@@ -622,14 +622,17 @@ class BlockSolver:
         f = self.facts[name]
         terms = list(f.terms) if b is None else [t for t in f.terms if t.state is not None]
         nodes = {fc.node for t in terms for fc in t.factors}
-        per_step = {n: env[n].reshape(B, L, *env[n].shape[1:]) for n in nodes if env[n].shape[0] == B * L}
+        # unbind, not x[:, t]: T selects would each fill a whole zero gradient in the backward
+        per_step = {n: env[n].reshape(B, L, *env[n].shape[1:])[:, t0:].unbind(1)
+                    for n in nodes if env[n].shape[0] == B * L}
         fixed = {n: env[n] for n in nodes if n not in per_step}
+        bs = None if b is None else b[:, t0:].unbind(1)
         labels, out = _labels(len(shape)), []
-        for t in range(t0, L):
-            values = {**fixed, **{n: x[:, t] for n, x in per_step.items()}}
+        for t in range(L - t0):
+            values = {**fixed, **{n: x[t] for n, x in per_step.items()}}
             h = eval_terms(terms, values, labels, state_value=h, out_shape=shape).expand(B, *shape)
             if b is not None:
-                h = h + b[:, t]
+                h = h + bs[t]
             out.append(h)
         return torch.stack(out, 1)
 
