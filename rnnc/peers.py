@@ -193,6 +193,18 @@ def _kda(chunk: bool):
     return prepare
 
 
+def _kda_naive_chunk(params, inputs, dims, requires_grad):
+    """fla's naive chunked KDA (chunk 64; T padded with steps of zero keys, values, beta and
+    log decay, which leave the state alone, so the first T outputs are unchanged)."""
+    f = _import("fla.ops.kda.naive", "naive_chunk_kda")
+    T = inputs[0].shape[1]
+    pad = (-T) % 64
+    lay = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t  # noqa: E731
+    q, k, v, g, beta = (_leaf(lay(t), requires_grad) for t in inputs)
+    return Prepared(run=lambda: f(q, k, v, g, beta, scale=1.0, chunk_size=64),
+                    output=lambda raw: _first(raw)[:, :T], leaves=[q, k, v, g, beta])
+
+
 def _rwkv7(chunk: bool):
     """rwkv7(r, w, k, v, kk, a), param rk[H, K], as fla's RWKV-7 layer runs it: the
     diagonal-plus-low-rank recurrence with a = -kk, b = kk * a (chunk_rwkv7 on CUDA,
@@ -363,6 +375,8 @@ PEERS: dict[str, tuple] = {
     ),
     "kda": (
         Peer("kda", "fla naive_recurrent_kda", devices=("cpu",), prepare=_kda(False),
+             note=_CPU_REF, **_FLA),
+        Peer("kda", "fla naive_chunk_kda", devices=("cpu",), prepare=_kda_naive_chunk,
              note=_CPU_REF, **_FLA),
         Peer("kda", "fla chunk_kda", devices=("cuda",), prepare=_kda(True), **_FLA),
     ),

@@ -156,7 +156,7 @@ def test_peers_on_cpu(tmp_path):
     ("gla", "fla naive_recurrent_gla", "fla chunk_gla"),
     ("hgrn2", "fla naive_recurrent_gla", "fla chunk_gla"),
     ("rwkv6", "fla naive_recurrent_rwkv6", "fla chunk_rwkv6"),
-    ("kda", "fla naive_recurrent_kda", "fla chunk_kda"),
+    ("kda", ("fla naive_recurrent_kda", "fla naive_chunk_kda"), "fla chunk_kda"),
     ("rwkv7", "fla dplr_recurrence", "fla chunk_rwkv7")])
 def test_fla_peers_on_cpu(tmp_path, name, cpu_peer, cuda_peer):
     """gla, hgrn2 on fla's GLA (the key 1 - a, the log-decay log a), rwkv6 on fla's RWKV-6
@@ -170,14 +170,16 @@ def test_fla_peers_on_cpu(tmp_path, name, cpu_peer, cuda_peer):
                      "--peers", "--backend", "sequential")
     assert rc == 0
     peer = {r["backend"]: r for r in recs if r["kind"] == "peer"}
-    assert set(peer) == {cpu_peer, cuda_peer}
+    cpu_peers = (cpu_peer,) if isinstance(cpu_peer, str) else cpu_peer
+    assert set(peer) == {*cpu_peers, cuda_peer}
     assert peer[cuda_peer]["status"] == "n/a" and "CUDA" in peer[cuda_peer]["reason"]
-    naive = peer[cpu_peer]
-    if unavailable(PEERS[name][0], "cpu") is None:  # fla-core (with triton) is installed
-        assert naive["status"] == "ok" and naive["check_error"] < 1e-4 and naive["ms_median"] > 0
-        assert "CPU reference" in naive["reason"]
-    else:
-        assert naive["status"] == "n/a" and "not installed" in naive["reason"]
+    for cpu_name in cpu_peers:
+        naive = peer[cpu_name]
+        if unavailable(PEERS[name][0], "cpu") is None:  # fla-core (with triton) is installed
+            assert naive["status"] == "ok" and naive["check_error"] < 1e-4 and naive["ms_median"] > 0
+            assert "CPU reference" in naive["reason"]
+        else:
+            assert naive["status"] == "n/a" and "not installed" in naive["reason"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
