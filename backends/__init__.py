@@ -36,6 +36,7 @@ AVAILABLE = {
     "sequential": "rnnc.backends.sequential",
     "scan": "rnnc.backends.scan",
     "triton": "rnnc.backends.triton_backend",
+    "newton": "rnnc.backends.newton",
 }
 
 

@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "code 1 on spec or compile errors, 2 on misused options.")
     m.add_argument("file", metavar="FILE")
     m.add_argument("--name", help="which rnn block, when the file has several")
-    m.add_argument("--backend", choices=["auto", "sequential", "scan", "triton"], default=None,
+    m.add_argument("--backend", choices=["auto", "sequential", "scan", "triton", "newton"], default=None,
                    help="default: auto, or triton with --emit")
     m.add_argument("--dims", help="sizes, e.g. H=4,K=8 (dims used by params are required)")
     m.add_argument("--emit", action="store_true",

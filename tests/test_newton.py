@@ -1,0 +1,127 @@
+"""The newton backend (DEER-style Newton iterations over time) against the sequential reference.
+
+Every example, nonlinear or not: outputs and final states from a random initial state, over
+blocks shorter than the sequence (the last one partial); gradients by the implicit-function
+adjoint, against sequential's and by gradcheck; the exact fallback for a block that does not
+converge; the size limit.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnc
+import rnnc.backends.newton as newton
+from cases import CASES, load_params, make_initial_state, make_inputs, make_params, rel_err
+
+F64 = torch.float64
+NONLINEAR = ("elman", "lstm", "gru", "slstm")
+
+
+def _pair(case, block=8):
+    params = make_params(case)
+    m = rnnc.compile(str(case.path), backend="newton", chunk_size=block, **case.dims).double()
+    ref = rnnc.compile(str(case.path), backend="sequential", **case.dims).double()
+    load_params(m, params)
+    load_params(ref, params)
+    return m, ref
+
+
+def _flat(y):
+    return y if isinstance(y, tuple) else (y,)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_every_example_matches_sequential(case):
+    m, ref = _pair(case)
+    xs, init = make_inputs(case, 2, 19), make_initial_state(case, 2)
+    y, f = m(*xs, initial_state=init, output_final_state=True)
+    yr, fr = ref(*xs, initial_state=init, output_final_state=True)
+    for a, b in zip(_flat(y), _flat(yr)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for k in fr:
+        torch.testing.assert_close(f[k], fr[k], rtol=1e-9, atol=1e-9)
+    iters = m._runner.iterations
+    assert len(iters) == 3    # blocks of 8, 8 and 3 steps
+    if case.name not in NONLINEAR + ("mlstm",):
+        assert iters == [2, 2, 2]   # affine: exact after one iteration, the second confirms it
+    else:
+        assert all(i is not None for i in iters), iters   # converged, not stepped
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_gradients_match_sequential(case):
+    """Gradients of a random projection of outputs and final states, with respect to inputs,
+    params and the initial state."""
+    m, ref = _pair(case)
+    gen = torch.Generator().manual_seed(5)
+    grads = []
+    for mod in (m, ref):
+        xs = [x.requires_grad_() for x in make_inputs(case, 2, 11)]
+        init = {k: v.requires_grad_() for k, v in make_initial_state(case, 2).items()}
+        y, f = mod(*xs, initial_state=init, output_final_state=True)
+        outs = [*_flat(y), *(f[k] for k in sorted(f))]
+        gen.manual_seed(5)
+        loss = sum((o * torch.randn(o.shape, generator=gen, dtype=F64)).sum() for o in outs)
+        wrt = xs + list(mod.parameters()) + [init[k] for k in sorted(init)]
+        grads.append(torch.autograd.grad(loss, wrt, allow_unused=True))
+    for a, b in zip(*grads):
+        if b is None:
+            assert a is None or float(a.abs().max()) == 0.0
+        else:
+            assert rel_err(a, b) < 1e-8, rel_err(a, b)
+
+
+@pytest.mark.parametrize("name", ["elman", "gru", "lstm"])
+def test_gradcheck(name):
+    case = next(c for c in CASES if c.name == name)
+    m, _ = _pair(case, block=3)
+    xs = [x.requires_grad_() for x in make_inputs(case, 1, 7)]
+    init = {k: v.requires_grad_() for k, v in make_initial_state(case, 1).items()}
+    names = sorted(init)
+
+    def f(*args):
+        y, fin = m(*args[:len(xs)], initial_state=dict(zip(names, args[len(xs):])),
+                   output_final_state=True)
+        return (*_flat(y), *(fin[k] for k in names))
+    assert torch.autograd.gradcheck(f, (*xs, *(init[k] for k in names)))
+
+
+def test_a_block_that_does_not_converge_is_stepped(monkeypatch):
+    """With a tolerance no iterate meets, each block runs its L + 1 iterations and is then
+    stepped through exactly; mlstm's default state m = -inf makes its iterates non-finite,
+    which is stepped through the same way."""
+    monkeypatch.setattr(newton, "TOLERANCE", -1.0)
+    case = next(c for c in CASES if c.name == "gru")
+    m, ref = _pair(case)
+    xs = make_inputs(case, 2, 10)
+    torch.testing.assert_close(m(*xs), ref(*xs), rtol=1e-12, atol=1e-12)
+    assert m._runner.iterations == [None, None]
+    monkeypatch.undo()
+    case = next(c for c in CASES if c.name == "mlstm")
+    m, ref = _pair(case)
+    xs = make_inputs(case, 2, 10)
+    torch.testing.assert_close(m(*xs), ref(*xs), rtol=1e-12, atol=1e-12)
+    assert None in m._runner.iterations
+
+
+def test_short_and_empty_sequences():
+    case = next(c for c in CASES if c.name == "lstm")
+    m, ref = _pair(case)
+    for T in (0, 1):
+        xs, init = make_inputs(case, 2, T), make_initial_state(case, 2)
+        y, f = m(*xs, initial_state=init, output_final_state=True)
+        yr, fr = ref(*xs, initial_state=init, output_final_state=True)
+        torch.testing.assert_close(y, yr)
+        for k in fr:
+            torch.testing.assert_close(f[k], fr[k])
+
+
+def test_a_state_too_large_is_refused():
+    m = rnnc.compile("examples/elman.rnn", backend="newton", D=2, H=newton.MAX_STATE + 1)
+    with pytest.raises(rnnc.RnncError, match="newton backend linearises the whole state"):
+        m(torch.randn(1, 3, 2))
+
+
+def test_auto_never_picks_newton():
+    assert rnnc.compile("examples/gru.rnn", backend="auto", D=3, H=4).backend == "sequential"
