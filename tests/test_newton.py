@@ -12,7 +12,9 @@ import torch
 
 import rnnc
 import rnnc.backends.newton as newton
-from cases import CASES, load_params, make_initial_state, make_inputs, make_params, rel_err
+from cases import (CASES, load_params, make_initial_state, make_inputs, make_params, rel_err,
+                   random_spec_against_sequential)
+from rnnc.random_spec import KINDS
 
 F64 = torch.float64
 NONLINEAR = ("elman", "lstm", "gru", "slstm")
@@ -125,3 +127,11 @@ def test_a_state_too_large_is_refused():
 
 def test_auto_never_picks_newton():
     assert rnnc.compile("examples/gru.rnn", backend="auto", D=3, H=4).backend == "sequential"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_specs(kind, seed):
+    """Random specs of every analysis class, float32 against the float64 sequential backend,
+    outputs and gradients, in blocks of 4 steps over 9."""
+    random_spec_against_sequential(kind, seed, 9, 1e-4, 1e-3, backend="newton", chunk_size=4)
