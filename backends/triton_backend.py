@@ -111,8 +111,9 @@ def emit(rec, analysis) -> str:
                  "kernel's registers ----\n" + wide.source)
     if analysis.plan == "chunked_delta" and _decay_per_key(rec, analysis):
         text += (f"\n\n{LIBRARY_MARKER}: none. The chunked_delta plan's decay varies per key "
-                 "channel, which the Triton delta-rule kernels do not take yet: sequences run "
-                 "scan_kernels.chunk_dplr (PyTorch) and single steps the fused kernel above.\n")
+                 "channel, which the Triton delta-rule kernels do not take yet: the fused kernel "
+                 "above runs it (RNNC_TRITON_KERNEL=chunked: the PyTorch chunk form "
+                 "scan_kernels.chunk_dplr).\n")
     elif analysis.plan in ("chunked", "chunked_delta"):
         from . import triton_chunk, triton_delta
         lib = triton_chunk if analysis.plan == "chunked" else triton_delta
@@ -516,9 +517,14 @@ class ChunkedRunner:
             chunk_linear_attention=triton_chunk.chunk_linear_attention,
             chunk_delta_rule=triton_delta.chunk_delta_rule, gate_streams=triton_gates,
             # no Triton chunk kernel yet for a delta rule decayed per key channel: PyTorch's
+            # form, run only where RNNC_TRITON_KERNEL=chunked asks for it
             chunk_dplr=scan_kernels.chunk_dplr)
         self.solver = BlockSolver(rec, analysis, table, chunk, block=CHUNKED_BLOCK)
         self._fused = None
+        # A delta rule decayed per key channel (KDA, RWKV-7) runs the generated fused kernel:
+        # its chunk form exists only in PyTorch (many small launches per chunk on a GPU)
+        self.per_channel = any(lay.delta is not None and lay.delta.channel
+                               for lay in self.solver.layout.values())
 
     def kernel(self, T: int) -> str:
         want = _wanted_kernel()
@@ -527,7 +533,7 @@ class ChunkedRunner:
                             f"its {self.analysis.plan} plan has a matrix state (the scan kernel runs "
                             "diagonal states)")
         if want == "auto":  # one step gains nothing from a chunk
-            return "chunked" if T > 1 else "fused"
+            return "chunked" if T > 1 and not self.per_channel else "fused"
         return want
 
     def __call__(self, sizes, params, inputs, state0):

@@ -32,8 +32,8 @@
 #           (one spec per stage: the first call of each shape compiles and tunes both sides)
 #   chunk5  hgrn2 and rwkv6 at chunk4's shapes vs fla chunk_gla (hgrn2's gates computed in
 #           rnnc's kernels, materialised for fla's) and fla chunk_rwkv6
-#   chunk6  kda and rwkv7 at chunk4's shapes vs fla chunk_kda and chunk_rwkv7 (rnnc: the PyTorch
-#           chunk form of a delta rule decayed per key channel, on cuBLAS)
+#   chunk6  kda and rwkv7 at chunk4's shapes vs fla chunk_kda and chunk_rwkv7 (rnnc: its fused
+#           recurrent kernel; no Triton chunk kernel for a decay per key channel yet)
 #   chunkbf16 issue 6's four chunk cases at T=2048 again with RNNC_TRITON_DOT=bf16 (rnnc's
 #           chunk-kernel products on bf16 operands, as fla's): whether that mode pays on a GPU
 #   all     every stage in turn (longer than one 10-minute command)

@@ -62,8 +62,10 @@ def test_chunked_plan(case, T, grad):
     compare_to_sequential(case, "triton", T, grad, floor=FLOOR, chunk_size=16)
     after = _counts()
     ran = {k for k in after if after[k] != before.get(k, 0)}
-    # T = 1 decodes through the fused kernel; longer sequences through the chunk kernels
-    assert ran == ({"forward"} if T == 1 else {"chunked"}), ran
+    # T = 1 decodes through the fused kernel; longer sequences through the chunk kernels, but
+    # for a delta rule decayed per key channel (no Triton chunk kernel yet) the fused kernel
+    fused = T == 1 or case.name in ("kda", "rwkv7")
+    assert ran == ({"forward"} if fused else {"chunked"}), ran
 
 
 @pytest.mark.parametrize("kind", ["chunked", "delta"])
@@ -105,6 +107,21 @@ def test_forcing_the_fused_kernel(monkeypatch):
     ref = run_case(case, "sequential", F64, 2, 17, False)
     for k in ref:
         assert rel_err(tri[k], ref[k]) < 1e-5
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("name", ["kda", "rwkv7"])
+def test_forcing_the_chunk_form_of_a_decay_per_key_channel(monkeypatch, name, grad):
+    """A delta rule decayed per key channel runs the fused kernel by default (above);
+    RNNC_TRITON_KERNEL=chunked runs its PyTorch chunk form (scan_kernels.chunk_dplr)."""
+    import rnnc.backends.scan_kernels as sk
+    case = next(c for c in CHUNKED if c.name == name)
+    monkeypatch.setenv("RNNC_TRITON_KERNEL", "chunked")
+    calls = []
+    real = sk.chunk_dplr
+    monkeypatch.setattr(sk, "chunk_dplr", lambda *a, **k: calls.append(1) or real(*a, **k))
+    compare_to_sequential(case, "triton", 17, grad, floor=FLOOR, chunk_size=16)
+    assert calls
 
 
 def test_bad_chunk_size_is_a_clear_error():
