@@ -68,6 +68,18 @@ def ref_delta(q, r, w, p, v, log_alpha, S0):
     return (torch.stack(os_, 1) if q is not None else None), S
 
 
+def ref_dplr(q, r, w, p, v, log_alpha, S0):
+    """S_t = diag(exp(log_alpha_t)) S_{t-1} - w_t (r_t^T S_{t-1}) + p_t v_t^T, per channel."""
+    S, os_ = S0, []
+    for t in range(r.shape[1]):
+        y = torch.einsum("bhk,bhkv->bhv", r[:, t], S)
+        S = (torch.exp(log_alpha[:, t]).unsqueeze(-1) * S - w[:, t].unsqueeze(-1) * y.unsqueeze(-2)
+             + p[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2))
+        if q is not None:
+            os_.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return (torch.stack(os_, 1) if q is not None else None), S
+
+
 def ref_dense(A, b, h0):
     h, hs = h0, []
     for t in range(b.shape[1]):
@@ -116,6 +128,26 @@ def delta_inputs(L, kind, seed=0, B=2, H=3, K=4, V=5, gated=True, decay=None):
     else:
         la = decay((B, L, H))
     return q, k, w, p, v, la, randn(B, H, K, V)
+
+
+def dplr_inputs(L, kind, seed=0, B=2, H=3, K=4, V=5, decay=None):
+    """Kimi-Delta-Attention-like inputs with a log-decay per key channel (uniform in [-1, 0),
+    or decay(shape)): kind 'kda' (decay before the erase: w = p = beta k, r = alpha k), 'after'
+    (w = alpha beta k, r = k, p = beta k) or 'rwkv7' (w = a kk, r = kk, p = k)."""
+    randn, rand = gen(seed)
+    q, v = randn(B, L, H, K), randn(B, L, H, V)
+    k = F.normalize(randn(B, L, H, K), dim=-1)
+    la = -rand(B, L, H, K) if decay is None else decay((B, L, H, K))
+    alpha = torch.exp(la)
+    beta = rand(B, L, H, 1)
+    if kind == "kda":
+        w = p = beta * k
+        r = alpha * k
+    elif kind == "after":
+        w, r, p = alpha * beta * k, k, beta * k
+    else:
+        w, r, p = rand(B, L, H, K) * k, k, 0.5 * randn(B, L, H, K)
+    return q, r, w, p, v, la, randn(B, H, K, V)
 
 
 def dense_inputs(L, seed=0, B=2, n=4):
@@ -460,6 +492,57 @@ def test_delta_rule_float32(kind, decay):
     got = sk.chunk_delta_rule(*(x.float() for x in args))
     assert all(x.dtype == F32 for x in got)
     pair_close(got, ref_delta(*args), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- 4b. decay per channel
+
+DPLR_KINDS = ["kda", "after", "rwkv7"]
+
+
+@pytest.mark.parametrize("chunk", [4, 64])
+@pytest.mark.parametrize("kind", DPLR_KINDS)
+@pytest.mark.parametrize("L", LENGTHS + [37])
+def test_dplr_matches_loop(L, kind, chunk):
+    q, r, w, p, v, la, S0 = dplr_inputs(L, kind, seed=L)
+    if kind == "kda":
+        assert w is p   # the shared path
+    pair_close(sk.chunk_dplr(q, r, w, p, v, la, S0, chunk=chunk), ref_dplr(q, r, w, p, v, la, S0))
+
+
+def test_dplr_state_only_and_chunks_compose():
+    q, r, w, p, v, la, S0 = dplr_inputs(40, "rwkv7", seed=30)
+    o, S = sk.chunk_dplr(None, r, w, p, v, la, S0, chunk=8)
+    assert o is None
+    close(S, ref_dplr(None, r, w, p, v, la, S0)[1])
+    o1, s1 = sk.chunk_dplr(*(x[:, :17] for x in (q, r, w, p, v, la)), S0, chunk=8)
+    o2, s2 = sk.chunk_dplr(*(x[:, 17:] for x in (q, r, w, p, v, la)), s1, chunk=8)
+    pair_close((torch.cat([o1, o2], 1), s2), ref_dplr(q, r, w, p, v, la, S0))
+
+
+@pytest.mark.parametrize("kind", EXTREMES)
+def test_dplr_extreme_decays(kind):
+    """Decays of e^-30, 1 - 1e-6, log-uniform over many scales and exactly 0, per channel:
+    values and gradients (the -inf log-decays included)."""
+    args = [x.requires_grad_() for x in dplr_inputs(64, "after", seed=31, decay=_decay_fn(kind))]
+    values_and_grads_close(sk.chunk_dplr(*args, chunk=16), ref_dplr(*args), args)
+
+
+@pytest.mark.parametrize("kind", DPLR_KINDS)
+def test_dplr_gradcheck(kind):
+    args = [x.detach().requires_grad_() for x in dplr_inputs(6, kind, seed=32, B=1, H=2, K=3, V=2)]
+    if kind == "kda":   # one tensor for w and p, as the shared path takes it
+        args[3] = args[2]
+    assert torch.autograd.gradcheck(lambda *x: sk.chunk_dplr(*x, chunk=4), args)
+
+
+@pytest.mark.parametrize("decay", ["random"] + EXTREMES)
+@pytest.mark.parametrize("kind", DPLR_KINDS)
+def test_dplr_float32(kind, decay):
+    args = dplr_inputs(64, kind, seed=33, B=2, H=2, K=16, V=16,
+                       decay=None if decay == "random" else _decay_fn(decay))
+    got = sk.chunk_dplr(*(x.float() for x in args))
+    assert all(x.dtype == F32 for x in got)
+    pair_close(got, ref_dplr(*args), rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- 5. dense_scan
