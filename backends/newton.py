@@ -20,8 +20,10 @@ one reverse scan of the transposed Jacobians, then one vector-Jacobian product o
 Cost: per iteration n evaluations of the step (the jvps) and log2(L) batched [n, n] matrix
 products over the block, so the backend suits small states (n up to a few hundred) and long
 sequences on wide parallel hardware; on a CPU the sequential loop is usually faster. The
-block length is chunk_size (default 256), shortened so that a block's Jacobians
-[B, L, n, n] stay under JACOBIAN_LIMIT entries.
+block length is chunk_size (default 64), shortened so that a block's Jacobians stay under
+JACOBIAN_LIMIT entries. Where every state has an axis the step never mixes (heads), the
+Jacobian is block-diagonal and is computed and scanned block by block (_Blocks): m jvps and
+[m, m] products for blocks of m entries instead of n and [n, n].
 """
 from __future__ import annotations
 
@@ -32,11 +34,12 @@ import torch
 from rnnc import interpret, ir
 from rnnc.errors import RnncError
 
+from .axes import axis_classes
 from .scan_kernels import dense_scan
 
 NAME = "newton"
-DEFAULT_BLOCK = 256
-JACOBIAN_LIMIT = 2 ** 24   # entries of one block's Jacobians [B, L, n, n]
+DEFAULT_BLOCK = 64
+JACOBIAN_LIMIT = 2 ** 24   # entries of one block's Jacobians [B, L, G, m, m] (n = G m)
 MAX_STATE = 1024           # state entries n (all states together) the backend takes
 # Converged: no entry moved by more than TOLERANCE eps (1 + the largest |h|) in an iteration
 # (Newton's error is then about the square of that)
@@ -54,7 +57,7 @@ class Runner:
         self.hoisted = [i for i in rec.order() if i in analysis.hoisted]
         self.core = list(analysis.core)
         self.block = block
-        self._cache = {}
+        self._cache, self._blocks = {}, {}
         self.iterations = []   # Newton iterations per block of the last call (None: stepped)
 
     def _programs(self, sizes, dtype, device):
@@ -84,7 +87,10 @@ class Runner:
             else:
                 fixed[a] = v
         shapes = [interpret.concrete(s.shape, sizes) for s in rec.states]
-        step = _Step(rec, core_prog, shapes, sorted(fixed))
+        key = tuple(map(tuple, shapes))
+        if key not in self._blocks:
+            self._blocks[key] = blocks_of(rec, self.core, shapes)
+        step = _Step(rec, core_prog, shapes, sorted(fixed), self._blocks[key])
         h = torch.cat([state0[s.name].reshape(B, -1) for s in rec.states], 1) if rec.states \
             else ref.new_zeros(B, 0)
         n = h.shape[1]
@@ -92,7 +98,8 @@ class Runner:
             raise RnncError(f"the newton backend linearises the whole state, {n} entries here (at "
                             f"most {MAX_STATE}): its Jacobians would hold {n}x{n} entries per step; "
                             "use backend='sequential', 'scan' or 'triton'")
-        L = max(1, min(self.block, JACOBIAN_LIMIT // max(1, B * n * n)))
+        m = step.blocks.m
+        L = max(1, min(self.block, JACOBIAN_LIMIT // max(1, B * n * m)))
         names = sorted(per_step)
         fixed_vals = [fixed[a] for a in step.fixed]
         steps = {o.name: [] for o in rec.outputs if o.node in self.core}
@@ -133,11 +140,12 @@ class Runner:
         f = lambda Hp: step.states(Hp, flat, fixed_vals)  # noqa: E731
         H = h.unsqueeze(1).expand(B, l, n)
         tol = TOLERANCE * torch.finfo(h.dtype).eps
+        blk = step.blocks
         for it in range(1, l + 2):
             Hp = torch.cat([h.unsqueeze(1), H[:, :-1]], 1).reshape(B * l, n)
-            J = step.jacobian(f, Hp)                                       # [B*l, n, n]
-            c = f(Hp) - (J @ Hp.unsqueeze(-1)).squeeze(-1)
-            Hn, _ = dense_scan(J.view(B, l, n, n), c.view(B, l, n), h)
+            J = blk.jacobian(f, Hp)                                        # [B*l, G, m, m]
+            c = blk.split(f(Hp)) - (J @ blk.split(Hp).unsqueeze(-1)).squeeze(-1)
+            Hn = blk.join(blk.scan(J, c, blk.split(h), B, l))
             if not bool(torch.isfinite(Hn).all()):
                 break
             moved = float((Hn - H).abs().max()) if n else 0.0
@@ -152,9 +160,10 @@ class Runner:
 class _Step:
     """The recurrent core as a batched function of the flattened states: M rows at once."""
 
-    def __init__(self, rec, prog, shapes, fixed_names):
+    def __init__(self, rec, prog, shapes, fixed_names, blocks):
         self.rec, self.prog, self.shapes, self.fixed = rec, prog, shapes, fixed_names
         self.sizes = [math.prod(s) for s in shapes]
+        self.blocks = blocks
 
     def run(self, Hp, vals: dict, fixed_vals) -> dict:
         """The core's values for rows of previous states Hp [M, n] and per-row values."""
@@ -174,17 +183,6 @@ class _Step:
                  for s, shape in zip(self.rec.states, self.shapes)]
         return torch.cat(parts, 1) if parts else Hp
 
-    def jacobian(self, f, Hp):
-        """J [M, n, n], J[m, i, j] = d f(Hp)[m, i] / d Hp[m, j]: one jvp per state entry j,
-        all rows at once (row m of f reads only row m of Hp)."""
-        M, n = Hp.shape
-        if n == 0:
-            return Hp.new_zeros(M, 0, 0)
-        E = torch.eye(n, dtype=Hp.dtype, device=Hp.device).unsqueeze(1).expand(n, M, n)
-        cols = torch.func.vmap(lambda e: torch.func.jvp(f, (Hp,), (e,))[1],
-                               chunk_size=max(1, TANGENTS // max(1, M * n)))(E)   # [n, M, n]
-        return cols.permute(1, 2, 0)
-
     def stepwise(self, h, flat, fixed_vals, B, l):
         """The block one step at a time (exact): [B, l, n]."""
         rows = {a: v.view(B, l, *v.shape[1:]) for a, v in flat.items()}
@@ -193,6 +191,77 @@ class _Step:
             h = self.states(h, {a: v[:, t] for a, v in rows.items()}, fixed_vals)
             out.append(h)
         return torch.stack(out, 1)
+
+
+class _Blocks:
+    """The step's Jacobian is block-diagonal when every state has an axis along which the step
+    never mixes (a head axis: ParaRNN's multi-head cells, or every axis of an elementwise
+    state): entries with different indices along those axes never meet (backends/axes.py).
+    perm [G, m] lists the flat state entries of each of the G blocks; the Jacobian is kept
+    as its G diagonal blocks [m, m], found with m Jacobian-vector products (one tangent per
+    in-block position, every block at once) and scanned as G independent recurrences."""
+
+    def __init__(self, perm: torch.Tensor):
+        self.perm = perm
+        self.G, self.m = perm.shape
+
+    def split(self, x):
+        """[..., n] -> [..., G, m]"""
+        return x[..., self.perm.to(x.device)]
+
+    def join(self, x):
+        """[..., G, m] -> [..., n]"""
+        out = x.new_empty(*x.shape[:-2], self.G * self.m)
+        out[..., self.perm.to(x.device).flatten()] = x.flatten(-2)
+        return out
+
+    def jacobian(self, f, Hp):
+        """J [M, G, m, m]: J[r, g, i, j] = d f(Hp)[r, perm[g, i]] / d Hp[r, perm[g, j]]; row r
+        of f reads only row r of Hp, and block g only its own entries."""
+        M, n = Hp.shape
+        if n == 0:
+            return Hp.new_zeros(M, self.G, self.m, self.m)
+        perm = self.perm.to(Hp.device)
+        E = Hp.new_zeros(self.m, n)
+        E[torch.arange(self.m, device=Hp.device).repeat(self.G), perm.flatten()] = 1.0
+        cols = torch.func.vmap(lambda e: torch.func.jvp(f, (Hp,), (e.expand(M, n),))[1],
+                               chunk_size=max(1, TANGENTS // max(1, M * n)))(E)   # [m, M, n]
+        return cols[..., perm].permute(1, 2, 3, 0)
+
+    def scan(self, J, c, h0, B, l, reverse=False):
+        """The G recurrences h_t = J_t h_{t-1} + c_t of a block of l steps: J [B*l, G, m, m],
+        c [B*l, G, m], h0 [B, G, m] -> [B, l, G, m]."""
+        G, m = self.G, self.m
+        A = J.view(B, l, G, m, m).transpose(1, 2).reshape(B * G, l, m, m)
+        b = c.view(B, l, G, m).transpose(1, 2).reshape(B * G, l, m)
+        out, _ = dense_scan(A, b, h0.reshape(B * G, m))
+        return out.view(B, G, l, m).transpose(1, 2)
+
+
+def blocks_of(rec, core, shapes) -> _Blocks:
+    """The Jacobian's blocks: the parallel axis classes every state has (one block when some
+    state has none)."""
+    states = list(rec.states)
+    n = sum(math.prod(s) for s in shapes)
+    if not states:
+        return _Blocks(torch.zeros(1, 0, dtype=torch.long))
+    cls, _, parallel = axis_classes(rec, set(core) | {s.read for s in states})
+    per = [{cls.get((s.read, k)): k for k in range(len(s.shape)) if cls.get((s.read, k)) in parallel}
+           for s in states]
+    common = sorted(set.intersection(*(set(p) for p in per)))
+    parts, off = [], 0
+    for s, shape, axes in zip(states, shapes, per):
+        size = math.prod(shape)
+        idx = torch.arange(off, off + size).reshape(shape)
+        lead = [axes[c] for c in common]
+        if shape:
+            idx = idx.permute(*lead, *[k for k in range(len(shape)) if k not in lead])
+        G = math.prod(shape[k] for k in lead)
+        parts.append(idx.reshape(G, -1))
+        off += size
+    perm = torch.cat(parts, 1)
+    assert perm.numel() == n
+    return _Blocks(perm)
 
 
 class _Solve(torch.autograd.Function):
@@ -218,11 +287,14 @@ class _Solve(torch.autograd.Function):
         Hp = torch.cat([h.unsqueeze(1), Z[:, :-1]], 1).reshape(B * l, n)
         flat = [v.reshape(B * l, *v.shape[2:]) for v in vals]
         f = lambda Hp_: step.states(Hp_, dict(zip(names, flat)), list(fixed_vals))  # noqa: E731
-        J = step.jacobian(f, Hp).view(B, l, n, n)
+        blk = step.blocks
+        G, m = blk.G, blk.m
+        J = blk.jacobian(f, Hp).view(B, l, G, m, m)
         # mu_t = d_t + J_{t+1}^T mu_{t+1}: a scan over reversed time, J shifted by one step
-        A = torch.cat([J[:, 1:], J.new_zeros(B, 1, n, n)], 1).transpose(-1, -2).flip(1)
-        mu, _ = dense_scan(A, d.flip(1), d.new_zeros(B, n))
-        mu = mu.flip(1).reshape(B * l, n)
+        A = torch.cat([J[:, 1:], J.new_zeros(B, 1, G, m, m)], 1).transpose(-1, -2).flip(1)
+        mu = blk.scan(A.reshape(B * l, G, m, m), blk.split(d.flip(1)).reshape(B * l, G, m),
+                      d.new_zeros(B, G, m), B, l)
+        mu = blk.join(mu).flip(1).reshape(B * l, n)
         with torch.enable_grad():
             Hp_ = Hp.detach().requires_grad_()
             flat_ = [v.detach().requires_grad_(ctx.needs_input_grad[5 + k]) for k, v in enumerate(flat)]

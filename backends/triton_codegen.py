@@ -29,6 +29,8 @@ import networkx as nx
 
 from rnnc import ir
 from rnnc.errors import RnncError
+
+from .axes import axis_classes, unit as _unit
 from rnnc.ir import Op
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -40,26 +42,7 @@ def comment(text: str) -> str:
     return _SAFE.sub("?", " ".join(str(text).split()))[:100]
 
 
-# --- axes ------------------------------------------------------------------------------------
-class _UnionFind:
-    def __init__(self):
-        self.parent = {}
-
-    def find(self, x):
-        self.parent.setdefault(x, x)
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a, b):
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def _unit(s) -> bool:
-    return s.is_Integer and int(s) == 1
+# --- axes: backends/axes.py (shared with the newton backend) --------------------------------
 
 
 @dataclass
@@ -101,70 +84,6 @@ class Layout:
         return {self.cls[(i, k)] for k, s in enumerate(self.rec.attr(i, "shape")) if not _unit(s)}
 
 
-def _axes(rec, nodes: set):
-    """Union-find of per-sample axes over the kernel's nodes; classes that are not parallel."""
-    uf = _UnionFind()
-    shape = lambda i: rec.attr(i, "shape")  # noqa: E731
-    mixed = set()  # (node, axis) keys whose class must not be parallel
-    for i in sorted(nodes):
-        node = rec.node(i)
-        for k, s in enumerate(shape(i)):
-            uf.find((i, k))
-        if isinstance(node, ir.Elementwise):
-            for a in node.args:
-                for k, s in enumerate(shape(a)):
-                    if not _unit(s) and k < len(shape(i)):
-                        uf.union((a, k), (i, k))
-        elif isinstance(node, ir.Contract):
-            letters = {}
-            for a, sub in zip(node.args, node.subscripts):
-                for k, ch in enumerate(sub):
-                    if _unit(shape(a)[k]):
-                        continue
-                    letters.setdefault(ch, []).append((a, k))
-                    if ch not in node.out:
-                        mixed.add((a, k))
-            for k, ch in enumerate(node.out):
-                letters.setdefault(ch, []).append((i, k))
-            for keys in letters.values():
-                keys = [x for x in keys if not _unit(shape(x[0])[x[1]])]
-                for x in keys[1:]:
-                    uf.union(keys[0], x)
-        elif isinstance(node, ir.Reduce):
-            kept = [k for k in range(len(shape(node.arg))) if k not in node.axes]
-            for j, k in enumerate(kept):
-                if not _unit(shape(node.arg)[k]):
-                    uf.union((node.arg, k), (i, j))
-            mixed |= {(node.arg, k) for k in node.axes}
-        elif isinstance(node, ir.Select):
-            seen = {}
-            for k, v in enumerate(node.index):
-                if isinstance(v, int):
-                    mixed.add((node.arg, k))
-                elif v in seen:
-                    mixed |= {(node.arg, k), (node.arg, seen[v])}
-                    uf.union((node.arg, k), (node.arg, seen[v]))
-                else:
-                    seen[v] = k
-            for j, v in enumerate(node.out):
-                if v is not None and not _unit(shape(i)[j]):
-                    uf.union((node.arg, seen[v]), (i, j))
-        elif isinstance(node, ir.Broadcast):
-            for k, s in enumerate(shape(node.arg)):
-                if not _unit(s):
-                    uf.union((node.arg, k), (i, k))
-        elif isinstance(node, (ir.StateWrite, ir.Output)):
-            for k, s in enumerate(shape(node.arg)):
-                if not _unit(s):
-                    uf.union((node.arg, k), (i, k))
-    for st in rec.states:
-        if st.write is not None and st.write in nodes:
-            for k, s in enumerate(st.shape):
-                if not _unit(s):
-                    uf.union((st.read, k), (st.write, k))
-    return uf, mixed
-
-
 def layout(rec, analysis) -> Layout:
     g = rec.graph
     hoisted = analysis.hoisted
@@ -191,27 +110,7 @@ def layout(rec, analysis) -> Layout:
     leaves = set(streams) | set(params) | {s.read for s in rec.states}
     invariant = sorted(n for n in kernel if n not in batched and n not in leaves)
     loop = sorted(n for n in kernel if n in batched and n not in leaves)
-    uf, mixed = _axes(rec, kernel)
-    ids, cls, size = {}, {}, {}
-    for key in sorted(uf.parent, key=lambda x: (x[0], x[1])):
-        if key[0] not in kernel:
-            continue
-        s = rec.attr(key[0], "shape")[key[1]]
-        if _unit(s):
-            continue
-        root = uf.find(key)
-        c = ids.setdefault(root, len(ids))
-        cls[key] = c
-        size.setdefault(c, s)
-    bad = {cls[k] for k in mixed if k in cls}
-    for i in kernel:  # two axes of one value in one class (U[i,j] with h[j] -> h[i]): mixing
-        seen = set()
-        for k, s in enumerate(rec.attr(i, "shape")):
-            if (i, k) in cls:
-                if cls[(i, k)] in seen:
-                    bad.add(cls[(i, k)])
-                seen.add(cls[(i, k)])
-    parallel = set(size) - bad
+    cls, size, parallel = axis_classes(rec, kernel)
     # A recurrent matrix-vector product wants the batch as the rows of tl.dot; then every
     # parallel class gets a block of one. Otherwise one parallel class (the innermost axis of
     # the first state that has one) is tiled and the batch is one row per program.
