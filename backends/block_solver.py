@@ -486,7 +486,9 @@ class BlockSolver:
             la = stream(plans["g"], labels, first, 1) if lay.diag else None
             ops = [k, v, r, w] + ([la] if lay.diag else [])
 
-            def run(q, include):   # its readouts read the new state (the analysis says so)
+            def run(q, include):
+                if not include:   # a read of the state before the update: _solve_chunked's
+                    raise _Unfit  # PyTorch form takes it (it once ran as a new-state read here)
                 return self.K.chunk_delta_rule(q, r, w, k, v, la, S0, chunk=self.chunk)
         if any(x is None for x in ops):
             return False
@@ -578,8 +580,23 @@ class BlockSolver:
                 la = None if log_decay is None else kern(log_decay)[..., 0, 0].expand(B, L, H)
                 form, chunk = self.K.chunk_delta_rule, self.chunk
             kin = {"r": r, "w": w, "p": p, "v": v, "log_alpha": la}
-            run = lambda q, include, kin: form(  # noqa: E731
-                q, kin["r"], kin["w"], kin["p"], kin["v"], kin["log_alpha"], S0, chunk=chunk)
+            scalar = not d.channel
+
+            def run(q, include, kin):
+                if include or q is None:
+                    return form(q, kin["r"], kin["w"], kin["p"], kin["v"], kin["log_alpha"], S0,
+                                chunk=chunk)
+                # A readout of the state before the update: the diagonal-plus-rank-1 form, whose
+                # old-state reads are its erase reads y_t = S_{t-1}^T r_t with q for r. The
+                # per-head form alpha (S - w r^T S) is diag(alpha) S - (alpha w) r^T S there.
+                w_, la_ = kin["w"], kin["log_alpha"]
+                if scalar:
+                    la_ = (torch.zeros_like(kin["r"]) if la_ is None
+                           else la_.unsqueeze(-1).expand(B, la_.shape[1], H, Kd))
+                    w_ = w_ * torch.exp(la_) if kin["log_alpha"] is not None else w_
+                p_ = w_ if kin["w"] is kin["p"] and not scalar else kin["p"]
+                return self.K.chunk_dplr(q, kin["r"], w_, p_, kin["v"], la_, S0,
+                                         chunk=self.chunk or DPLR_CHUNK, include_current=False)
         # The chunk forms mix a chunk's steps in matrix products, where 0 * NaN would carry a
         # non-finite input back to the steps before it. From the first such step t0 on, the block
         # is solved step by step; before it, the chunk forms run on inputs whose non-finite

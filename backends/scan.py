@@ -32,12 +32,6 @@ BLOCK_CHUNKS = 64
 def unsupported(rec, analysis):
     if analysis.plan == "sequential":
         return f"the recurrence is not associative: {analysis.plan_reason}"
-    for f in analysis.states:
-        if f.method == "chunked_delta":
-            for terms in f.readouts.values():
-                if any(t.state is not None and t.state[0] == "old" for t in terms):
-                    return (f"state {f.name} is read before its delta-rule update; the chunked "
-                            "delta rule computes readouts of the new state only")
     return None
 
 

@@ -619,12 +619,13 @@ def _delta_rule_core(q, r, w, p, v, log_alpha, S0, chunk, shared):
     return _from_blocks(o, L), S_last
 
 
-def chunk_dplr(q, r, w, p, v, log_alpha, S0, chunk: int = 64):
+def chunk_dplr(q, r, w, p, v, log_alpha, S0, chunk: int = 64, include_current: bool = True):
     """Diagonal-plus-rank-1 transition with a decay per key channel over a block of any
     length L (Kimi Delta Attention, RWKV-7, a delta rule decayed per channel).
 
-    S_t = diag(alpha_t) S_{t-1} - w_t (r_t^T S_{t-1}) + p_t v_t^T, and o_t = S_t^T q_t,
-    with alpha_t = exp(log_alpha_t) per key channel. Unlike chunk_delta_rule, the decay does
+    S_t = diag(alpha_t) S_{t-1} - w_t (r_t^T S_{t-1}) + p_t v_t^T, and o_t = S_t^T q_t
+    (include_current=False: o_t = S_{t-1}^T q_t, the state before the step), with
+    alpha_t = exp(log_alpha_t) per key channel. Unlike chunk_delta_rule, the decay does
     not scale the erase: KDA's (I - beta k k^T) diag(alpha) is w = beta k, r = alpha * k, and
     the decay-after-erase form diag(alpha) (I - beta k k^T) is w = alpha * beta k, r = k.
 
@@ -649,7 +650,7 @@ def chunk_dplr(q, r, w, p, v, log_alpha, S0, chunk: int = 64):
     nc, c = _chunking(L, chunk, pow2=True)
     shared = p is w
     return _in_groups(
-        lambda q, r, w, p, v, la, S: _dplr_core(q, r, w, p, v, la, S, c, shared),
+        lambda q, r, w, p, v, la, S: _dplr_core(q, r, w, p, v, la, S, c, shared, include_current),
         (q, r, w, p, v, log_alpha), S0, L, c, B * H)
 
 
@@ -705,7 +706,7 @@ def _channel_pairs(queries, keys, x, c):
     return A, Q, Kd, T.view(B, H, nc, K)
 
 
-def _dplr_core(q, r, w, p, v, log_alpha, S0, c, shared):
+def _dplr_core(q, r, w, p, v, log_alpha, S0, c, shared, include=True):
     B, L, H, K = r.shape
     nc = -(-L // c)
     N = nc * c
@@ -713,7 +714,9 @@ def _dplr_core(q, r, w, p, v, log_alpha, S0, c, shared):
     rh, wh, vh, x = flat(r), flat(w), flat(v), flat(log_alpha)
     ph = wh if shared else flat(p)
     keys = [wh] if shared else [wh, ph]
-    queries = [(rh, False)] + ([] if q is None else [(flat(q), True)])
+    # A read of the state before the step (include False) is an erase read with q for r:
+    # strictly earlier pairs, decays up to t - 1.
+    queries = [(rh, False)] + ([] if q is None else [(flat(q), include)])
     A, Q, Kd, T = _channel_pairs(queries, keys, x, c)
     blk = lambda t: t.view(B, H, nc, c, t.shape[-1])  # noqa: E731
     vb = blk(vh)

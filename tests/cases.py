@@ -483,3 +483,13 @@ rnn strata(x[D], g[D]) -> y[D] {
     y[d] = sum[n](c[d,n]) + h[d]
 }
 """
+
+
+# A delta rule whose output reads the state before the step's update (read, then write).
+DELTA_READ_FIRST = """rnn dold(q[H,K], k[H,K], v[H,V], beta[H], g[H,K]) -> o[H,V] {
+    state S[H,K,V] = 0
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+    u[h,j] = sum[i](k[h,i] * S[h,i,j])
+    S[h,i,j] = DECAY * (S[h,i,j] - beta[h] * k[h,i] * u[h,j]) + beta[h] * k[h,i] * v[h,j]
+}"""
+READ_FIRST_DECAYS = {"none": "1.0", "per_head": "sigmoid(g[h,0])", "per_channel": "exp(-softplus(g[h,i]))"}

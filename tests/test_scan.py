@@ -34,8 +34,8 @@ import rnnc.ir  # noqa: E402
 from rnnc.interpret import concrete  # noqa: E402
 
 import oracles  # noqa: E402
-from cases import (CASE_BY_NAME, CASES, EXAMPLES, gradcheck_fn, load_params,  # noqa: E402
-                   make_initial_state, make_inputs, make_params)
+from cases import (CASE_BY_NAME, CASES, DELTA_READ_FIRST, EXAMPLES, READ_FIRST_DECAYS,  # noqa: E402
+                   gradcheck_fn, load_params, make_initial_state, make_inputs, make_params)
 
 F64, F32 = torch.float64, torch.float32
 CHUNK = 16
@@ -824,3 +824,23 @@ def test_lazy_decay_of_a_block_solved_step_by_step():
     torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10, equal_nan=True)
     torch.testing.assert_close(final["S"], want_final["S"], rtol=1e-9, atol=1e-10, equal_nan=True)
     assert torch.isfinite(out[:, :13]).all() and torch.isfinite(out[0]).all()
+
+
+
+@pytest.mark.parametrize("decay", list(READ_FIRST_DECAYS))
+def test_delta_rule_read_before_its_update(decay):
+    """Readouts of the state before a delta-rule update run as erase reads of the
+    diagonal-plus-rank-1 form (scan_kernels.chunk_dplr, include_current=False); the scan
+    backend once refused them. Forward, final state and gradients against sequential, T = 11
+    in chunks of 4."""
+    src = DELTA_READ_FIRST.replace("DECAY", READ_FIRST_DECAYS[decay])
+    dims = dict(H=2, K=4, V=3)
+    scan = rnnc.compile(src, backend="scan", chunk_size=4, **dims).double()
+    seq = rnnc.compile(src, backend="sequential", **dims).double()
+    assert scan.analysis.plan == "chunked_delta"
+    assert rnnc.compile(src, backend="auto", **dims).backend == "scan"
+    g = torch.Generator().manual_seed(12)
+    r = lambda *s: torch.randn(2, 11, *s, generator=g, dtype=F64)  # noqa: E731
+    xs = [r(2, 4), torch.nn.functional.normalize(r(2, 4), dim=-1), r(2, 3), torch.sigmoid(r(2)), r(2, 4)]
+    init = {"S": torch.randn(2, 2, 4, 3, generator=g, dtype=F64)}
+    compare_grads(scan, seq, xs, init)

@@ -21,8 +21,9 @@ import torch  # noqa: E402
 
 import rnnc  # noqa: E402
 
-from cases import (CASES, compare_to_sequential, load_params, make_initial_state, make_inputs,  # noqa: E402
-                   make_params, random_spec_against_sequential, rel_err, run_case)
+from cases import (CASES, DELTA_READ_FIRST, READ_FIRST_DECAYS, compare_to_sequential,  # noqa: E402
+                   load_params, make_initial_state, make_inputs, make_params,
+                   random_spec_against_sequential, rel_err, run_case)
 
 triton = pytest.importorskip("triton")
 F64, F32 = torch.float64, torch.float32
@@ -128,3 +129,31 @@ def test_bad_chunk_size_is_a_clear_error():
     case = next(c for c in CHUNKED if c.name == "gla")
     with pytest.raises(rnnc.RnncError, match="chunk"):
         run_case(case, "triton", F32, 2, 17, False, chunk_size=12)
+
+
+@pytest.mark.parametrize("decay", ["none", "per_head"])
+def test_delta_rule_read_before_its_update(decay):
+    """The Triton chunk kernels compute readouts of the new state; a readout of the state
+    before the update once went through them as if it read the new one (1.75 off, silently).
+    It now runs the PyTorch form that takes such reads; forward and backward against
+    sequential."""
+    src = DELTA_READ_FIRST.replace("DECAY", READ_FIRST_DECAYS[decay])
+    dims = dict(H=2, K=4, V=3)
+    tri = rnnc.compile(src, backend="triton", chunk_size=16, **dims)
+    seq = rnnc.compile(src, backend="sequential", **dims).double()
+    tri.load_state_dict(seq.state_dict())
+    g = torch.Generator().manual_seed(13)
+    r = lambda *s: torch.randn(2, 19, *s, generator=g, dtype=F64)  # noqa: E731
+    xs = [r(2, 4), torch.nn.functional.normalize(r(2, 4), dim=-1), r(2, 3), torch.sigmoid(r(2)), r(2, 4)]
+    x32 = [x.float().requires_grad_() for x in xs]
+    x64 = [x.clone().requires_grad_() for x in xs]
+    y32, y64 = tri(*x32), seq(*x64)
+    assert rel_err(y32.detach(), y64.detach()) < 1e-5
+    w = torch.randn(y64.shape, generator=g, dtype=F64)
+    g32 = torch.autograd.grad((y32.double() * w).sum(), x32, allow_unused=True)
+    g64 = torch.autograd.grad((y64 * w).sum(), x64, allow_unused=True)
+    for a, b in zip(g32, g64):
+        if b is None:   # g, without a decay
+            assert a is None or not a.abs().any()
+        else:
+            assert rel_err(a.double(), b) < 1e-4
