@@ -94,9 +94,19 @@ def _delta(r, seed):
         lines.append("    S[h,i,j] = alpha[h] * (S[h,i,j] - beta[h] * k[h,i] * u[h,j]) + beta[h] * k[h,i] * v[h,j]")
     else:
         lines.append("    S[h,i,j] = S[h,i,j] + beta[h] * k[h,i] * (v[h,j] - u[h,j])")
-    lines.append("    o[h,j] = sum[i](q[h,i] * S[h,i,j])")
-    lines.append("}")
+    _readout(seed, lines)
     return "\n".join(lines) + "\n", dims
+
+
+def _readout(seed, lines):
+    """o = q^T S after the update, or (every third seed) of the state before it: read, then
+    write. (By the seed: draws of Random("kind:seed") at one position barely vary with it.)"""
+    read = "    o[h,j] = sum[i](q[h,i] * S[h,i,j])"
+    if seed % 3 == 2:
+        lines.insert(next(i for i, x in enumerate(lines) if x.startswith("    state")) + 1, read)
+    else:
+        lines.append(read)
+    lines.append("}")
 
 
 def _delta_channel(r, seed):
@@ -118,8 +128,7 @@ def _delta_channel(r, seed):
         lines.append("    u[h,j] = sum[i](k[h,i] * S[h,i,j])")
         lines.append(f"    S[h,i,j] = {decay} * (S[h,i,j] - beta[h] * k[h,i] * u[h,j]) "
                      "+ beta[h] * k[h,i] * v[h,j]")
-    lines.append("    o[h,j] = sum[i](q[h,i] * S[h,i,j])")
-    lines.append("}")
+    _readout(seed, lines)
     return "\n".join(lines) + "\n", dims
 
 
