@@ -54,19 +54,11 @@ def unsupported(rec, analysis):
 class Runner:
     def __init__(self, rec: ir.Recurrence, analysis, block: int):
         self.rec = rec
-        self.hoisted = [i for i in rec.order() if i in analysis.hoisted]
-        self.core = list(analysis.core)
+        self.program = interpret.StepProgram(rec, analysis)
+        self.core = self.program.core
         self.block = block
-        self._cache, self._blocks = {}, {}
+        self._blocks = {}
         self.iterations = []   # Newton iterations per block of the last call (None: stepped)
-
-    def _programs(self, sizes, dtype, device):
-        key = (tuple(sorted(sizes.items())), dtype, device)
-        if key not in self._cache:
-            self._cache[key] = (
-                interpret.lower_nodes(self.rec, self.hoisted, sizes, dtype, device),
-                interpret.lower_nodes(self.rec, self.core, sizes, dtype, device))
-        return self._cache[key]
 
     def __call__(self, sizes, params, inputs, state0):
         rec = self.rec
@@ -74,18 +66,9 @@ class Runner:
         ref = x0 if x0 is not None else next(iter(state0.values()))
         B = ref.shape[0]
         T = x0.shape[1] if x0 is not None else 1
-        hoist_prog, core_prog = self._programs(sizes, ref.dtype, ref.device)
+        hoist_prog, core_prog = self.program.lowered(sizes, ref.dtype, ref.device)
         env = interpret.hoisted_env(rec, hoist_prog, params, inputs)
-        used = {a for _, _, args in core_prog for a in args if a not in self.core}
-        used |= {o.node for o in rec.outputs if o.node not in self.core}
-        used |= {s.write for s in rec.states if s.write is not None and s.write not in self.core}
-        per_step, fixed = {}, {}
-        for a in sorted(used):
-            v = env[a]
-            if rec.attr(a, "batched"):
-                per_step[a] = v.reshape(B, T, *v.shape[1:])
-            else:
-                fixed[a] = v
+        per_step, fixed = self.program.values(core_prog, env, B, T)
         shapes = [interpret.concrete(s.shape, sizes) for s in rec.states]
         key = tuple(map(tuple, shapes))
         if key not in self._blocks:
@@ -122,8 +105,7 @@ class Runner:
             if o.name in steps:
                 outputs[o.name] = torch.cat(steps[o.name], 1) if T else ref.new_zeros(B, 0, *shape)
             else:
-                v = per_step[o.node] if o.node in per_step else fixed[o.node].unsqueeze(1)
-                outputs[o.name] = v.expand(B, T, *shape)
+                outputs[o.name] = self.program.state_free_output(o, per_step, fixed, B, T, shape)
         final, off = {}, 0
         for s, shape in zip(rec.states, shapes):
             size = math.prod(shape)

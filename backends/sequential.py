@@ -19,17 +19,8 @@ def unsupported(rec, analysis):
 class Runner:
     def __init__(self, rec: ir.Recurrence, analysis):
         self.rec = rec
-        self.hoisted = [i for i in rec.order() if i in analysis.hoisted]
-        self.core = list(analysis.core)
-        self._cache = {}
-
-    def _programs(self, sizes, dtype, device):
-        key = (tuple(sorted(sizes.items())), dtype, device)
-        if key not in self._cache:
-            self._cache[key] = (
-                interpret.lower_nodes(self.rec, self.hoisted, sizes, dtype, device),
-                interpret.lower_nodes(self.rec, self.core, sizes, dtype, device))
-        return self._cache[key]
+        self.program = interpret.StepProgram(rec, analysis)
+        self.core = self.program.core
 
     def __call__(self, sizes, params, inputs, state0):
         rec = self.rec
@@ -38,23 +29,14 @@ class Runner:
         dtype, device = ref.dtype, ref.device
         B = ref.shape[0]
         T = x0.shape[1] if x0 is not None else 1
-        hoist_prog, core_prog = self._programs(sizes, dtype, device)
+        hoist_prog, core_prog = self.program.lowered(sizes, dtype, device)
 
         # Hoisted work: inputs flattened to [B*T, ...], params with a batch axis of 1.
         env = interpret.hoisted_env(rec, hoist_prog, params, inputs)
 
         # Values the core reads from hoisted work: per-step slices, or as they are when
         # they do not vary over the batch.
-        used = {a for _, _, args in core_prog for a in args if a not in self.core}
-        used |= {o.node for o in rec.outputs if o.node not in self.core}
-        used |= {s.write for s in rec.states if s.write is not None and s.write not in self.core}
-        per_step, fixed = {}, {}
-        for a in used:
-            v = env[a]
-            if rec.attr(a, "batched"):
-                per_step[a] = v.reshape(B, T, *v.shape[1:])
-            else:
-                fixed[a] = v
+        per_step, fixed = self.program.values(core_prog, env, B, T)
         # unbind, not v[:, t] per step: the backward of T selects would fill a zero gradient
         # of the whole [B, T, ...] tensor each, O(T^2) (13 s for gated_deltanet's hoisted
         # input at T = 512); unbind's is one stack
@@ -82,8 +64,7 @@ class Runner:
             if o.name in steps:
                 seq = torch.stack(steps[o.name], dim=1) if T else ref.new_zeros(B, 0, *shape)
             else:  # the output depends on no state: it was computed for all T at once
-                v = per_step[o.node] if o.node in per_step else fixed[o.node].unsqueeze(1)
-                seq = v.expand(B, T, *shape)
+                seq = self.program.state_free_output(o, per_step, fixed, B, T, shape)
             outputs[o.name] = seq
         return outputs, state
 

@@ -83,7 +83,8 @@ def hoisted_timer(module, xs):
     rec = module.recurrence
     x0 = next(iter(inputs.values()))
     B, T = x0.shape[:2]
-    prog = runner._programs(sizes, x0.dtype, x0.device)[0]
+    lower = runner.program.lowered if hasattr(runner, "program") else runner._programs  # sequential's
+    prog = lower(sizes, x0.dtype, x0.device)[0]
     if hasattr(runner, "_block_length"):  # the block solver
         block = runner._block_length(B, {s.name: interpret.concrete(s.shape, sizes) for s in rec.states})
     else:

@@ -137,3 +137,44 @@ def hoisted_env(rec: ir.Recurrence, prog: list, params: dict, inputs: dict, t0: 
         env[d.node] = params[d.name].unsqueeze(0)
     run_program(prog, env)
     return env
+
+
+class StepProgram:
+    """A recurrence split for the loop backends (sequential, newton): the hoisted program
+    (state-free work, run once over all B*T positions) and the core (one step), lowered once
+    per (sizes, dtype, device)."""
+
+    def __init__(self, rec: ir.Recurrence, analysis):
+        self.rec = rec
+        self.hoisted = [i for i in rec.order() if i in analysis.hoisted]
+        self.core = list(analysis.core)
+        self._cache = {}
+
+    def lowered(self, sizes, dtype, device) -> tuple:
+        """(hoisted program, core program), as lower_nodes gives them."""
+        key = (tuple(sorted(sizes.items())), dtype, device)
+        if key not in self._cache:
+            self._cache[key] = (lower_nodes(self.rec, self.hoisted, sizes, dtype, device),
+                                lower_nodes(self.rec, self.core, sizes, dtype, device))
+        return self._cache[key]
+
+    def values(self, core_prog, env: dict, B: int, T: int) -> tuple:
+        """(per_step, fixed): the hoisted values the core, the outputs and the state writes
+        read from outside the core. per_step {node: [B, T, ...]} for values that vary over
+        the batch, fixed {node: value with a batch axis of 1} for those that do not."""
+        rec, core = self.rec, set(self.core)
+        used = {a for _, _, args in core_prog for a in args if a not in core}
+        used |= {o.node for o in rec.outputs if o.node not in core}
+        used |= {s.write for s in rec.states if s.write is not None and s.write not in core}
+        per_step, fixed = {}, {}
+        for a in sorted(used):
+            if rec.attr(a, "batched"):
+                per_step[a] = env[a].reshape(B, T, *env[a].shape[1:])
+            else:
+                fixed[a] = env[a]
+        return per_step, fixed
+
+    def state_free_output(self, o, per_step, fixed, B, T, shape):
+        """An output that reads no state, computed for all T at once: [B, T, *shape]."""
+        v = per_step[o.node] if o.node in per_step else fixed[o.node].unsqueeze(1)
+        return v.expand(B, T, *shape)
