@@ -34,6 +34,8 @@
 #           rnnc's kernels, materialised for fla's) and fla chunk_rwkv6
 #   chunk6  kda and rwkv7 at chunk4's shapes vs fla chunk_kda and chunk_rwkv7 (rnnc: its fused
 #           recurrent kernel; no Triton chunk kernel for a decay per key channel yet)
+#   newton  the newton backend (DEER) on small states over long sequences vs cuDNN: GRU H=64 and a
+#           multi-head LSTM (16 heads of 16) at B=16 T=4096
 #   chunkbf16 issue 6's four chunk cases at T=2048 again with RNNC_TRITON_DOT=bf16 (rnnc's
 #           chunk-kernel products on bf16 operands, as fla's): whether that mode pays on a GPU
 #   all     every stage in turn (longer than one 10-minute command)
@@ -42,7 +44,7 @@
 # benchmarks/wheels/ into /tmp/rnnc-site (never over the machine's CUDA torch and triton), and
 # rnnc is put on PYTHONPATH from this checkout.
 set -u
-STAGE=${1:?"usage: bash benchmarks/gpu_session.sh session|check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|chunk5|chunk6|chunkbf16|all [OUTDIR]"}
+STAGE=${1:?"usage: bash benchmarks/gpu_session.sh session|check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|chunk5|chunk6|newton|chunkbf16|all [OUTDIR]"}
 OUT=${2:-benchmarks/results/gpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -91,6 +93,7 @@ stage() {
     chunk4) run chunk4 --cases chunk_gated_deltanet ;;
     chunk5) run chunk5 --cases chunk_hgrn2,chunk_rwkv6 ;;
     chunk6) run chunk6 --cases chunk_kda,chunk_rwkv7 ;;
+    newton) run newton --cases gru_small,mhlstm_small --backend newton ;;
     chunkbf16) RNNC_TRITON_DOT=bf16 RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} \
               run chunkbf16 --cases chunk --chunk-T 2048 ;;
     session) mkdir -p "$OUT/session"

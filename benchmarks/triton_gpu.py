@@ -35,6 +35,9 @@ Cases (--cases, comma-separated; "fla" = gla,retnet,gated_deltanet):
              the same shapes: examples/hgrn2.rnn vs fla chunk_gla, handed the key 1 - a and
              the log-decay log a that rnnc computes inside its kernels; examples/rwkv6.rnn vs
              fla chunk_rwkv6 (the bonus u computed in rnnc's kernels)
+    gru_small, mhlstm_small
+             small states over long sequences (GRU H=64; a multi-head LSTM, 16 heads of 16), B=16
+             T=4096, vs cuDNN: the case for --backend newton (Newton iterations, DEER)
     chunk_kda, chunk_rwkv7   (not in "chunk")
              the same shapes: examples/kda.rnn vs fla chunk_kda, examples/rwkv7.rnn vs fla
              chunk_rwkv7 (a delta rule decayed per key channel: rnnc runs its fused recurrent
@@ -82,7 +85,7 @@ CHUNK_CASES = ("chunk_gla", "chunk_retnet", "chunk_mamba2", "chunk_gated_deltane
 MORE_CHUNK_CASES = ("chunk_hgrn2", "chunk_rwkv6", "chunk_kda", "chunk_rwkv7")
 CHUNKED = CHUNK_CASES + MORE_CHUNK_CASES   # every case of a chunked plan at issue 6's shapes
 ALL_CASES = ("lstm", "lstm_sync", "gru", "mhlstm", "s6", "scan", "gla", "retnet",
-             "gated_deltanet") + CHUNKED
+             "gated_deltanet") + CHUNKED + ("gru_small", "mhlstm_small")
 ALIASES = {"fla": ("gla", "retnet", "gated_deltanet"), "chunk": CHUNK_CASES, "all": ALL_CASES}
 
 CHECK_B, CHECK_T = 2, 128
@@ -276,9 +279,9 @@ def _peers_for(case: str, fla_chunk: bool) -> list:
     from rnnc import peers as P
     Peer = P.Peer
     fla = dict(package="fla", pip="fla-core triton")
-    if case in ("lstm", "gru", "lstm_sync"):  # torch.nn.LSTM / GRU with our weights (cuDNN)
-        return [PeerSpec(P.peers_for(case.removesuffix("_sync"))[0])]
-    if case == "mhlstm":
+    if case in ("lstm", "gru", "lstm_sync", "gru_small"):  # torch.nn.LSTM / GRU, our weights (cuDNN)
+        return [PeerSpec(P.peers_for(case.removesuffix("_sync").removesuffix("_small"))[0])]
+    if case in ("mhlstm", "mhlstm_small"):
         return [PeerSpec(Peer("mhlstm", "torch.nn.LSTM(NH*E) cuDNN, block-diagonal weights", "torch",
                               "torch", ("cpu", "cuda"), _mhlstm_cudnn))]
     if case == "s6":
@@ -374,6 +377,17 @@ def build_cases(keys, mode: str, fla_chunk: bool, chunk_T=None) -> list:
                                 note=f"cuDNN runs the dense {H}x{H} recurrence with the "
                                      f"block-diagonal weights copied in: same function, same total "
                                      f"width, but dense cost (width-matched, not head-aware)"))
+        elif key == "gru_small":   # small states for the newton backend (DEER)
+            B, T = pick((16, 4096), (4, 512), (2, 16))
+            H = pick(64, 32, 8)
+            out.append(Case(key, "gru H=64", EXAMPLES / "gru.rnn", dict(D=H, H=H), B, T,
+                            note="small state, long sequence: the newton backend's case (run it "
+                                 "with --backend newton)"))
+        elif key == "mhlstm_small":
+            B, T = pick((16, 4096), (4, 512), (2, 16))
+            NH, E = pick((16, 16), (8, 16), (2, 4))
+            out.append(Case(key, f"mhlstm {NH}x{E}", MHLSTM_SPEC, dict(D=NH * E, NH=NH, E=E), B, T,
+                            note="heads of 16: block-diagonal Jacobians for the newton backend"))
         elif key == "s6":
             B, T = pick((4, 4096), (2, 512), (2, 16))
             dims = pick(dict(D=1536, N=16), dict(D=256, N=16), dict(D=8, N=4))
