@@ -537,16 +537,21 @@ class BlockSolver:
 
         def kern(x):  # [B*L or 1, *state shape] -> [B, L, H, K, V]
             return lay.to_kernel(x, shape, B, L)
-        # Input p ⊗ v: the factors carrying the key axis form p, the others v (Layout.p, .v).
-        if lay.input is not None:
-            p = kern(eval_terms([lay.p], env, labels))[..., 0]
-            v = kern(eval_terms([lay.v], env, labels))[..., 0, :] if lay.v.factors else \
+        # Input p ⊗ v: the factors carrying the key axis form p, the others v (Layout.pairs).
+        # A sum of such terms runs the chunk form once per term, the entry state with the
+        # first (the recurrence is linear in its input and its entry state); kin holds the
+        # first term's p and v as "p"/"k" and "v", the others as "p1", "v1", ...
+        ps, vs = [], []
+        for pt, vt in lay.pairs:
+            p = kern(eval_terms([pt], env, labels))[..., 0]
+            v = kern(eval_terms([vt], env, labels))[..., 0, :] if vt.factors else \
                 ref.new_ones(B, L, H, V)
-            p = p.expand(B, L, H, Kd)
-            v = v.expand(B, L, H, V)
-        else:
-            p = ref.new_zeros(B, L, H, Kd)
-            v = ref.new_zeros(B, L, H, V)
+            ps.append(p.expand(B, L, H, Kd))
+            vs.append(v.expand(B, L, H, V))
+        if not ps:
+            ps, vs = [ref.new_zeros(B, L, H, Kd)], [ref.new_zeros(B, L, H, V)]
+        p, v = ps[0], vs[0]
+        more = {f"{n}{j}": x for j in range(1, len(ps)) for n, x in (("p", ps[j]), ("v", vs[j]))}
         diag = [_coef(t) for t in lay.diag]
         log_decay = self._log_coef(diag, env, labels, name) if diag else None
         if diag and log_decay is None:   # a decay <= 0 somewhere: the chunk forms need its log
@@ -561,9 +566,12 @@ class BlockSolver:
             ld = kern(log_decay)[..., 0]  # [B, L, H, K or 1]
             if ld.shape[-1] != 1:
                 ld = ld.expand(B, L, H, Kd)
-            kin = {"k": p, "v": v, "log_decay": ld}
-            run = lambda q, include, kin: self.K.chunk_linear_attention(  # noqa: E731
-                q, kin["k"], kin["v"], kin["log_decay"], S0, include, chunk=self.chunk)
+            kin = {"k": p, "v": v, "log_decay": ld, **more}
+
+            def run1(q, include, kin, p, v, S):
+                return self.K.chunk_linear_attention(q, p, v, kin["log_decay"], S, include,
+                                                     chunk=self.chunk)
+            first = "k"
         else:
             d = lay.delta
             r = kern(eval_terms([d.r], env, d.r.out))[..., 0]
@@ -579,13 +587,13 @@ class BlockSolver:
             else:
                 la = None if log_decay is None else kern(log_decay)[..., 0, 0].expand(B, L, H)
                 form, chunk = self.K.chunk_delta_rule, self.chunk
-            kin = {"r": r, "w": w, "p": p, "v": v, "log_alpha": la}
+            kin = {"r": r, "w": w, "p": p, "v": v, "log_alpha": la, **more}
             scalar = not d.channel
+            first = "p"
 
-            def run(q, include, kin):
+            def run1(q, include, kin, p, v, S0):
                 if include or q is None:
-                    return form(q, kin["r"], kin["w"], kin["p"], kin["v"], kin["log_alpha"], S0,
-                                chunk=chunk)
+                    return form(q, kin["r"], kin["w"], p, v, kin["log_alpha"], S0, chunk=chunk)
                 # A readout of the state before the update: the diagonal-plus-rank-1 form, whose
                 # old-state reads are its erase reads y_t = S_{t-1}^T r_t with q for r. The
                 # per-head form alpha (S - w r^T S) is diag(alpha) S - (alpha w) r^T S there.
@@ -594,9 +602,18 @@ class BlockSolver:
                     la_ = (torch.zeros_like(kin["r"]) if la_ is None
                            else la_.unsqueeze(-1).expand(B, la_.shape[1], H, Kd))
                     w_ = w_ * torch.exp(la_) if kin["log_alpha"] is not None else w_
-                p_ = w_ if kin["w"] is kin["p"] and not scalar else kin["p"]
-                return self.K.chunk_dplr(q, kin["r"], w_, p_, kin["v"], la_, S0,
+                p_ = w_ if kin["w"] is p and not scalar else p
+                return self.K.chunk_dplr(q, kin["r"], w_, p_, v, la_, S0,
                                          chunk=self.chunk or DPLR_CHUNK, include_current=False)
+
+        def run(q, include, kin):
+            """The chunk form over every input term, summed; the entry state goes with the
+            first."""
+            o, S = run1(q, include, kin, kin[first], kin["v"], S0)
+            for j in range(1, len(ps)):
+                oj, Sj = run1(q, include, kin, kin[f"p{j}"], kin[f"v{j}"], torch.zeros_like(S0))
+                o, S = (None if o is None else o + oj), S + Sj
+            return o, S
         # The chunk forms mix a chunk's steps in matrix products, where 0 * NaN would carry a
         # non-finite input back to the steps before it. From the first such step t0 on, the block
         # is solved step by step; before it, the chunk forms run on inputs whose non-finite
@@ -627,7 +644,7 @@ class BlockSolver:
         S0 = self._from_kernel(name, carry[name], shape)
         diag = [_coef(t) for t in lay.diag]
         a = self._bl(eval_terms(diag, env, labels), shape, B, L)
-        b = self._bl(eval_terms([lay.input], env, labels), shape, B, L) if lay.input else torch.zeros_like(a)
+        b = self._bl(eval_terms(lay.inputs, env, labels), shape, B, L) if lay.inputs else torch.zeros_like(a)
         h, _ = self.K.linear_scan(a, b, S0)
         self._readouts(name, env, carry, S0, h, B, L, shape)
 

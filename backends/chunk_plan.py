@@ -19,7 +19,6 @@ import networkx as nx
 
 from rnnc import ir
 from rnnc.affine import Factor, Term, state_labels as _labels
-from rnnc.errors import RnncError
 from rnnc.ir import Op
 
 NO_DECAY = -1e4        # the log-decay the chunk forms get for a state that reads no old value
@@ -82,25 +81,24 @@ class Layout:
         terms = facts.terms
         self.diag = [t for t in terms if t.state is not None and t.state[1] == labels]
         self.low = [t for t in terms if t.state is not None and t.state[1] != labels]
-        inputs = [t for t in terms if t.state is None]
-        if len(inputs) > 1:
-            raise RnncError(f"state {facts.name}: a chunked plan needs one outer-product input term")
-        self.input = inputs[0] if inputs else None
+        # The input: one outer product p ⊗ v, or a sum of them (k⊗v + k2⊗v2, k⊗v + 0.5), which
+        # the chunk forms take one term at a time (the recurrence is linear in its input)
+        self.inputs = [t for t in terms if t.state is None]
+        self.input = self.inputs[0] if len(self.inputs) == 1 else None
         self.val = list(facts.value_axes)  # decided by the analysis
         self.ind = [k for k in range(n) if k != self.key and k not in self.val]
         self.perm = self.ind + [self.key] + self.val
-        self.p, self.v = self._input_split(facts.method == "chunked_delta")
-        self.delta = Delta(self) if facts.method == "chunked_delta" else None
+        delta = facts.method == "chunked_delta"
+        self.pairs = [self._input_split(t, delta) for t in self.inputs]
+        self.p, self.v = self.pairs[0] if len(self.pairs) == 1 else (None, None)
+        self.delta = Delta(self) if delta else None
 
-    def _input_split(self, delta: bool) -> tuple:
-        """The input p ⊗ v as two Terms (None without an input): p the factors carrying the
-        key axis (with the input's scale), v the others. For the delta rule a factor over
-        head axes only (Gated DeltaNet's beta[h]) goes with p instead, so that p can be the
-        same product as w = beta * k (Delta.same: the kernels' shorter path, 10 chunk-sized
-        matmuls instead of 14)."""
-        t = self.input
-        if t is None:
-            return None, None
+    def _input_split(self, t: Term, delta: bool) -> tuple:
+        """An input term p ⊗ v as two Terms: p the factors carrying the key axis (with the
+        input's scale), v the others. For the delta rule a factor over head axes only (Gated
+        DeltaNet's beta[h]) goes with p instead, so that p can be the same product as
+        w = beta * k (Delta.same: the kernels' shorter path, 10 chunk-sized matmuls instead
+        of 14)."""
         key = self.labels[self.key]
         heads = {self.labels[k] for k in self.ind}
         to_p = [key in fc.labels or (delta and set(fc.labels) <= heads) for fc in t.factors]
@@ -160,8 +158,8 @@ class StreamPlan:
         G, hoisted = gates, set(analysis.hoisted)
         for name, lay in layout.items():
             f = lay.facts
-            if lay.delta is not None and lay.diag and not lay.delta.cancel:
-                continue
+            if (lay.delta is not None and lay.diag and not lay.delta.cancel) or len(lay.inputs) > 1:
+                continue   # materialised operands (_solve_chunked)
             labels = lay.labels
             diag = [coef(d) for d in lay.diag]
             none = Term(0.0, (), None, labels)   # no input: p = 0

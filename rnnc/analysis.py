@@ -372,11 +372,8 @@ def _choose_method(rec, st, facts: StateFacts):
     value_axes = _value_axes(facts.terms, cut, key, labels)
     if not value_axes:
         return
-    inputs = sum(1 for t in facts.terms if t.state is None)
-    if inputs > 1:   # e.g. k⊗v + k2⊗v2, or k⊗v + 0.5: the chunk forms take one outer product
-        facts.reason = (f"the input is a sum of {inputs} terms; the chunk forms take one outer "
-                        "product k⊗v")
-        return
+    # An input of several terms (k⊗v + k2⊗v2, k⊗v + 0.5) is chunked too: the block solver
+    # runs the chunk form once per term (chunk_plan.Layout.pairs).
     if kind.endswith("low_rank"):
         if facts.key_axis != key or facts.transition.rank != 1:
             facts.reason = "low-rank axis differs from the readout axis, or rank above 1"

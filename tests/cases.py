@@ -493,3 +493,32 @@ DELTA_READ_FIRST = """rnn dold(q[H,K], k[H,K], v[H,V], beta[H], g[H,K]) -> o[H,V
     S[h,i,j] = DECAY * (S[h,i,j] - beta[h] * k[h,i] * u[h,j]) + beta[h] * k[h,i] * v[h,j]
 }"""
 READ_FIRST_DECAYS = {"none": "1.0", "per_head": "sigmoid(g[h,0])", "per_channel": "exp(-softplus(g[h,i]))"}
+
+# Matrix states whose input is a sum of terms: the chunk forms run once per term.
+SEVERAL_INPUTS = {
+    "two_outer_products": """rnn two(q[H,K], k[H,K], v[H,V], g[H,K], k2[H,K], v2[H,V]) -> o[H,V] {
+    state S[H,K,V] = 0
+    S[h,i,j] = exp(g[h,i]) * S[h,i,j] + k[h,i] * v[h,j] + k2[h,i] * v2[h,j]
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}""",
+    "outer_product_plus_constant": """rnn plus(q[H,K], k[H,K], v[H,V], g[H,K]) -> o[H,V] {
+    state S[H,K,V] = 0
+    S[h,i,j] = exp(g[h,i]) * S[h,i,j] + k[h,i] * v[h,j] + 0.5
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}""",
+    "delta_rule_plus_a_write": """rnn d2(q[H,K], k[H,K], v[H,V], g[H,K], k2[H,K], v2[H,V]) -> o[H,V] {
+    state S[H,K,V] = 0
+    u[h,j] = sum[i](k[h,i] * S[h,i,j])
+    S[h,i,j] = sigmoid(g[h,0]) * (S[h,i,j] - k[h,i] * u[h,j]) + k[h,i] * v[h,j] + k2[h,i] * v2[h,j]
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}""",
+}
+
+
+def several_inputs_args(name, T, gen, dtype=torch.float64) -> list:
+    """Inputs for a SEVERAL_INPUTS spec at H=2, K=3, V=2: keys normalised, g a log-decay."""
+    r = lambda *s: torch.randn(2, T, *s, generator=gen, dtype=dtype)  # noqa: E731
+    xs = [r(2, 3), F.normalize(r(2, 3), dim=-1), r(2, 2), F.logsigmoid(r(2, 3))]
+    if name != "outer_product_plus_constant":
+        xs += [r(2, 3), r(2, 2)]
+    return xs

@@ -35,7 +35,8 @@ from rnnc.interpret import concrete  # noqa: E402
 
 import oracles  # noqa: E402
 from cases import (CASE_BY_NAME, CASES, DELTA_READ_FIRST, EXAMPLES, READ_FIRST_DECAYS,  # noqa: E402
-                   gradcheck_fn, load_params, make_initial_state, make_inputs, make_params)
+                   SEVERAL_INPUTS, gradcheck_fn, load_params, make_initial_state, make_inputs,
+                   make_params, several_inputs_args)
 
 F64, F32 = torch.float64, torch.float32
 CHUNK = 16
@@ -844,3 +845,19 @@ def test_delta_rule_read_before_its_update(decay):
     xs = [r(2, 4), torch.nn.functional.normalize(r(2, 4), dim=-1), r(2, 3), torch.sigmoid(r(2)), r(2, 4)]
     init = {"S": torch.randn(2, 2, 4, 3, generator=g, dtype=F64)}
     compare_grads(scan, seq, xs, init)
+
+
+@pytest.mark.parametrize("name", list(SEVERAL_INPUTS))
+def test_input_of_several_terms(name):
+    """A matrix state whose input is a sum of terms (k⊗v + k2⊗v2, k⊗v + 0.5, a delta rule with
+    a second write) gets its chunk form, run once per input term and summed; it once ran as
+    an elementwise or dense scan (and, before that, failed to compile). Forward, final state
+    and gradients against sequential."""
+    src = SEVERAL_INPUTS[name]
+    dims = dict(H=2, K=3, V=2)
+    scan = rnnc.compile(src, backend="scan", chunk_size=4, **dims).double()
+    seq = rnnc.compile(src, backend="sequential", **dims).double()
+    assert scan.analysis.plan in ("chunked", "chunked_delta")
+    g = torch.Generator().manual_seed(14)
+    init = {"S": torch.randn(2, 2, 3, 2, generator=g, dtype=F64)}
+    compare_grads(scan, seq, several_inputs_args(name, 11, g), init)
