@@ -117,10 +117,14 @@ def emit(rec, analysis) -> str:
     elif analysis.plan in ("chunked", "chunked_delta"):
         from . import triton_chunk, triton_delta
         lib = triton_chunk if analysis.plan == "chunked" else triton_delta
-        text += (f"\n\n{LIBRARY_MARKER} for the {analysis.plan} plan (the spec's gates computed by "
-                 "the generated loaders _ld_* and _tile_*, terms added to the readout by _tile_e, "
-                 "_tile_u and _tile_x, the readouts' other terms in PyTorch) "
-                 "----\n" + lib.source(chunk_signatures(rec, analysis)))
+        sigs = chunk_signatures(rec, analysis)
+        how = ("the spec's gates computed by the generated loaders _ld_* and _tile_*, terms added "
+               "to the readout by _tile_e, _tile_u and _tile_x, the readouts' other terms in "
+               "PyTorch" if sigs is not None else
+               "operands computed in PyTorch and loaded as they are, such as an input of several "
+               "terms, run once per term")
+        text += (f"\n\n{LIBRARY_MARKER} for the {analysis.plan} plan ({how}) "
+                 "----\n" + lib.source(sigs))
     return text
 
 
