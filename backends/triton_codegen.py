@@ -25,7 +25,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import networkx as nx
 
 from rnnc import ir
 from rnnc.errors import RnncError
