@@ -40,7 +40,7 @@ from .scan_kernels import dense_scan
 NAME = "newton"
 DEFAULT_BLOCK = 64
 JACOBIAN_LIMIT = 2 ** 24   # entries of one block's Jacobians [B, L, G, m, m] (n = G m)
-MAX_STATE = 1024           # state entries n (all states together) the backend takes
+MAX_STATE = 1024           # entries m of one block of the state (all of it without blocks)
 # Converged: no entry moved by more than TOLERANCE eps (1 + the largest |h|) in an iteration
 # (Newton's error is then about the square of that)
 TOLERANCE = 64
@@ -76,12 +76,12 @@ class Runner:
         step = _Step(rec, core_prog, shapes, sorted(fixed), self._blocks[key])
         h = torch.cat([state0[s.name].reshape(B, -1) for s in rec.states], 1) if rec.states \
             else ref.new_zeros(B, 0)
-        n = h.shape[1]
-        if n > MAX_STATE:
-            raise RnncError(f"the newton backend linearises the whole state, {n} entries here (at "
-                            f"most {MAX_STATE}): its Jacobians would hold {n}x{n} entries per step; "
-                            "use backend='sequential', 'scan' or 'triton'")
-        m = step.blocks.m
+        n, m = h.shape[1], step.blocks.m
+        if m > MAX_STATE:
+            raise RnncError(f"the newton backend linearises the state, here in blocks of {m} entries "
+                            f"that the step mixes (at most {MAX_STATE}): its Jacobians would hold "
+                            f"{m}x{m} entries per block and step; use backend='sequential', 'scan' "
+                            "or 'triton'")
         L = max(1, min(self.block, JACOBIAN_LIMIT // max(1, B * n * m)))
         names = sorted(per_step)
         fixed_vals = [fixed[a] for a in step.fixed]

@@ -120,9 +120,16 @@ def test_short_and_empty_sequences():
 
 
 def test_a_state_too_large_is_refused():
+    """A block the step mixes (elman's whole h) over the limit is refused; an elementwise
+    state of any width runs (blocks of one entry)."""
     m = rnnc.compile("examples/elman.rnn", backend="newton", D=2, H=newton.MAX_STATE + 1)
-    with pytest.raises(rnnc.RnncError, match="newton backend linearises the whole state"):
+    with pytest.raises(rnnc.RnncError, match="blocks of 1025 entries"):
         m(torch.randn(1, 3, 2))
+    wide = rnnc.compile("examples/mingru.rnn", backend="newton", D=2, H=2 * newton.MAX_STATE)
+    ref = rnnc.compile("examples/mingru.rnn", backend="sequential", D=2, H=2 * newton.MAX_STATE)
+    ref.load_state_dict(wide.state_dict())
+    x = torch.randn(1, 5, 2)
+    torch.testing.assert_close(wide(x), ref(x))
 
 
 def test_auto_never_picks_newton():
