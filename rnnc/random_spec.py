@@ -70,6 +70,7 @@ def _chunked(r, seed):
         kv = "k[h,i] * (w[h] * v[h,j])"
     else:
         kv = r.choice(["k[h,i] * v[h,j]", "tanh(k[h,i]) * v[h,j]", "k[h,i] * silu(v[h,j])"])
+    kv += _second_write(seed)
     read_old = r.random() < 0.3
     if read_old:
         lines.append("    o[h,j] = sum[i](q[h,i] * S[h,i,j])")
@@ -91,11 +92,18 @@ def _delta(r, seed):
              "    u[h,j] = sum[i](k[h,i] * S[h,i,j])"]
     if gated:
         lines.append("    alpha = sigmoid(a)")
-        lines.append("    S[h,i,j] = alpha[h] * (S[h,i,j] - beta[h] * k[h,i] * u[h,j]) + beta[h] * k[h,i] * v[h,j]")
+        lines.append("    S[h,i,j] = alpha[h] * (S[h,i,j] - beta[h] * k[h,i] * u[h,j]) + beta[h] * k[h,i] * v[h,j]"
+                     + _second_write(seed))
     else:
-        lines.append("    S[h,i,j] = S[h,i,j] + beta[h] * k[h,i] * (v[h,j] - u[h,j])")
+        lines.append("    S[h,i,j] = S[h,i,j] + beta[h] * k[h,i] * (v[h,j] - u[h,j])" + _second_write(seed))
     _readout(seed, lines)
     return "\n".join(lines) + "\n", dims
+
+
+def _second_write(seed) -> str:
+    """Every fourth seed, a second outer product in the input (the chunk forms run once per
+    input term)."""
+    return " + 0.5 * q[h,i] * tanh(v[h,j])" if seed % 4 == 3 else ""
 
 
 def _readout(seed, lines):
