@@ -574,21 +574,29 @@ class BlockSolver:
             first = "k"
         else:
             d = lay.delta
-            r = kern(eval_terms([d.r], env, d.r.out))[..., 0]
-            # w and p the same product (DeltaNet: both beta*k): one tensor, the kernel's fast path
-            w = p if d.same else kern(eval_terms([d.w], env, labels))[..., 0]
-            if not d.cancel and not d.channel and log_decay is not None:
-                w = w / kern(torch.exp(log_decay))[..., 0]
-            r = r.expand(B, L, H, Kd)
-            w = w if w is p else w.expand(B, L, H, Kd)
-            if d.channel:   # diag(alpha) S - w (r^T S) + p v^T, alpha per key channel
-                la = kern(log_decay)[..., 0].expand(B, L, H, Kd)
+            if d.rank > 1:   # diag(alpha) S - sum_j w_j (r_j^T S) + p v^T: [B, L, H, R, K]
+                r = torch.stack([kern(eval_terms([rt], env, rt.out))[..., 0].expand(B, L, H, Kd)
+                                 for rt, _ in d.terms], 3)
+                w = torch.stack([kern(eval_terms([wt], env, labels))[..., 0].expand(B, L, H, Kd)
+                                 for _, wt in d.terms], 3)
+            else:
+                r = kern(eval_terms([d.r], env, d.r.out))[..., 0]
+                # w and p the same product (DeltaNet: both beta*k): one tensor, the kernel's
+                # fast path
+                w = p if d.same else kern(eval_terms([d.w], env, labels))[..., 0]
+                if not d.cancel and not d.general and log_decay is not None:
+                    w = w / kern(torch.exp(log_decay))[..., 0]
+                r = r.expand(B, L, H, Kd)
+                w = w if w is p else w.expand(B, L, H, Kd)
+            if d.general:   # diag(alpha) S - w (r^T S) + p v^T, alpha per key channel
+                la = (ref.new_zeros(B, L, H, Kd) if log_decay is None
+                      else kern(log_decay)[..., 0].expand(B, L, H, Kd))
                 form, chunk = self.K.chunk_dplr, self.chunk or DPLR_CHUNK
             else:
                 la = None if log_decay is None else kern(log_decay)[..., 0, 0].expand(B, L, H)
                 form, chunk = self.K.chunk_delta_rule, self.chunk
             kin = {"r": r, "w": w, "p": p, "v": v, "log_alpha": la, **more}
-            scalar = not d.channel
+            scalar = not d.general
             first = "p"
 
             def run1(q, include, kin, p, v, S0):

@@ -45,7 +45,12 @@ class Delta:
 
     channel: the decay varies along the key axis (Kimi Delta Attention, RWKV-7). The update
     is then diag(alpha) S - w (r^T S) + p v^T as it stands (scan_kernels.chunk_dplr): alpha
-    stays wherever the spec put it, in w (decay after the erase) or in r (before it)."""
+    stays wherever the spec put it, in w (decay after the erase) or in r (before it).
+
+    rank: the number of low-rank terms. Above 1 (a DeltaProduct step, whose Householder
+    updates compose into several terms) the update is diag(alpha) S - sum_j w_j (r_j^T S)
+    + p v^T, as it stands: `terms` holds the (r_j, w_j). general: the diagonal-plus-low-rank
+    form runs (a decay per channel, or rank above 1)."""
 
     def __init__(self, lay):
         labels = lay.labels
@@ -53,8 +58,11 @@ class Delta:
         x = low.state[1][lay.key]
         alpha_nodes = sorted(fc.node for t in lay.diag for fc in t.factors)
         factors = list(low.factors)
+        self.rank = len(lay.low)
         self.channel = any(labels[lay.key] in fc.labels for t in lay.diag for fc in t.factors)
-        self.cancel = not self.channel and len(lay.diag) == 1 and all(
+        self.general = self.channel or self.rank > 1
+        self.terms = [self._split(t, lay) for t in lay.low]
+        self.cancel = not self.general and len(lay.diag) == 1 and all(
             any(fc.node == a for fc in factors) for a in alpha_nodes)
         if self.cancel:  # alpha * (S - w r^T S): take alpha out of the low-rank term exactly
             for a in alpha_nodes:
@@ -65,8 +73,20 @@ class Delta:
         r_labels = tuple(x if k == lay.key else labels[k] for k in range(len(labels)))
         self.r = Term(1.0, rf, None, r_labels)
         self.w = Term(scale, wf, None, labels)
-        self.same = lay.p is not None and (self.cancel or self.channel) and scale == lay.p.scale and sorted(
-            (fc.node, fc.power) for fc in wf) == sorted((fc.node, fc.power) for fc in lay.p.factors)
+        self.same = self.rank == 1 and lay.p is not None and (self.cancel or self.channel) and \
+            scale == lay.p.scale and sorted((fc.node, fc.power) for fc in wf) == sorted(
+                (fc.node, fc.power) for fc in lay.p.factors)
+
+    @staticmethod
+    def _split(t, lay):
+        """(r, w) of one low-rank term -w (r^T S), as it stands: r the factors with the term's
+        contracted label (over r's labels), w the others (over the state's, labels of their
+        own summed: DeltaProduct's k2 (k2 . k1))."""
+        labels = lay.labels
+        x = t.state[1][lay.key]
+        r_labels = tuple(x if k == lay.key else labels[k] for k in range(len(labels)))
+        return (Term(1.0, tuple(fc for fc in t.factors if x in fc.labels), None, r_labels),
+                Term(-t.scale, tuple(fc for fc in t.factors if x not in fc.labels), None, labels))
 
 
 class Layout:

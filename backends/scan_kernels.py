@@ -645,8 +645,12 @@ def chunk_dplr(q, r, w, p, v, log_alpha, S0, chunk: int = 64, include_current: b
     same recursive halving (products of decays, never quotients); the rest is the
     chunk_delta_rule scheme: one unit lower triangular solve for y = Y0 S0 + y_loc, then
     S_{j+1} = M_j S_j + dS_j chained over the chunks.
+
+    r and w may also be [B, L, H, R, K]: R erase terms per step, S_t = diag(alpha_t) S_{t-1}
+    - sum_j w_{t,j} (r_{t,j}^T S_{t-1}) + p_t v_t^T, every r_{t,j} reading the state before
+    the step (a DeltaProduct step composed into one transition has such terms).
     """
-    B, L, H, K = r.shape
+    B, L, H = r.shape[:3]
     nc, c = _chunking(L, chunk, pow2=True)
     shared = p is w
     return _in_groups(
@@ -707,6 +711,8 @@ def _channel_pairs(queries, keys, x, c):
 
 
 def _dplr_core(q, r, w, p, v, log_alpha, S0, c, shared, include=True):
+    if r.dim() == 5:
+        return _dplr_rank_core(q, r, w, p, v, log_alpha, S0, c, include)
     B, L, H, K = r.shape
     nc = -(-L // c)
     N = nc * c
@@ -744,6 +750,40 @@ def _dplr_core(q, r, w, p, v, log_alpha, S0, c, shared, include=True):
         AY = a_qw @ Y
         q_eff = blk(Q[:, :, 1]) - AY[..., :K]
         o_loc = A[:, :, 1, 1] @ vb - AY[..., K:]
+    return _from_blocks(_baddmm(o_loc, q_eff, S_in), L), S_last
+
+
+def _dplr_rank_core(q, r, w, p, v, log_alpha, S0, c, include):
+    """_dplr_core with R erase terms per step, r, w [B, L, H, R, K]: every erase read
+    y_{t,j} = S_{t-1}^T r_{t,j} reads the state before the step, so the triangular system
+    runs over (step, term) pairs in step-major order, the pairs of one step left uncoupled
+    (their scores, strictly earlier in time only, are zero there)."""
+    B, L, H, R, K = r.shape
+    nc = -(-L // c)
+    N = nc * c
+    flat = lambda t: _to_blocks(t, nc, c).view(B, H, N, t.shape[-1])  # noqa: E731
+    vh, x = flat(v), flat(log_alpha)
+    rs = [flat(r[:, :, :, j]) for j in range(R)]
+    ws = [flat(w[:, :, :, j]) for j in range(R)]
+    queries = [(rj, False) for rj in rs] + ([] if q is None else [(flat(q), include)])
+    A, Q, Kd, T = _channel_pairs(queries, ws + [flat(p)], x, c)   # [B, H, nq, nk, nc, c, c]
+    blk = lambda t: t.view(B, H, nc, c, t.shape[-1])  # noqa: E731
+    vb = blk(vh)
+    pairs = lambda t: t.view(B, H, R, nc, c, t.shape[-1]).permute(0, 1, 3, 4, 2, 5) \
+        .reshape(B, H, nc, c * R, t.shape[-1])  # noqa: E731  [.., R, N, D] -> [.., (t, j), D]
+    a_rw = A[:, :, :R, :R].permute(0, 1, 4, 5, 2, 6, 3).reshape(B, H, nc, c * R, c * R)
+    a_rp = A[:, :, :R, R].permute(0, 1, 3, 4, 2, 5).reshape(B, H, nc, c * R, c)
+    Y = _solve_unit_lower(a_rw, torch.cat([pairs(Q[:, :, :R]), a_rp @ vb], -1))
+    WY = pairs(Kd[:, :, :R]).transpose(-1, -2) @ Y
+    M = torch.diag_embed(T) - WY[..., :K]
+    dS = blk(Kd[:, :, R]).transpose(-1, -2) @ vb - WY[..., K:]
+    S_in, S_last = _chain_dense(M, dS, S0)
+    if q is None:
+        return None, S_last
+    a_qw = A[:, :, R, :R].permute(0, 1, 3, 4, 5, 2).reshape(B, H, nc, c, c * R)
+    AY = a_qw @ Y
+    q_eff = blk(Q[:, :, R]) - AY[..., :K]
+    o_loc = A[:, :, R, R] @ vb - AY[..., K:]
     return _from_blocks(_baddmm(o_loc, q_eff, S_in), L), S_last
 
 

@@ -131,7 +131,7 @@ def emit(rec, analysis) -> str:
 def _decay_per_key(rec, analysis) -> bool:
     """Whether a chunked delta-rule state decays per key channel (chunk_plan.Delta.channel)."""
     solver = ChunkedRunner(rec, analysis).solver
-    return any(lay.delta is not None and lay.delta.channel for lay in solver.layout.values())
+    return any(lay.delta is not None and lay.delta.general for lay in solver.layout.values())
 
 
 def chunk_signatures(rec, analysis) -> tuple | None:
@@ -527,7 +527,7 @@ class ChunkedRunner:
         self._fused = None
         # A delta rule decayed per key channel (KDA, RWKV-7) runs the generated fused kernel:
         # its chunk form exists only in PyTorch (many small launches per chunk on a GPU)
-        self.per_channel = any(lay.delta is not None and lay.delta.channel
+        self.per_channel = any(lay.delta is not None and lay.delta.general
                                for lay in self.solver.layout.values())
 
     def kernel(self, T: int) -> str:

@@ -231,7 +231,7 @@ def _classify(rec, st) -> StateFacts:
         x = t.state[1][p]
         if any(x in f.labels and labels[p] in f.labels for f in t.factors):
             dense = True  # a full matrix over the mixed axis, not an outer product
-        if any(y not in labels and y != x for f in t.factors for y in f.labels):
+        if _chained(t.factors, labels, x, labels[p]):
             dense = True  # a chain like A[i,m] B[m,l] h[l]: not an outer product either
         low_axes.add(p)
     if dense or len(low_axes) > 1:
@@ -334,6 +334,31 @@ def _readouts(rec, st, facts: StateFacts):
     return cut, key, frozenset(down)
 
 
+def _chained(factors, labels, x, out) -> bool:
+    """Whether the factors of a low-rank term join the read axis x to the written axis out
+    through labels of their own (A[i,m] B[m,l] h[l]: a full matrix, not an outer product).
+    Labels of their own that join neither (DeltaProduct's k2[m] k1[m], a scalar per head)
+    leave the term an outer product."""
+    extra = {y for f in factors for y in f.labels if y not in labels and y != x}
+    if not extra:
+        return False
+    group = list(range(len(factors)))   # union-find over factors sharing an extra label
+
+    def find(i):
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+    for y in extra:
+        ids = [i for i, f in enumerate(factors) if y in f.labels]
+        for i in ids[1:]:
+            group[find(i)] = find(ids[0])
+    reads = {find(i) for i, f in enumerate(factors) if x in f.labels}
+    writes = {find(i) for i, f in enumerate(factors) if out in f.labels}
+    linked = {find(i) for i, f in enumerate(factors) if set(f.labels) & extra}
+    return bool(reads & writes & linked)
+
+
 def _readout_form(terms):
     """The key axis if every state term sums the state over exactly one axis, else None."""
     key = None
@@ -375,8 +400,8 @@ def _choose_method(rec, st, facts: StateFacts):
     # An input of several terms (k⊗v + k2⊗v2, k⊗v + 0.5) is chunked too: the block solver
     # runs the chunk form once per term (chunk_plan.Layout.pairs).
     if kind.endswith("low_rank"):
-        if facts.key_axis != key or facts.transition.rank != 1:
-            facts.reason = "low-rank axis differs from the readout axis, or rank above 1"
+        if facts.key_axis != key:
+            facts.reason = "the low-rank axis differs from the readout axis"
             return
         # A decay per key channel (Kimi Delta Attention, RWKV-7) is chunked too: the block
         # solver gives it the diagonal-plus-rank-1 form (chunk_plan.Delta.channel).
@@ -496,7 +521,8 @@ def plan_of(a: "Analysis") -> tuple:
     top = max(a.states, key=lambda f: _PLANS[f.method])
     plan = _PLAN_NAME[top.method]
     why = {
-        "chunked_delta": f"{top.name}: {top.transition.kind.replace('_', ' ')} of rank 1 over "
+        "chunked_delta": f"{top.name}: {top.transition.kind.replace('_', ' ')} of rank "
+                         f"{top.transition.rank} over "
                          f"{','.join(top.transition.mixed_axes)}, read out along it: chunked WY/UT form"
                          + (", the decay per key channel inside the pair products"
                             if top.method == "chunked_delta" and _decay_per_key(top) else ""),

@@ -237,6 +237,15 @@ CASES: list[Case] = [
         oracle="oracle_kda", reference="ref_kda",
     ),
     Case(
+        name="gated_deltaproduct", dims=dict(H=2, K=3, V=4),
+        shapes={"q": ("H", "K"), "k1": ("H", "K"), "v1": ("H", "V"), "b1": ("H",),
+                "k2": ("H", "K"), "v2": ("H", "V"), "b2": ("H",), "a": ("H",)},
+        inputs={"q": N, "k1": "unit", "v1": N, "b1": "gate", "k2": "unit", "v2": N, "b2": "gate",
+                "a": "gate"},
+        states={"S": (("H", "K", "V"), N)}, outputs={"o": ("H", "V")},
+        oracle="oracle_gated_deltaproduct", reference="ref_gated_deltaproduct",
+    ),
+    Case(
         name="rwkv7", dims=dict(H=2, K=3, V=4),
         shapes={"r": ("H", "K"), "w": ("H", "K"), "k": ("H", "K"), "v": ("H", "V"),
                 "kk": ("H", "K"), "a": ("H", "K")},
@@ -254,7 +263,7 @@ CASE_BY_NAME = {c.name: c for c in CASES}
 # (gla for hgrn2 and the [D, N] SSMs, hgrn for the elementwise gated RNNs).
 FLA_CASES = [c for c in CASES if c.name in
              ("gla", "retnet", "mamba2", "deltanet", "gated_deltanet", "hgrn", "rwkv6",
-              "kda", "rwkv7", "hgrn2", "s6", "s4d", "mingru", "minlstm", "rglru")]
+              "kda", "rwkv7", "gated_deltaproduct", "hgrn2", "s6", "s4d", "mingru", "minlstm", "rglru")]
 # Examples whose oracle is torch.nn
 TORCH_NN_CASES = [c for c in CASES if c.name in ("elman", "lstm", "gru")]
 

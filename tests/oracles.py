@@ -168,6 +168,19 @@ def oracle_kda(params, inputs, initial_state=None):
     return o.to(q.dtype), {"S": S.to(q.dtype)}
 
 
+def oracle_gated_deltaproduct(params, inputs, initial_state=None):
+    """fla's gated DeltaProduct with num_householder=2: keys, values and strengths of the
+    two Householder steps interleaved along time ([B, 2T, H, ...]), g = log a per head."""
+    q, k1, v1, b1, k2, v2, b2, a = inputs
+    f = _fla("fla.ops.gated_delta_product.naive", "naive_recurrent_gated_delta_product")
+    il = lambda x1, x2: torch.stack([x1, x2], 2).flatten(1, 2)  # noqa: E731
+    S0 = _init(initial_state, "S")
+    o, S = f(q, il(k1, k2), il(v1, v2), torch.log(a), il(b1, b2), scale=1.0,
+             initial_state=None if S0 is None else S0.float().clone(),  # it updates it in place
+             output_final_state=True, num_householder=2)
+    return o.to(q.dtype), {"S": S.to(q.dtype)}
+
+
 def oracle_rwkv7(params, inputs, initial_state=None):
     """RWKV-7 as fla's layer runs it: the diagonal-plus-low-rank recurrence
     S = diag(exp gk) S + b (a^T S) + k v^T with a = -kk and b = kk * a (fla's

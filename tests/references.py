@@ -425,5 +425,23 @@ def ref_rwkv7(params, inputs, initial_state=None):
     return torch.stack(ys, 1), {"S": S}
 
 
+def ref_gated_deltaproduct(params, inputs, initial_state=None):
+    """Gated DeltaProduct with two Householder steps per token:
+    S = (I - b2 k2 k2^T)(I - b1 k1 k1^T) a S + (I - b2 k2 k2^T) b1 k1 v1^T + b2 k2 v2^T."""
+    q, k1, v1, b1, k2, v2, b2, a = inputs
+    B, T, H, K = q.shape
+    V = v1.shape[-1]
+    eye = torch.eye(K, dtype=q.dtype, device=q.device)
+    S = _state(initial_state, "S", q, (B, H, K, V))
+    ys = []
+    for t in range(T):
+        S = a[:, t, :, None, None] * S
+        for k, v, b in ((k1, v1, b1), (k2, v2, b2)):
+            bt = b[:, t, :, None, None]
+            S = (eye - bt * _outer(k[:, t], k[:, t])) @ S + bt * _outer(k[:, t], v[:, t])
+        ys.append(_readout(q[:, t], S))
+    return torch.stack(ys, 1), {"S": S}
+
+
 REFERENCES = {name[len("ref_"):]: fn for name, fn in globals().items()
               if name.startswith("ref_") and callable(fn)}

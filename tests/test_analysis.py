@@ -93,6 +93,9 @@ EXPECTED = {
     "kda": {"associative": True, "plan": "chunked_delta", "hoisted": [],
             "states": [("S", ["H", "K", "V"], AFF("diagonal_plus_low_rank", ["H", "K"], rank=1,
                                                   mixed_axes=["K"]))]},
+    "gated_deltaproduct": {"associative": True, "plan": "chunked_delta", "hoisted": [],
+                           "states": [("S", ["H", "K", "V"], AFF("diagonal_plus_low_rank", ["H"], rank=3,
+                                                                 mixed_axes=["K"]))]},
     "rwkv7": {"associative": True, "plan": "chunked_delta", "hoisted": [],
               "states": [("S", ["H", "K", "V"], AFF("diagonal_plus_low_rank", ["H", "K"], rank=1,
                                                     mixed_axes=["K"]))]},
@@ -564,6 +567,18 @@ rnn rih(k[H,K], v[H,V], g[H,K], b[H]) -> o[H,V] {
     S[h,i,j] = exp(g[h,i]) * S[h,i,j] - b[h] * k[h,i] * u[h,j] + k[h,i] * v[h,j]
     o[h,j] = sum[i](k[h,i] * S[h,i,j])
 }""", {"H": 2, "K": 4, "V": 3}, ("S", "diagonal_plus_low_rank", ("H", "K"), None)),
+    # two Householder steps in turn: the cross term b1 b2 (k2.k1) k2 k1^T holds an inner
+    # contraction over a label of its own, a scalar per head, not a chain (it was taken for
+    # one, and the state for dense)
+    "deltaproduct_cross_term": ("""
+rnn dp(k1[H,K], v1[H,V], b1[H], k2[H,K], v2[H,V], b2[H]) -> o[H,V] {
+    state S[H,K,V] = 0
+    u1[h,j] = sum[i](k1[h,i] * S[h,i,j])
+    S1[h,i,j] = S[h,i,j] + b1[h] * k1[h,i] * (v1[h,j] - u1[h,j])
+    u2[h,j] = sum[i](k2[h,i] * S1[h,i,j])
+    S[h,i,j] = S1[h,i,j] + b2[h] * k2[h,i] * (v2[h,j] - u2[h,j])
+    o[h,j] = sum[i](k1[h,i] * S[h,i,j])
+}""", {"H": 2, "K": 6, "V": 3}, ("S", "identity_plus_low_rank", (), None)),
     "mlstm_unstabilised_input": ("""
 rnn mlv(k[H,K], v[H,V], ig[H], fg[H]) -> o[H,V] {
     state C[H,K,V] = 0, m[H] = -inf

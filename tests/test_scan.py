@@ -693,8 +693,7 @@ def test_delta_rule_with_a_nonpositive_decay_is_stepped(monkeypatch):
         assert bool(steps) == stepped, src
 
 
-# A delta rule of rank 2 (two erases, as DeltaProduct): a dense scan, the chunk forms being
-# rank 1.
+# A delta rule of rank 2 (two erases reading the same old state).
 RANK2 = """rnn dp2(q[H,K], k[H,K], k2[H,K], v[H,V], beta[H]) -> o[H,V] {
     state S[H,K,V] = 0
     u[h,j] = sum[i](k[h,i] * S[h,i,j])
@@ -702,6 +701,31 @@ RANK2 = """rnn dp2(q[H,K], k[H,K], k2[H,K], v[H,V], beta[H]) -> o[H,V] {
     S[h,i,j] = S[h,i,j] - beta[h] * k[h,i] * u[h,j] - beta[h] * k2[h,i] * u2[h,j] + k[h,i] * v[h,j]
     o[h,j] = sum[i](q[h,i] * S[h,i,j])
 }"""
+# A matrix state with a full transition over its key axis: a dense scan.
+DENSE_KEY = """rnn dk(q[H,K], k[H,K], v[H,V]) -> o[H,V] {
+    param A[H,K,K]
+    state S[H,K,V] = 0
+    S[h,i,j] = 0.5 * sum[m](A[h,i,m] * S[h,m,j]) + k[h,i] * v[h,j]
+    o[h,j] = sum[i](q[h,i] * S[h,i,j])
+}"""
+
+
+def _rank2_inputs(g):
+    r = lambda *s: torch.randn(2, 11, *s, generator=g, dtype=F64)  # noqa: E731
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    return [r(2, 4), unit(r(2, 4)), unit(r(2, 4)), r(2, 3), torch.sigmoid(r(2)) * 0.5]
+
+
+def test_delta_rule_of_rank_two():
+    """Two erase terms per step run the chunk form with R = 2 erase reads (they once made
+    the state a dense scan); forward, final state and gradients against sequential."""
+    dims = dict(H=2, K=4, V=3)
+    scan = rnnc.compile(RANK2, backend="scan", chunk_size=4, **dims).double()
+    seq = rnnc.compile(RANK2, backend="sequential", **dims).double()
+    assert scan.analysis.plan == "chunked_delta" and scan.analysis.state("S").transition.rank == 2
+    g = torch.Generator().manual_seed(9)
+    init = {"S": torch.randn(2, 2, 4, 3, generator=g, dtype=F64)}
+    compare_grads(scan, seq, _rank2_inputs(g), init)
 
 
 @pytest.mark.parametrize("limit", [None, 1], ids=["scanned", "stepped"])
@@ -716,13 +740,13 @@ def test_dense_state_too_large_is_stepped(limit, monkeypatch):
     real = bs.BlockSolver._steps
     monkeypatch.setattr(bs.BlockSolver, "_steps", lambda *a, **k: steps.append(1) or real(*a, **k))
     dims = dict(H=2, K=4, V=3)
-    scan = rnnc.compile(RANK2, backend="scan", chunk_size=4, **dims).double()
-    seq = rnnc.compile(RANK2, backend="sequential", **dims).double()
+    scan = rnnc.compile(DENSE_KEY, backend="scan", chunk_size=4, **dims).double()
+    seq = rnnc.compile(DENSE_KEY, backend="sequential", **dims).double()
+    seq.load_state_dict(scan.state_dict())
     assert scan.analysis.plan == "dense_scan"
     g = torch.Generator().manual_seed(9)
     r = lambda *s: torch.randn(2, 11, *s, generator=g, dtype=F64)  # noqa: E731
-    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
-    xs = [r(2, 4), unit(r(2, 4)), unit(r(2, 4)), r(2, 3), torch.sigmoid(r(2)) * 0.5]
+    xs = [r(2, 4), r(2, 4), r(2, 3)]
     init = {"S": torch.randn(2, 2, 4, 3, generator=g, dtype=F64)}
     compare_grads(scan, seq, xs, init)
     assert bool(steps) == (limit is not None)

@@ -545,6 +545,44 @@ def test_dplr_float32(kind, decay):
     pair_close(got, ref_dplr(*args), rtol=1e-4)
 
 
+def ref_dplr_rank(q, r, w, p, v, log_alpha, S0, include_current=True):
+    """ref_dplr with R erase terms per step, r, w [B, L, H, R, K], all reading S_{t-1}."""
+    S, os_ = S0, []
+    for t in range(r.shape[1]):
+        y = torch.einsum("bhjk,bhkv->bhjv", r[:, t], S)
+        new = (torch.exp(log_alpha[:, t]).unsqueeze(-1) * S
+               - torch.einsum("bhjk,bhjv->bhkv", w[:, t], y)
+               + p[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2))
+        if q is not None:
+            os_.append(torch.einsum("bhk,bhkv->bhv", q[:, t], new if include_current else S))
+        S = new
+    return (torch.stack(os_, 1) if q is not None else None), S
+
+
+def dplr_rank_inputs(L, R, seed=0, B=2, H=3, K=4, V=5):
+    randn, rand = gen(seed)
+    q, p, v = randn(B, L, H, K), 0.5 * randn(B, L, H, K), randn(B, L, H, V)
+    r = F.normalize(randn(B, L, H, R, K), dim=-1)
+    w = 0.3 * randn(B, L, H, R, K)
+    return q, r, w, p, v, -rand(B, L, H, K), randn(B, H, K, V)
+
+
+@pytest.mark.parametrize("include", [True, False], ids=["new", "old"])
+@pytest.mark.parametrize("R", [2, 3])
+@pytest.mark.parametrize("L,chunk", [(1, 4), (7, 4), (37, 8), (100, 64)])
+def test_dplr_rank_matches_loop(L, chunk, R, include):
+    """R erase terms per step (a DeltaProduct step composed into one transition): the
+    triangular system over (step, term) pairs."""
+    args = dplr_rank_inputs(L, R, seed=L + R)
+    pair_close(sk.chunk_dplr(*args, chunk=chunk, include_current=include),
+               ref_dplr_rank(*args, include_current=include))
+
+
+def test_dplr_rank_gradcheck():
+    args = [x.requires_grad_() for x in dplr_rank_inputs(6, 2, seed=40, B=1, H=2, K=3, V=2)]
+    assert torch.autograd.gradcheck(lambda *x: sk.chunk_dplr(*x, chunk=4), args)
+
+
 # --------------------------------------------------------------------------- 5. dense_scan
 
 @pytest.mark.parametrize("L", LENGTHS)

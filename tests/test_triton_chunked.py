@@ -65,7 +65,7 @@ def test_chunked_plan(case, T, grad):
     ran = {k for k in after if after[k] != before.get(k, 0)}
     # T = 1 decodes through the fused kernel; longer sequences through the chunk kernels, but
     # for a delta rule decayed per key channel (no Triton chunk kernel yet) the fused kernel
-    fused = T == 1 or case.name in ("kda", "rwkv7")
+    fused = T == 1 or case.name in ("kda", "rwkv7", "gated_deltaproduct")
     assert ran == ({"forward"} if fused else {"chunked"}), ran
 
 
