@@ -592,6 +592,9 @@ class BlockSolver:
                 la = (ref.new_zeros(B, L, H, Kd) if log_decay is None
                       else kern(log_decay)[..., 0].expand(B, L, H, Kd))
                 form, chunk = self.K.chunk_dplr, self.chunk or DPLR_CHUNK
+                if len(ps) > 1:   # the form takes every input term in one pass: [B, L, H, M, *]
+                    p, v = torch.stack(ps, 3), torch.stack(vs, 3)
+                    ps, vs, more = [p], [v], {}
             else:
                 la = None if log_decay is None else kern(log_decay)[..., 0, 0].expand(B, L, H)
                 form, chunk = self.K.chunk_delta_rule, self.chunk

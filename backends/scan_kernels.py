@@ -711,8 +711,9 @@ def _channel_pairs(queries, keys, x, c):
 
 
 def _dplr_core(q, r, w, p, v, log_alpha, S0, c, shared, include=True):
-    if r.dim() == 5:
-        return _dplr_rank_core(q, r, w, p, v, log_alpha, S0, c, include)
+    if r.dim() == 5 or p.dim() == 5:
+        one = lambda t: t if t.dim() == 5 else t.unsqueeze(3)  # noqa: E731
+        return _dplr_rank_core(q, one(r), one(w), one(p), one(v), log_alpha, S0, c, include)
     B, L, H, K = r.shape
     nc = -(-L // c)
     N = nc * c
@@ -754,36 +755,42 @@ def _dplr_core(q, r, w, p, v, log_alpha, S0, c, shared, include=True):
 
 
 def _dplr_rank_core(q, r, w, p, v, log_alpha, S0, c, include):
-    """_dplr_core with R erase terms per step, r, w [B, L, H, R, K]: every erase read
-    y_{t,j} = S_{t-1}^T r_{t,j} reads the state before the step, so the triangular system
-    runs over (step, term) pairs in step-major order, the pairs of one step left uncoupled
-    (their scores, strictly earlier in time only, are zero there)."""
+    """_dplr_core with R erase terms and M input terms per step, r, w [B, L, H, R, K], p
+    [B, L, H, M, K], v [B, L, H, M, V]: every erase read y_{t,j} = S_{t-1}^T r_{t,j} reads the
+    state before the step, so the triangular system runs over (step, term) pairs in step-major
+    order, the pairs of one step left uncoupled (their scores, strictly earlier in time only,
+    are zero there); the input terms add up in every product with V."""
     B, L, H, R, K = r.shape
+    Mi = p.shape[3]
     nc = -(-L // c)
     N = nc * c
     flat = lambda t: _to_blocks(t, nc, c).view(B, H, N, t.shape[-1])  # noqa: E731
-    vh, x = flat(v), flat(log_alpha)
+    x = flat(log_alpha)
     rs = [flat(r[:, :, :, j]) for j in range(R)]
     ws = [flat(w[:, :, :, j]) for j in range(R)]
+    ps = [flat(p[:, :, :, m]) for m in range(Mi)]
     queries = [(rj, False) for rj in rs] + ([] if q is None else [(flat(q), include)])
-    A, Q, Kd, T = _channel_pairs(queries, ws + [flat(p)], x, c)   # [B, H, nq, nk, nc, c, c]
+    A, Q, Kd, T = _channel_pairs(queries, ws + ps, x, c)   # [B, H, nq, nk, nc, c, c]
     blk = lambda t: t.view(B, H, nc, c, t.shape[-1])  # noqa: E731
-    vb = blk(vh)
-    pairs = lambda t: t.view(B, H, R, nc, c, t.shape[-1]).permute(0, 1, 3, 4, 2, 5) \
-        .reshape(B, H, nc, c * R, t.shape[-1])  # noqa: E731  [.., R, N, D] -> [.., (t, j), D]
+
+    def pairs(t, n):   # [B, H, n, N, D] -> [B, H, nc, (t, j), D], step-major
+        return t.view(B, H, n, nc, c, t.shape[-1]).permute(0, 1, 3, 4, 2, 5) \
+            .reshape(B, H, nc, c * n, t.shape[-1])
+    vs = pairs(torch.stack([flat(v[:, :, :, m]) for m in range(Mi)], 2), Mi)  # [.., c Mi, V]
     a_rw = A[:, :, :R, :R].permute(0, 1, 4, 5, 2, 6, 3).reshape(B, H, nc, c * R, c * R)
-    a_rp = A[:, :, :R, R].permute(0, 1, 3, 4, 2, 5).reshape(B, H, nc, c * R, c)
-    Y = _solve_unit_lower(a_rw, torch.cat([pairs(Q[:, :, :R]), a_rp @ vb], -1))
-    WY = pairs(Kd[:, :, :R]).transpose(-1, -2) @ Y
+    a_rp = A[:, :, :R, R:].permute(0, 1, 4, 5, 2, 6, 3).reshape(B, H, nc, c * R, c * Mi)
+    Y = _solve_unit_lower(a_rw, torch.cat([pairs(Q[:, :, :R], R), a_rp @ vs], -1))
+    WY = pairs(Kd[:, :, :R], R).transpose(-1, -2) @ Y
     M = torch.diag_embed(T) - WY[..., :K]
-    dS = blk(Kd[:, :, R]).transpose(-1, -2) @ vb - WY[..., K:]
+    dS = pairs(Kd[:, :, R:], Mi).transpose(-1, -2) @ vs - WY[..., K:]
     S_in, S_last = _chain_dense(M, dS, S0)
     if q is None:
         return None, S_last
     a_qw = A[:, :, R, :R].permute(0, 1, 3, 4, 5, 2).reshape(B, H, nc, c, c * R)
+    a_qp = A[:, :, R, R:].permute(0, 1, 3, 4, 5, 2).reshape(B, H, nc, c, c * Mi)
     AY = a_qw @ Y
     q_eff = blk(Q[:, :, R]) - AY[..., :K]
-    o_loc = A[:, :, R, R] @ vb - AY[..., K:]
+    o_loc = a_qp @ vs - AY[..., K:]
     return _from_blocks(_baddmm(o_loc, q_eff, S_in), L), S_last
 
 

@@ -546,34 +546,40 @@ def test_dplr_float32(kind, decay):
 
 
 def ref_dplr_rank(q, r, w, p, v, log_alpha, S0, include_current=True):
-    """ref_dplr with R erase terms per step, r, w [B, L, H, R, K], all reading S_{t-1}."""
+    """ref_dplr with R erase terms per step, r, w [B, L, H, R, K], all reading S_{t-1}, and
+    p, v [B, L, H, K or M, K] ([.., V]): one input term, or M."""
     S, os_ = S0, []
     for t in range(r.shape[1]):
         y = torch.einsum("bhjk,bhkv->bhjv", r[:, t], S)
+        write = (torch.einsum("bhmk,bhmv->bhkv", p[:, t], v[:, t]) if p.dim() == 5
+                 else p[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2))
         new = (torch.exp(log_alpha[:, t]).unsqueeze(-1) * S
-               - torch.einsum("bhjk,bhjv->bhkv", w[:, t], y)
-               + p[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2))
+               - torch.einsum("bhjk,bhjv->bhkv", w[:, t], y) + write)
         if q is not None:
             os_.append(torch.einsum("bhk,bhkv->bhv", q[:, t], new if include_current else S))
         S = new
     return (torch.stack(os_, 1) if q is not None else None), S
 
 
-def dplr_rank_inputs(L, R, seed=0, B=2, H=3, K=4, V=5):
+def dplr_rank_inputs(L, R, seed=0, B=2, H=3, K=4, V=5, M=None):
     randn, rand = gen(seed)
-    q, p, v = randn(B, L, H, K), 0.5 * randn(B, L, H, K), randn(B, L, H, V)
+    q = randn(B, L, H, K)
+    if M is None:
+        p, v = 0.5 * randn(B, L, H, K), randn(B, L, H, V)
+    else:
+        p, v = 0.5 * randn(B, L, H, M, K), randn(B, L, H, M, V)
     r = F.normalize(randn(B, L, H, R, K), dim=-1)
     w = 0.3 * randn(B, L, H, R, K)
     return q, r, w, p, v, -rand(B, L, H, K), randn(B, H, K, V)
 
 
 @pytest.mark.parametrize("include", [True, False], ids=["new", "old"])
-@pytest.mark.parametrize("R", [2, 3])
+@pytest.mark.parametrize("R,M", [(2, None), (3, None), (1, 2), (3, 3)])
 @pytest.mark.parametrize("L,chunk", [(1, 4), (7, 4), (37, 8), (100, 64)])
-def test_dplr_rank_matches_loop(L, chunk, R, include):
-    """R erase terms per step (a DeltaProduct step composed into one transition): the
-    triangular system over (step, term) pairs."""
-    args = dplr_rank_inputs(L, R, seed=L + R)
+def test_dplr_rank_matches_loop(L, chunk, R, M, include):
+    """R erase terms per step (a DeltaProduct step composed into one transition) and M input
+    terms: the triangular system over (step, term) pairs, the inputs in one pass."""
+    args = dplr_rank_inputs(L, R, seed=L + R, M=M)
     pair_close(sk.chunk_dplr(*args, chunk=chunk, include_current=include),
                ref_dplr_rank(*args, include_current=include))
 
