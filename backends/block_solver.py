@@ -588,10 +588,11 @@ class BlockSolver:
                     w = w / kern(torch.exp(log_decay))[..., 0]
                 r = r.expand(B, L, H, Kd)
                 w = w if w is p else w.expand(B, L, H, Kd)
+            dplr_chunk = self.chunk or DPLR_CHUNK
             if d.general:   # diag(alpha) S - w (r^T S) + p v^T, alpha per key channel
                 la = (ref.new_zeros(B, L, H, Kd) if log_decay is None
                       else kern(log_decay)[..., 0].expand(B, L, H, Kd))
-                form, chunk = self.K.chunk_dplr, self.chunk or DPLR_CHUNK
+                form, chunk = self.K.chunk_dplr, dplr_chunk
                 if len(ps) > 1:   # the form takes every input term in one pass: [B, L, H, M, *]
                     p, v = torch.stack(ps, 3), torch.stack(vs, 3)
                     ps, vs, more = [p], [v], {}
@@ -599,23 +600,24 @@ class BlockSolver:
                 la = None if log_decay is None else kern(log_decay)[..., 0, 0].expand(B, L, H)
                 form, chunk = self.K.chunk_delta_rule, self.chunk
             kin = {"r": r, "w": w, "p": p, "v": v, "log_alpha": la, **more}
-            scalar = not d.general
             first = "p"
 
             def run1(q, include, kin, p, v, S0):
                 if include or q is None:
                     return form(q, kin["r"], kin["w"], p, v, kin["log_alpha"], S0, chunk=chunk)
-                # A readout of the state before the update: the diagonal-plus-rank-1 form, whose
-                # old-state reads are its erase reads y_t = S_{t-1}^T r_t with q for r. The
-                # per-head form alpha (S - w r^T S) is diag(alpha) S - (alpha w) r^T S there.
+                # A readout of the state before the update: the diagonal-plus-low-rank form,
+                # whose old-state reads are its erase reads y_t = S_{t-1}^T r_t with q for r.
+                # The per-head form alpha (S - w r^T S) is diag(alpha) S - (alpha w) r^T S there.
                 w_, la_ = kin["w"], kin["log_alpha"]
-                if scalar:
-                    la_ = (torch.zeros_like(kin["r"]) if la_ is None
-                           else la_.unsqueeze(-1).expand(B, la_.shape[1], H, Kd))
-                    w_ = w_ * torch.exp(la_) if kin["log_alpha"] is not None else w_
-                p_ = w_ if kin["w"] is p and not scalar else p
-                return self.K.chunk_dplr(q, kin["r"], w_, p_, v, la_, S0,
-                                         chunk=self.chunk or DPLR_CHUNK, include_current=False)
+                if not d.general:
+                    if la_ is None:
+                        la_ = torch.zeros_like(kin["r"])
+                    else:
+                        la_ = la_.unsqueeze(-1).expand(B, la_.shape[1], H, Kd)
+                        w_ = w_ * torch.exp(la_)
+                p_ = w_ if kin["w"] is p and d.general else p
+                return self.K.chunk_dplr(q, kin["r"], w_, p_, v, la_, S0, chunk=dplr_chunk,
+                                         include_current=False)
 
         def run(q, include, kin):
             """The chunk form over every input term, summed; the entry state goes with the

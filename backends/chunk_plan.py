@@ -59,7 +59,7 @@ class Delta:
         alpha_nodes = sorted(fc.node for t in lay.diag for fc in t.factors)
         factors = list(low.factors)
         self.rank = len(lay.low)
-        self.channel = any(labels[lay.key] in fc.labels for t in lay.diag for fc in t.factors)
+        self.channel = lay.facts.decay_per_key
         self.general = self.channel or self.rank > 1
         self.terms = [self._split(t, lay) for t in lay.low]
         self.cancel = not self.general and len(lay.diag) == 1 and all(

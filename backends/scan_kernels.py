@@ -711,46 +711,31 @@ def _channel_pairs(queries, keys, x, c):
 
 
 def _dplr_core(q, r, w, p, v, log_alpha, S0, c, shared, include=True):
-    if r.dim() == 5 or p.dim() == 5:
+    """One group of chunks. With w = p (one tensor: KDA's beta k) the erase and the write merge
+    into U = V - y; every other case is _dplr_rank_core's, with R = M = 1 where r and p are
+    [B, L, H, K]."""
+    if not shared:
         one = lambda t: t if t.dim() == 5 else t.unsqueeze(3)  # noqa: E731
         return _dplr_rank_core(q, one(r), one(w), one(p), one(v), log_alpha, S0, c, include)
     B, L, H, K = r.shape
     nc = -(-L // c)
     N = nc * c
     flat = lambda t: _to_blocks(t, nc, c).view(B, H, N, t.shape[-1])  # noqa: E731
-    rh, wh, vh, x = flat(r), flat(w), flat(v), flat(log_alpha)
-    ph = wh if shared else flat(p)
-    keys = [wh] if shared else [wh, ph]
     # A read of the state before the step (include False) is an erase read with q for r:
     # strictly earlier pairs, decays up to t - 1.
-    queries = [(rh, False)] + ([] if q is None else [(flat(q), include)])
-    A, Q, Kd, T = _channel_pairs(queries, keys, x, c)
+    queries = [(flat(r), False)] + ([] if q is None else [(flat(q), include)])
+    A, Q, Kd, T = _channel_pairs(queries, [flat(w)], flat(log_alpha), c)
     blk = lambda t: t.view(B, H, nc, c, t.shape[-1])  # noqa: E731
-    vb = blk(vh)
+    vb = blk(flat(v))
     a_rw = A[:, :, 0, 0]
-    a_rp = a_rw if shared else A[:, :, 0, 1]
-    Y = _solve_unit_lower(a_rw, torch.cat([blk(Q[:, :, 0]), a_rp @ vb], -1))  # [Y0, y_loc]
-    wd = blk(Kd[:, :, 0])
-    eye = torch.diag_embed(T)                                      # [B, H, nc, K, K]
-    if shared:
-        U = torch.cat([-Y[..., :K], vb - Y[..., K:]], -1)
-        MdS = wd.transpose(-1, -2) @ U
-        M, dS = eye + MdS[..., :K], MdS[..., K:]
-    else:
-        WY = wd.transpose(-1, -2) @ Y
-        M = eye - WY[..., :K]
-        dS = blk(Kd[:, :, 1]).transpose(-1, -2) @ vb - WY[..., K:]
-    S_in, S_last = _chain_dense(M, dS, S0)
+    Y = _solve_unit_lower(a_rw, torch.cat([blk(Q[:, :, 0]), a_rw @ vb], -1))  # [Y0, y_loc]
+    U = torch.cat([-Y[..., :K], vb - Y[..., K:]], -1)
+    MdS = blk(Kd[:, :, 0]).transpose(-1, -2) @ U
+    S_in, S_last = _chain_dense(torch.diag_embed(T) + MdS[..., :K], MdS[..., K:], S0)
     if q is None:
         return None, S_last
-    a_qw = A[:, :, 1, 0]
-    if shared:
-        AU = a_qw @ U
-        q_eff, o_loc = blk(Q[:, :, 1]) + AU[..., :K], AU[..., K:]
-    else:
-        AY = a_qw @ Y
-        q_eff = blk(Q[:, :, 1]) - AY[..., :K]
-        o_loc = A[:, :, 1, 1] @ vb - AY[..., K:]
+    AU = A[:, :, 1, 0] @ U
+    q_eff, o_loc = blk(Q[:, :, 1]) + AU[..., :K], AU[..., K:]
     return _from_blocks(_baddmm(o_loc, q_eff, S_in), L), S_last
 
 

@@ -109,15 +109,18 @@ def emit(rec, analysis) -> str:
     if wide.source is not None:
         text += ("\n\n# ---- wide kernel: the module generated for states too wide for the fused "
                  "kernel's registers ----\n" + wide.source)
-    if analysis.plan == "chunked_delta" and _decay_per_key(rec, analysis):
-        text += (f"\n\n{LIBRARY_MARKER}: none. The chunked_delta plan's decay varies per key "
-                 "channel, which the Triton delta-rule kernels do not take yet: the fused kernel "
-                 "above runs it (RNNC_TRITON_KERNEL=chunked: the PyTorch chunk form "
-                 "scan_kernels.chunk_dplr).\n")
-    elif analysis.plan in ("chunked", "chunked_delta"):
+    if analysis.plan not in ("chunked", "chunked_delta"):
+        return text
+    runner = ChunkedRunner(rec, analysis)
+    if runner.fused_only:
+        text += (f"\n\n{LIBRARY_MARKER}: none. This chunked_delta plan's form (a decay per key "
+                 "channel, or several low-rank terms per step) has no Triton chunk kernel yet: "
+                 "the fused kernel above runs it (RNNC_TRITON_KERNEL=chunked: the PyTorch chunk "
+                 "form scan_kernels.chunk_dplr).\n")
+    else:
         from . import triton_chunk, triton_delta
         lib = triton_chunk if analysis.plan == "chunked" else triton_delta
-        sigs = chunk_signatures(rec, analysis)
+        sigs = runner.signatures()
         how = ("the spec's gates computed by the generated loaders _ld_* and _tile_*, terms added "
                "to the readout by _tile_e, _tile_u and _tile_x, the readouts' other terms in "
                "PyTorch" if sigs is not None else
@@ -128,19 +131,9 @@ def emit(rec, analysis) -> str:
     return text
 
 
-def _decay_per_key(rec, analysis) -> bool:
-    """Whether a chunked delta-rule state decays per key channel (chunk_plan.Delta.channel)."""
-    solver = ChunkedRunner(rec, analysis).solver
-    return any(lay.delta is not None and lay.delta.general for lay in solver.layout.values())
-
-
 def chunk_signatures(rec, analysis) -> tuple | None:
-    """The operand stream signatures of a chunked plan's first matrix state (q, k, v, g for
-    linear attention; q, r, w, p, v, log_alpha for the delta rule), as its chunk kernels are
-    generated (None: the materialised operands' defaults)."""
-    solver = ChunkedRunner(rec, analysis).solver
-    name = next(iter(solver.streams), None)
-    return solver.stream_signatures(name) if name else None
+    """ChunkedRunner.signatures of a chunked plan."""
+    return ChunkedRunner(rec, analysis).signatures()
 
 
 def _pow2(n: int) -> int:
@@ -525,10 +518,18 @@ class ChunkedRunner:
             chunk_dplr=scan_kernels.chunk_dplr)
         self.solver = BlockSolver(rec, analysis, table, chunk, block=CHUNKED_BLOCK)
         self._fused = None
-        # A delta rule decayed per key channel (KDA, RWKV-7) runs the generated fused kernel:
-        # its chunk form exists only in PyTorch (many small launches per chunk on a GPU)
-        self.per_channel = any(lay.delta is not None and lay.delta.general
-                               for lay in self.solver.layout.values())
+        # A delta rule decayed per key channel (KDA, RWKV-7) or with several low-rank terms
+        # (DeltaProduct) runs the generated fused kernel: its chunk form exists only in
+        # PyTorch (many small launches per chunk on a GPU)
+        self.fused_only = any(lay.delta is not None and lay.delta.general
+                              for lay in self.solver.layout.values())
+
+    def signatures(self) -> tuple | None:
+        """The operand stream signatures of the first matrix state (q, k, v, g for linear
+        attention; q, r, w, p, v, log_alpha for the delta rule), as its chunk kernels are
+        generated (None: the materialised operands' defaults)."""
+        name = next(iter(self.solver.streams), None)
+        return self.solver.stream_signatures(name) if name else None
 
     def kernel(self, T: int) -> str:
         want = _wanted_kernel()
@@ -537,7 +538,7 @@ class ChunkedRunner:
                             f"its {self.analysis.plan} plan has a matrix state (the scan kernel runs "
                             "diagonal states)")
         if want == "auto":  # one step gains nothing from a chunk
-            return "chunked" if T > 1 and not self.per_channel else "fused"
+            return "chunked" if T > 1 and not self.fused_only else "fused"
         return want
 
     def __call__(self, sizes, params, inputs, state0):

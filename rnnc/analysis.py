@@ -48,6 +48,7 @@ class StateFacts:
     key_axis: int | None = None
     value_axes: tuple = ()         # chunked methods: axes neither the decay nor k nor q vary over
     downstream: frozenset = frozenset()  # nodes that read the state only through readouts
+    decay_per_key: bool = False    # chunked_delta: the decay varies along the key axis (KDA)
 
 
 @dataclass(frozen=True)
@@ -404,8 +405,11 @@ def _choose_method(rec, st, facts: StateFacts):
             facts.reason = "the low-rank axis differs from the readout axis"
             return
         # A decay per key channel (Kimi Delta Attention, RWKV-7) is chunked too: the block
-        # solver gives it the diagonal-plus-rank-1 form (chunk_plan.Delta.channel).
+        # solver gives it the diagonal-plus-low-rank form (chunk_plan.Delta.channel).
         facts.method, facts.reason = "chunked_delta", None
+        facts.decay_per_key = any(t.state is not None and t.state[1] == labels and
+                                  any(labels[key] in f.labels for f in t.factors)
+                                  for t in facts.terms)
     else:
         facts.method = "chunked"
     facts.readouts, facts.key_axis = cut, key
@@ -504,13 +508,6 @@ _PLAN_NAME = {"chunked_delta": "chunked_delta", "chunked": "chunked", "dense": "
               "constant": "elementwise_scan"}
 
 
-def _decay_per_key(f: StateFacts) -> bool:
-    """Whether a chunked delta rule's decay varies along its key axis (KDA, RWKV-7)."""
-    labels = _labels(len(f.shape))
-    return any(t.state is not None and t.state[1] == labels and
-               any(labels[f.key_axis] in fc.labels for fc in t.factors) for t in f.terms)
-
-
 def plan_of(a: "Analysis") -> tuple:
     """(plan, one-line reason) from the per-state methods."""
     bad = [f for f in a.states if f.update == "nonlinear"]
@@ -525,7 +522,7 @@ def plan_of(a: "Analysis") -> tuple:
                          f"{top.transition.rank} over "
                          f"{','.join(top.transition.mixed_axes)}, read out along it: chunked WY/UT form"
                          + (", the decay per key channel inside the pair products"
-                            if top.method == "chunked_delta" and _decay_per_key(top) else ""),
+                            if top.decay_per_key else ""),
         "chunked": f"{top.name}: diagonal decay over [{','.join(top.transition.varies_over)}] with "
                    f"input {top.input}: chunked linear attention",
         "dense_scan": f"{top.name}: {top.transition.kind.replace('_', ' ')} transition mixing "

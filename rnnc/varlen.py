@@ -16,6 +16,8 @@ batches: padding would have needed steps that leave a state alone, which differ 
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -66,7 +68,7 @@ def run_packed(run, xs, cu_seqlens, initial_state, error):
         out, final = run([x.reshape(N, L, *x.shape[2:]) for x in xs], initial_state)
         pack = lambda o: o.reshape(1, N * L, *o.shape[2:])  # noqa: E731
         return (tuple(map(pack, out)) if isinstance(out, tuple) else pack(out)), final
-    starts = torch.tensor([sum(lengths[:i]) for i in range(N)], device=device)
+    starts = torch.tensor([0, *itertools.accumulate(lengths[:-1])], device=device)
     size = torch.tensor(lengths, device=device)
     cur, done, pieces, where = initial_state, 0, [], []
     for end in sorted(set(lengths)):

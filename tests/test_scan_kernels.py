@@ -70,13 +70,22 @@ def ref_delta(q, r, w, p, v, log_alpha, S0):
 
 def ref_dplr(q, r, w, p, v, log_alpha, S0):
     """S_t = diag(exp(log_alpha_t)) S_{t-1} - w_t (r_t^T S_{t-1}) + p_t v_t^T, per channel."""
+    return ref_dplr_rank(q, r.unsqueeze(3), w.unsqueeze(3), p, v, log_alpha, S0)
+
+
+def ref_dplr_rank(q, r, w, p, v, log_alpha, S0, include_current=True):
+    """ref_dplr with R erase terms per step, r, w [B, L, H, R, K], all reading S_{t-1}, and
+    p, v [B, L, H, K or M, K] ([.., V]): one input term, or M."""
     S, os_ = S0, []
     for t in range(r.shape[1]):
-        y = torch.einsum("bhk,bhkv->bhv", r[:, t], S)
-        S = (torch.exp(log_alpha[:, t]).unsqueeze(-1) * S - w[:, t].unsqueeze(-1) * y.unsqueeze(-2)
-             + p[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2))
+        y = torch.einsum("bhjk,bhkv->bhjv", r[:, t], S)
+        write = (torch.einsum("bhmk,bhmv->bhkv", p[:, t], v[:, t]) if p.dim() == 5
+                 else p[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2))
+        new = (torch.exp(log_alpha[:, t]).unsqueeze(-1) * S
+               - torch.einsum("bhjk,bhjv->bhkv", w[:, t], y) + write)
         if q is not None:
-            os_.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+            os_.append(torch.einsum("bhk,bhkv->bhv", q[:, t], new if include_current else S))
+        S = new
     return (torch.stack(os_, 1) if q is not None else None), S
 
 
@@ -543,22 +552,6 @@ def test_dplr_float32(kind, decay):
     got = sk.chunk_dplr(*(x.float() for x in args))
     assert all(x.dtype == F32 for x in got)
     pair_close(got, ref_dplr(*args), rtol=1e-4)
-
-
-def ref_dplr_rank(q, r, w, p, v, log_alpha, S0, include_current=True):
-    """ref_dplr with R erase terms per step, r, w [B, L, H, R, K], all reading S_{t-1}, and
-    p, v [B, L, H, K or M, K] ([.., V]): one input term, or M."""
-    S, os_ = S0, []
-    for t in range(r.shape[1]):
-        y = torch.einsum("bhjk,bhkv->bhjv", r[:, t], S)
-        write = (torch.einsum("bhmk,bhmv->bhkv", p[:, t], v[:, t]) if p.dim() == 5
-                 else p[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2))
-        new = (torch.exp(log_alpha[:, t]).unsqueeze(-1) * S
-               - torch.einsum("bhjk,bhjv->bhkv", w[:, t], y) + write)
-        if q is not None:
-            os_.append(torch.einsum("bhk,bhkv->bhv", q[:, t], new if include_current else S))
-        S = new
-    return (torch.stack(os_, 1) if q is not None else None), S
 
 
 def dplr_rank_inputs(L, R, seed=0, B=2, H=3, K=4, V=5, M=None):
