@@ -30,8 +30,8 @@ from .chunk_plan import NO_DECAY, Layout, StreamPlan, coef as _coef, exp_factors
 from .scan_kernels import _needs_grad, _shares  # tensor predicates, not the kernels table
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # inputs the chunk kernels read as they are
-# The chunk of scan_kernels.chunk_dplr where the kernels table tunes its own chunk (Triton:
-# the delta rule with a decay per key channel has no Triton chunk kernel yet)
+# The chunk passed to the kernels table's chunk_dplr when none was asked for (the Triton
+# table's picks its own: triton_dplr's kernels, or scan_kernels' form where they do not apply)
 DPLR_CHUNK = 64
 DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
 
@@ -590,8 +590,9 @@ class BlockSolver:
                 w = w if w is p else w.expand(B, L, H, Kd)
             dplr_chunk = self.chunk or DPLR_CHUNK
             if d.general:   # diag(alpha) S - w (r^T S) + p v^T, alpha per key channel
-                la = (ref.new_zeros(B, L, H, Kd) if log_decay is None
-                      else kern(log_decay)[..., 0].expand(B, L, H, Kd))
+                # one decay per head stays [B, L, H, 1]: the form's plain-product path
+                la = ref.new_zeros(B, L, H, 1) if log_decay is None else kern(log_decay)[..., 0]
+                la = la.expand(B, L, H, la.shape[-1])
                 form, chunk = self.K.chunk_dplr, dplr_chunk
                 if len(ps) > 1:   # the form takes every input term in one pass: [B, L, H, M, *]
                     p, v = torch.stack(ps, 3), torch.stack(vs, 3)
@@ -611,9 +612,9 @@ class BlockSolver:
                 w_, la_ = kin["w"], kin["log_alpha"]
                 if not d.general:
                     if la_ is None:
-                        la_ = torch.zeros_like(kin["r"])
+                        la_ = kin["r"].new_zeros(*kin["r"].shape[:3], 1)
                     else:
-                        la_ = la_.unsqueeze(-1).expand(B, la_.shape[1], H, Kd)
+                        la_ = la_.unsqueeze(-1)
                         w_ = w_ * torch.exp(la_)
                 p_ = w_ if kin["w"] is p and d.general else p
                 return self.K.chunk_dplr(q, kin["r"], w_, p_, v, la_, S0, chunk=dplr_chunk,

@@ -630,7 +630,9 @@ def chunk_dplr(q, r, w, p, v, log_alpha, S0, chunk: int = 64, include_current: b
     the decay-after-erase form diag(alpha) (I - beta k k^T) is w = alpha * beta k, r = k.
 
     q: [B, L, H, K] or None; r, w, p: [B, L, H, K]; v: [B, L, H, V];
-    log_alpha: [B, L, H, K]; S0: [B, H, K, V]. Returns (o, S_last) as chunk_delta_rule,
+    log_alpha: [B, L, H, K], or [B, L, H, 1] for one decay per head (Gated DeltaProduct: plain
+    products masked by a decay matrix instead of the per-channel halving); S0: [B, H, K, V].
+    Returns (o, S_last) as chunk_delta_rule,
     whose fast path for w is p it shares.
 
     Inside a chunk, with G_t the per-channel log-decay summed over steps 1..t of the chunk,
@@ -669,6 +671,8 @@ def _channel_pairs(queries, keys, x, c):
     decayed to the chunk end; T [B, H, nc, K] the chunks' total decays. The halving is
     _linear_attention_channel's, with the score blocks kept instead of applied to v.
     """
+    if x.shape[-1] == 1:
+        return _scalar_pairs(queries, keys, x, c)
     B, H, N, K = x.shape
     nc = N // c
     a = torch.exp(x)
@@ -708,6 +712,35 @@ def _channel_pairs(queries, keys, x, c):
         T = T0 * T1
         h *= 2
     return A, Q, Kd, T.view(B, H, nc, K)
+
+
+def _scalar_pairs(queries, keys, x, c):
+    """_channel_pairs where every key channel shares one decay, x [B, H, N, 1]: the scores are
+    plain products Q K^T masked by the chunk's decay matrix (_decay_matrix: segment sums,
+    never differences of prefix sums), one batch of [c, K] @ [K, c] products instead of the
+    halving's log2(c) levels over [N, K] streams. Same returns."""
+    B, H, N, _ = x.shape
+    nc = N // c
+    xb = x.view(B, H, nc, c)
+    # index 0 is the chunk's entry: E[s, t] decays from after step s to after step t (1-based)
+    E = _decay_matrix(torch.cat([torch.zeros_like(xb[..., :1]), xb], -1))  # [B, H, nc, c+1, c+1]
+    blk = lambda t: t.view(B, H, nc, c, t.shape[-1])  # noqa: E731
+    nq, nk = len(queries), len(keys)
+    # every query against every key in one product per chunk: [nq c, K] @ [K, nk c]
+    Qr = torch.stack([blk(qq) for qq, _ in queries], 3)                # [B, H, nc, nq, c, K]
+    Kr = torch.stack([blk(k) for k in keys], 3)                        # [B, H, nc, nk, c, K]
+    K = Kr.shape[-1]
+    sc = (Qr.reshape(B, H, nc, nq * c, K) @ Kr.reshape(B, H, nc, nk * c, K).transpose(-1, -2))
+    sc = sc.view(B, H, nc, nq, c, nk, c).permute(0, 1, 3, 5, 2, 4, 6)   # [B, H, nq, nk, nc, c, c]
+    # a query reads the state after its own step (columns 1:) or before it (columns :c,
+    # where E[s, s] = 1 pairs it with the step just before it)
+    masks = {inc: (E[..., 1:, 1:] if inc else E[..., 1:, :c]).transpose(-1, -2)
+             for inc in {inc for _, inc in queries}}                   # [B, H, nc, t, s]
+    A = torch.stack([sc[:, :, i] * masks[inc].unsqueeze(2) for i, (_, inc) in enumerate(queries)], 2)
+    Q = torch.stack([Qr[:, :, :, i] * (E[..., 0, 1:] if inc else E[..., 0, :c]).unsqueeze(-1)
+                     for i, (_, inc) in enumerate(queries)], 2).view(B, H, nq, N, K)
+    Kd = (Kr * E[..., 1:, c].unsqueeze(-1).unsqueeze(3)).transpose(2, 3).reshape(B, H, nk, N, K)
+    return A, Q, Kd, E[..., 0, c].unsqueeze(-1).expand(B, H, nc, K)
 
 
 def _dplr_core(q, r, w, p, v, log_alpha, S0, c, shared, include=True):

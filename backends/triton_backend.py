@@ -113,10 +113,14 @@ def emit(rec, analysis) -> str:
         return text
     runner = ChunkedRunner(rec, analysis)
     if runner.fused_only:
-        text += (f"\n\n{LIBRARY_MARKER}: none. This chunked_delta plan's form (a decay per key "
-                 "channel, or several low-rank terms per step) has no Triton chunk kernel yet: "
-                 "the fused kernel above runs it (RNNC_TRITON_KERNEL=chunked: the PyTorch chunk "
-                 "form scan_kernels.chunk_dplr).\n")
+        text += (f"\n\n{LIBRARY_MARKER}: none. This chunked_delta plan's form (several low-rank "
+                 "or input terms per step) has no Triton chunk kernel yet: the fused kernel above "
+                 "runs it (RNNC_TRITON_KERNEL=chunked: the PyTorch chunk form "
+                 "scan_kernels.chunk_dplr).\n")
+    elif any(lay.delta is not None and lay.delta.general for lay in runner.solver.layout.values()):
+        from . import triton_dplr
+        text += (f"\n\n{LIBRARY_MARKER} for the chunked_delta plan with a decay per key channel "
+                 "(operands computed in PyTorch and loaded as they are) ----\n" + triton_dplr.source())
     else:
         from . import triton_chunk, triton_delta
         lib = triton_chunk if analysis.plan == "chunked" else triton_delta
@@ -499,11 +503,11 @@ class ChunkedRunner:
 
     def __init__(self, rec, analysis, chunk: int | None = None):
         import types
-        from . import scan_kernels, triton_chunk, triton_delta, triton_gates
+        from . import scan_kernels, triton_chunk, triton_delta, triton_dplr, triton_gates
         from .block_solver import BlockSolver
         self.rec, self.analysis = rec, analysis
         chunk = CHUNK if chunk is None else chunk
-        allowed = sorted(set(triton_chunk.CHUNKS) & set(triton_delta.CHUNKS))
+        allowed = sorted(set(triton_chunk.CHUNKS) & set(triton_delta.CHUNKS) & set(triton_dplr.CHUNKS))
         if chunk is not None and chunk not in allowed:
             raise RnncError(f"the triton backend's chunk kernels take chunk_size in {allowed}, got {chunk!r}")
         # chunk None: each chunk-kernel call chooses its own (triton_tune); the block solver
@@ -513,16 +517,27 @@ class ChunkedRunner:
             dense_scan=scan_kernels.dense_scan,
             chunk_linear_attention=triton_chunk.chunk_linear_attention,
             chunk_delta_rule=triton_delta.chunk_delta_rule, gate_streams=triton_gates,
-            # no Triton chunk kernel yet for a delta rule decayed per key channel: PyTorch's
-            # form, run only where RNNC_TRITON_KERNEL=chunked asks for it
-            chunk_dplr=scan_kernels.chunk_dplr)
+            chunk_dplr=self._dplr)
+        self._dplr_chunk = chunk   # None: triton_dplr's default (the solver passes its own)
         self.solver = BlockSolver(rec, analysis, table, chunk, block=CHUNKED_BLOCK)
         self._fused = None
-        # A delta rule decayed per key channel (KDA, RWKV-7) or with several low-rank terms
-        # (DeltaProduct) runs the generated fused kernel: its chunk form exists only in
-        # PyTorch (many small launches per chunk on a GPU)
+        # A delta rule with several low-rank terms (DeltaProduct) or several input terms
+        # beside a decay per key channel runs the generated fused kernel: triton_dplr takes
+        # one of each, and the form for more exists only in PyTorch (many small launches
+        # per chunk on a GPU), run where RNNC_TRITON_KERNEL=chunked asks for it
         self.fused_only = any(lay.delta is not None and lay.delta.general
+                              and (lay.delta.rank > 1 or len(lay.pairs) > 1)
                               for lay in self.solver.layout.values())
+
+    def _dplr(self, q, r, w, p, v, log_alpha, S0, chunk=None, include_current=True):
+        """The diagonal-plus-low-rank form: triton_dplr's kernels where they take it (one
+        erase and one input term), scan_kernels' PyTorch form otherwise."""
+        from . import scan_kernels, triton_dplr
+        if triton_dplr.fits(r, p, r.shape[-1]) is None:
+            return triton_dplr.chunk_dplr(q, r, w, p, v, log_alpha, S0, chunk=self._dplr_chunk,
+                                          include_current=include_current)
+        return scan_kernels.chunk_dplr(q, r, w, p, v, log_alpha, S0, chunk=chunk,
+                                       include_current=include_current)
 
     def signatures(self) -> tuple | None:
         """The operand stream signatures of the first matrix state (q, k, v, g for linear

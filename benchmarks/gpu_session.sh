@@ -32,8 +32,10 @@
 #           (one spec per stage: the first call of each shape compiles and tunes both sides)
 #   chunk5  hgrn2 and rwkv6 at chunk4's shapes vs fla chunk_gla (hgrn2's gates computed in
 #           rnnc's kernels, materialised for fla's) and fla chunk_rwkv6
-#   chunk6  kda and rwkv7 at chunk4's shapes vs fla chunk_kda and chunk_rwkv7 (rnnc: its fused
-#           recurrent kernel; no Triton chunk kernel for a decay per key channel yet)
+#   chunk6  kda and rwkv7 at chunk4's shapes vs fla chunk_kda and chunk_rwkv7 (rnnc: the
+#           triton_dplr chunk kernels, never yet run on a GPU)
+#   chunk6fused the same with RNNC_TRITON_KERNEL=fused (rnnc's fused recurrent kernel): which of
+#           rnnc's two kernels should run a decay per key channel
 #   newton  the newton backend (DEER) on small states over long sequences vs cuDNN: GRU H=64 and a
 #           multi-head LSTM (16 heads of 16) at B=16 T=4096
 #   chunkbf16 issue 6's four chunk cases at T=2048 again with RNNC_TRITON_DOT=bf16 (rnnc's
@@ -44,7 +46,7 @@
 # benchmarks/wheels/ into /tmp/rnnc-site (never over the machine's CUDA torch and triton), and
 # rnnc is put on PYTHONPATH from this checkout.
 set -u
-STAGE=${1:?"usage: bash benchmarks/gpu_session.sh session|check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|chunk5|chunk6|newton|chunkbf16|all [OUTDIR]"}
+STAGE=${1:?"usage: bash benchmarks/gpu_session.sh session|check|scan|rnn|fla|chunk1|chunk2|chunk3|chunk4|chunk5|chunk6|chunk6fused|newton|chunkbf16|all [OUTDIR]"}
 OUT=${2:-benchmarks/results/gpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -93,6 +95,7 @@ stage() {
     chunk4) run chunk4 --cases chunk_gated_deltanet ;;
     chunk5) run chunk5 --cases chunk_hgrn2,chunk_rwkv6 ;;
     chunk6) run chunk6 --cases chunk_kda,chunk_rwkv7 ;;
+    chunk6fused) RNNC_TRITON_KERNEL=fused run chunk6fused --cases chunk_kda,chunk_rwkv7 ;;
     newton) run newton --cases gru_small,mhlstm_small --backend newton ;;
     chunkbf16) RNNC_TRITON_DOT=bf16 RNNC_TRITON_TUNE=${RNNC_TRITON_TUNE:-4} \
               run chunkbf16 --cases chunk --chunk-T 2048 ;;

@@ -40,8 +40,8 @@ Cases (--cases, comma-separated; "fla" = gla,retnet,gated_deltanet):
              T=4096, vs cuDNN: the case for --backend newton (Newton iterations, DEER)
     chunk_kda, chunk_rwkv7   (not in "chunk")
              the same shapes: examples/kda.rnn vs fla chunk_kda, examples/rwkv7.rnn vs fla
-             chunk_rwkv7 (a delta rule decayed per key channel: rnnc runs its fused recurrent
-             kernel, having no Triton chunk kernel for it yet)
+             chunk_rwkv7 (a delta rule decayed per key channel: rnnc runs the triton_dplr chunk
+             kernels; RNNC_TRITON_KERNEL=fused times its fused recurrent kernel instead)
 
 Every implementation is first checked against rnnc's sequential backend (float64 reference,
 B=2, T=128, relative error max|got - want| / max|want| <= 5e-3 in fp32, since matmuls may run

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ir
+from . import contract, ir
 from .ir import Op
 
 
@@ -241,7 +241,7 @@ def eval_terms(terms, values: dict, out: tuple, state_value=None, state_labels=N
         out_letters = [L(x) for x in out]
         kept = "".join(c for c in out_letters if c in present)
         if operands:
-            v = torch.einsum(",".join(subs) + "->..." + kept, *operands)
+            v = contract.einsum([x[3:] for x in subs], kept, operands)
         else:  # a constant term: match the dtype and device of the values around it
             like = state_value if state_value is not None else next(
                 (x for x in values.values() if isinstance(x, torch.Tensor)), None)

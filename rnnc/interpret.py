@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import ir
+from . import contract, ir
 from .ir import Op
 
 _UNARY = {
@@ -86,8 +86,8 @@ def lower_node(rec: ir.Recurrence, i: int, sizes: dict, dtype, device):
             return torch.where
         return _UNARY.get(node.op) or _BINARY[node.op]
     if isinstance(node, ir.Contract):
-        equation = ",".join("..." + s for s in node.subscripts) + "->..." + node.out
-        return lambda *xs: torch.einsum(equation, *xs)
+        subs, out = list(node.subscripts), node.out
+        return lambda *xs: contract.einsum(subs, out, xs)
     if isinstance(node, ir.Reduce):
         dims = tuple(a + 1 for a in node.axes)
         if node.op is Op.ADD:

@@ -264,10 +264,29 @@ class RecurrentModule(nn.Module):
             outs = tuple(o.squeeze(1) for o in outs)
         return (outs[0] if len(outs) == 1 else outs), final
 
-    def forward(self, *xs, initial_state=None, output_final_state=False, cu_seqlens=None):
-        """Run over whole sequences: inputs [B, T, *shape] in header order. With cu_seqlens
-        ([N + 1] offsets, fla's convention), the inputs are N sequences packed back to back,
-        [1, T_total, *shape]; states are then [N, *shape] (rnnc.varlen)."""
+    def _gather(self, xs, named) -> tuple:
+        """Inputs in header order from positional ones followed by ones named as in the
+        header (m(q, k, v=v, g=g), as fla's functions are often called)."""
+        if not named:
+            return xs
+        order = [d.name for d in self.recurrence.inputs]
+        for name in named:
+            if name not in order:
+                raise self._error(f"has no input {name!r} (inputs: {', '.join(order)})")
+            if order.index(name) < len(xs):
+                raise self._error(f"input {name!r} is given twice, by position and by name")
+        missing = [n for n in order[len(xs):] if n not in named]
+        if missing:
+            raise self._error(f"input{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                              f"not given (inputs: {', '.join(order)})")
+        return tuple(xs) + tuple(named[n] for n in order[len(xs):])
+
+    def forward(self, *xs, initial_state=None, output_final_state=False, cu_seqlens=None, **named):
+        """Run over whole sequences: inputs [B, T, *shape] in header order, or by their header
+        names. With cu_seqlens ([N + 1] offsets, fla's convention), the inputs are N
+        sequences packed back to back, [1, T_total, *shape]; states are then [N, *shape]
+        (rnnc.varlen)."""
+        xs = self._gather(xs, named)
         if cu_seqlens is None:
             out, final = self._run(xs, initial_state, lead=2)
         else:
@@ -276,6 +295,7 @@ class RecurrentModule(nn.Module):
                                            initial_state, self._error)
         return (out, final) if output_final_state else out
 
-    def step(self, *xs, state=None):
-        """One step: inputs [B, *shape]; returns (outputs [B, *shape], new state dict)."""
-        return self._run(xs, state, lead=1)
+    def step(self, *xs, state=None, **named):
+        """One step: inputs [B, *shape], positional or named as forward's; returns (outputs
+        [B, *shape], new state dict)."""
+        return self._run(self._gather(xs, named), state, lead=1)

@@ -409,6 +409,41 @@ def compile_offline(code: str) -> None:
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-2000:]
 
 
+def within_float32_error(ref, t32, got, names, factor=20.0):
+    """Each of `got` (a Triton kernel's float32 results, None where absent) is finite and within
+    factor times the float32 error of `t32` (the PyTorch form in float32) of `ref` (the same in
+    float64), plus 1e-6: a kernel judged by how far float32 arithmetic itself strays."""
+    for name, a, b, c in zip(names, ref, t32, got):
+        assert (a is None) == (c is None), name
+        if a is None:
+            continue
+        assert torch.isfinite(c).all(), name
+        err32 = (b.to(torch.float64) - a).abs().max().item()
+        err = (c.to(torch.float64) - a).abs().max().item()
+        assert err <= factor * err32 + 1e-6, f"{name}: {err:.3g} vs float32 torch {err32:.3g}"
+
+
+def kernel_against_torch(run, torch_fn, kernel_fn, xs, out_shapes, names, seed=0, edit=None,
+                         q=True):
+    """A chunk kernel against its PyTorch form: xs the float64 arguments (edit(xs) first; q
+    dropped where q is False), run(fn, xs, go, gs, dtype=None) the results and gradients of
+    <o, go> + <S_last, gs> for random go, gs of out_shapes (o's, S_last's). The kernel's
+    float32 results must be within_float32_error of the PyTorch form's float64 ones.
+    Returns the kernel's."""
+    if edit:
+        edit(xs)
+    if not q:
+        xs[0] = None
+    gen = torch.Generator().manual_seed(seed + 1)
+    go, gs = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in out_shapes)
+    ref = run(torch_fn, xs, go, gs)
+    t32 = run(torch_fn, xs, go, gs, torch.float32)
+    got = run(kernel_fn, xs, go, gs, torch.float32)
+    assert all(c is None or c.dtype == torch.float32 for c in got)
+    within_float32_error(ref, t32, got, names)
+    return got
+
+
 def rel_err(x, ref) -> float:
     """max|x - ref| / max|ref|, computed in float64."""
     return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()

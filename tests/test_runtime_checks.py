@@ -194,6 +194,35 @@ def test_input_count_on_this_backend(m):
     assert err.message == "takes 4 inputs (q, k, v, g), got 3"
 
 
+# --- inputs by name -----------------------------------------------------------------------------------------
+def test_inputs_by_name_in_any_order(m):
+    q, k, v, g = xs()
+    S0 = state()
+    want = m(q, k, v, g, initial_state=S0, output_final_state=True)
+    got = m(q, g=g, v=v, k=k, initial_state=S0, output_final_state=True)
+    same(got[0], want[0])
+    for name in want[1]:
+        same(got[1][name], want[1][name])
+    same(m.step(v=v[:, 0], g=g[:, 0], q=q[:, 0], k=k[:, 0], state=S0)[0],
+         m.step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state=S0)[0])
+
+
+@pytest.mark.parametrize("pos,named,message", [
+    (1, {"x": 0}, "has no input 'x' (inputs: q, k, v, g)"),
+    (2, {"k": 1, "v": 2, "g": 3}, "input 'k' is given twice, by position and by name"),
+    (1, {"v": 2}, "inputs 'k', 'g' not given (inputs: q, k, v, g)"),
+    (0, {"q": 0, "k": 1, "v": 2}, "input 'g' not given (inputs: q, k, v, g)"),
+], ids=["unknown", "twice", "missing-two", "missing-one"])
+def test_inputs_by_name_errors(m, pos, named, message):
+    x = xs()
+    names = ["q", "k", "v", "g"]
+    err = rnnc_error(m, *x[:pos], **{n: x[i] if n in names else x[0] for n, i in named.items()})
+    assert err.message == message
+    err = rnnc_error(m.step, *(t[:, 0] for t in x[:pos]),
+                     **{n: x[i][:, 0] if n in names else x[0][:, 0] for n, i in named.items()})
+    assert err.message == message
+
+
 # --- initial state ------------------------------------------------------------------------------------------
 def test_initial_state_wrong_key_lists_the_states(m):
     st = state()

@@ -582,6 +582,43 @@ def test_dplr_rank_gradcheck():
     assert torch.autograd.gradcheck(lambda *x: sk.chunk_dplr(*x, chunk=4), args)
 
 
+def _per_head(args):
+    """The same inputs with one log-decay per head: log_alpha [B, L, H, 1] (channel 0's)."""
+    *head, la, S0 = args
+    return (*head, la[..., :1].contiguous(), S0)
+
+
+@pytest.mark.parametrize("include", [True, False], ids=["new", "old"])
+@pytest.mark.parametrize("decay", ["random"] + EXTREMES)
+@pytest.mark.parametrize("R,M", [(1, None), (3, None), (3, 3)])
+@pytest.mark.parametrize("L,chunk", [(1, 4), (37, 8), (100, 64)])
+def test_dplr_one_decay_per_head(L, chunk, R, M, decay, include):
+    """log_alpha [B, L, H, 1] (Gated DeltaProduct) takes the plain-product path: values and
+    gradients against the loop with that decay on every channel, the -inf decays included."""
+    args = dplr_rank_inputs(L, R, seed=L + R + 7, M=M)
+    if decay != "random":
+        la = _decay_fn(decay)(args[5].shape) if L > 3 else args[5].clone()
+        if decay == "zero":   # a decay of exactly 0 inside every block, L = 1 included
+            la[:, L // 2] = NEG_INF
+        args = (*args[:5], la, args[6])
+    args = [x.requires_grad_() for x in _per_head(args)]
+    want = ref_dplr_rank(*args[:5], args[5].expand_as(args[0]), args[6], include_current=include)
+    values_and_grads_close(sk.chunk_dplr(*args, chunk=chunk, include_current=include), want, args)
+
+
+def test_dplr_one_decay_per_head_gradcheck():
+    args = [x.requires_grad_() for x in _per_head(dplr_rank_inputs(6, 2, seed=41, B=1, H=2, K=3, V=2))]
+    assert torch.autograd.gradcheck(lambda *x: sk.chunk_dplr(*x, chunk=4), args)
+
+
+def test_dplr_one_decay_per_head_shared_path():
+    """w is p (KDA's one tensor) with one decay per head."""
+    q, r, w, p, v, la, S0 = _per_head(dplr_inputs(37, "kda", seed=42))
+    assert w is p
+    want = ref_dplr(q, r, w, p, v, la.expand_as(q), S0)
+    pair_close(sk.chunk_dplr(q, r, w, p, v, la, S0, chunk=8), want)
+
+
 # --------------------------------------------------------------------------- 5. dense_scan
 
 @pytest.mark.parametrize("L", LENGTHS)

@@ -122,8 +122,12 @@ def _generated(rec):
     analysis = rnnc.analysis.analyse(rec)
     text = backend.emit(rec, analysis)
     head, marker, tail = text.partition(backend.LIBRARY_MARKER)
-    if marker and tail.startswith(": none."):   # a delta rule decayed per key channel (kda)
+    if marker and tail.startswith(": none."):   # several low-rank terms (gated_deltaproduct)
         assert "chunk_dplr" in tail and "@triton.jit" not in tail
+        head = head.removesuffix("\n\n")
+    elif marker and "def dplr_fwd(" in tail:   # a decay per key channel (kda, rwkv7)
+        from rnnc.backends import triton_dplr
+        assert tail.split("\n", 1)[1] == triton_dplr.source()
         head = head.removesuffix("\n\n")
     elif marker:
         from rnnc.backends import triton_chunk, triton_delta

@@ -55,17 +55,22 @@ def test_every_chunked_example_is_here():
                                          "mlstm", "rwkv6"}
 
 
+# T = 64 for every case but the two the diagonal-plus-low-rank kernels run (their score loops
+# are the slowest code under the interpreter; tests/test_triton_dplr.py runs them at T = 40)
+PLAN_RUNS = [(c, T) for c in CHUNKED for T in (1, 17, 64)
+             if not (T == 64 and c.name in ("kda", "rwkv7"))]
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
-@pytest.mark.parametrize("T", [1, 17, 64])
-@pytest.mark.parametrize("case", CHUNKED, ids=ids)
+@pytest.mark.parametrize("case,T", PLAN_RUNS, ids=[f"{c.name}-{T}" for c, T in PLAN_RUNS])
 def test_chunked_plan(case, T, grad):
     before = _counts()
     compare_to_sequential(case, "triton", T, grad, floor=FLOOR, chunk_size=16)
     after = _counts()
     ran = {k for k in after if after[k] != before.get(k, 0)}
     # T = 1 decodes through the fused kernel; longer sequences through the chunk kernels, but
-    # for a delta rule decayed per key channel (no Triton chunk kernel yet) the fused kernel
-    fused = T == 1 or case.name in ("kda", "rwkv7", "gated_deltaproduct")
+    # for a delta rule with several low-rank terms (no Triton chunk kernel yet) the fused one
+    fused = T == 1 or case.name == "gated_deltaproduct"
     assert ran == ({"forward"} if fused else {"chunked"}), ran
 
 
@@ -78,7 +83,8 @@ def test_random_chunked_specs(kind, seed):
     assert ref.analysis.plan in ("chunked", "chunked_delta")
 
 
-@pytest.mark.parametrize("case", [c for c in CHUNKED if c.name in ("gla", "gated_deltanet")], ids=ids)
+@pytest.mark.parametrize("case", [c for c in CHUNKED if c.name in ("gla", "gated_deltanet", "kda")],
+                         ids=ids)
 def test_decoding_matches_the_chunked_sequence(case):
     """.step() one token at a time (the fused kernel) continues exactly where the chunked
     sequence left off: same outputs and final state."""
@@ -110,13 +116,28 @@ def test_forcing_the_fused_kernel(monkeypatch):
         assert rel_err(tri[k], ref[k]) < 1e-5
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("name", ["kda", "rwkv7"])
-def test_forcing_the_chunk_form_of_a_decay_per_key_channel(monkeypatch, name, grad):
-    """A delta rule decayed per key channel runs the fused kernel by default (above);
+def test_a_decay_per_key_channel_runs_the_dplr_kernels(monkeypatch, name):
+    """A delta rule decayed per key channel runs triton_dplr's chunk kernels, forward and
+    backward (never the PyTorch form)."""
+    grad = True
+    import rnnc.backends.scan_kernels as sk
+    import rnnc.backends.triton_dplr as td
+    case = next(c for c in CHUNKED if c.name == name)
+    calls = []
+    real = td.chunk_dplr
+    monkeypatch.setattr(td, "chunk_dplr", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(sk, "chunk_dplr", lambda *a, **k: pytest.fail("the PyTorch form ran"))
+    compare_to_sequential(case, "triton", 17, grad, floor=FLOOR, chunk_size=16)
+    assert calls
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+def test_forcing_the_chunk_form_of_several_low_rank_terms(monkeypatch, grad):
+    """Gated DeltaProduct (rank 3) runs the fused kernel by default (above);
     RNNC_TRITON_KERNEL=chunked runs its PyTorch chunk form (scan_kernels.chunk_dplr)."""
     import rnnc.backends.scan_kernels as sk
-    case = next(c for c in CHUNKED if c.name == name)
+    case = next(c for c in CHUNKED if c.name == "gated_deltaproduct")
     monkeypatch.setenv("RNNC_TRITON_KERNEL", "chunked")
     calls = []
     real = sk.chunk_dplr
@@ -135,8 +156,8 @@ def test_bad_chunk_size_is_a_clear_error():
 def test_delta_rule_read_before_its_update(decay):
     """The Triton chunk kernels compute readouts of the new state; a readout of the state
     before the update once went through them as if it read the new one (1.75 off, silently).
-    It now runs the PyTorch form that takes such reads; forward and backward against
-    sequential."""
+    It now runs the diagonal-plus-low-rank kernels (triton_dplr), whose erase reads are such
+    reads; forward and backward against sequential."""
     src = DELTA_READ_FIRST.replace("DECAY", READ_FIRST_DECAYS[decay])
     dims = dict(H=2, K=4, V=3)
     tri = rnnc.compile(src, backend="triton", chunk_size=16, **dims)

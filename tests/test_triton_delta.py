@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 from rnnc.backends import triton_delta as td  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cases import compile_offline  # noqa: E402
+from cases import compile_offline, kernel_against_torch  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
 B, H, K, V = 2, 2, 32, 32
@@ -60,33 +60,12 @@ def run(fn, xs, go, gs, shared, dtype=None):
 NAMES = ["o", "S_last", "dq", "dr", "dw", "dp", "dv", "dlog_alpha", "dS0"]
 
 
-def check(ref, t32, got, names=NAMES, factor=20.0):
-    for name, a, b, c in zip(names, ref, t32, got):
-        assert (a is None) == (c is None), name
-        if a is None:
-            continue
-        assert torch.isfinite(c).all(), name
-        err32 = (b.to(F64) - a).abs().max().item()
-        err = (c.to(F64) - a).abs().max().item()
-        assert err <= factor * err32 + 1e-6, f"{name}: {err:.3g} vs float32 torch {err32:.3g}"
-
-
 def compare(L, gated, shared, chunk=16, block_v=None, q=True, seed=0, edit=None):
-    xs = list(make(L, gated, shared, seed))
-    if edit:
-        edit(xs)
-    if not q:
-        xs[0] = None
-    gen = torch.Generator().manual_seed(seed + 1)
-    go = torch.randn(B, L, H, V, generator=gen, dtype=F64)
-    gs = torch.randn(B, H, K, V, generator=gen, dtype=F64)
-    torch_fn = lambda *a: sk.chunk_delta_rule(*a, chunk=chunk)  # noqa: E731
-    ref = run(torch_fn, xs, go, gs, shared)
-    t32 = run(torch_fn, xs, go, gs, shared, F32)
-    got = run(lambda *a: td.chunk_delta_rule(*a, chunk=chunk, block_v=block_v), xs, go, gs, shared, F32)
-    assert got[0] is None or got[0].dtype == F32
-    check(ref, t32, got)
-    return got
+    return kernel_against_torch(
+        lambda fn, xs, go, gs, dtype=None: run(fn, xs, go, gs, shared, dtype),
+        lambda *a: sk.chunk_delta_rule(*a, chunk=chunk),
+        lambda *a: td.chunk_delta_rule(*a, chunk=chunk, block_v=block_v),
+        list(make(L, gated, shared, seed)), [(B, L, H, V), (B, H, K, V)], NAMES, seed, edit, q)
 
 
 @pytest.mark.parametrize("L", [1, 17, 64])
