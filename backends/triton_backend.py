@@ -533,7 +533,7 @@ class ChunkedRunner:
         """The diagonal-plus-low-rank form: triton_dplr's kernels where they take it (one
         erase and one input term), scan_kernels' PyTorch form otherwise."""
         from . import scan_kernels, triton_dplr
-        if triton_dplr.fits(r, p, r.shape[-1]) is None:
+        if triton_dplr.fits(r, p) is None:
             return triton_dplr.chunk_dplr(q, r, w, p, v, log_alpha, S0, chunk=self._dplr_chunk,
                                           include_current=include_current)
         return scan_kernels.chunk_dplr(q, r, w, p, v, log_alpha, S0, chunk=chunk,

@@ -91,18 +91,19 @@ def geometry(L: int, K: int, V: int, chunk: int, block_v: int | None = None) -> 
             "warps": 4 if BK * BV < 2048 else 8}
 
 
-def fits(r, p, K: int) -> str | None:
+def fits(r, p) -> str | None:
     """Why these operands are not this kernel's form (None where they are): one erase and one
     input term per step, K <= MAX_K."""
     if len(r.shape) != 4 or len(p.shape) != 4:
         return "several erase or input terms per step (the kernel takes one of each)"
+    K = r.shape[-1]
     if K > MAX_K:
         return f"K = {K} keys exceed {MAX_K} (the whole key axis lives in one program)"
     return None
 
 
 def _check(q, r, w, p, v, la, S0, chunk):
-    why = fits(r, p, r.shape[-1])
+    why = fits(r, p)
     if why:
         raise RnncError(f"chunk_dplr (Triton): {why}")
     B, L, H, K = r.shape

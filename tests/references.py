@@ -319,11 +319,16 @@ def ref_deltanet(params, inputs, initial_state=None):
     S = _state(initial_state, "S", q, (B, H, K, V))
     ys = []
     for t in range(T):
-        b = beta[:, t, :, None, None]
-        kt = k[:, t]
-        S = (eye - b * _outer(kt, kt)) @ S + b * _outer(kt, v[:, t])
+        S = _householder(S, eye, k[:, t], v[:, t], beta[:, t])
         ys.append(_readout(q[:, t], S))
     return torch.stack(ys, 1), {"S": S}
+
+
+def _householder(S, eye, k, v, b):
+    """One delta-rule step with the generalized Householder matrix built explicitly:
+    (I - b k k^T) S + b k v^T; k [B, H, K], v [B, H, V], b [B, H]."""
+    b = b[..., None, None]
+    return (eye - b * _outer(k, k)) @ S + b * _outer(k, v)
 
 
 def ref_gated_deltanet(params, inputs, initial_state=None):
@@ -437,8 +442,7 @@ def ref_gated_deltaproduct(params, inputs, initial_state=None):
     for t in range(T):
         S = a[:, t, :, None, None] * S
         for k, v, b in ((k1, v1, b1), (k2, v2, b2)):
-            bt = b[:, t, :, None, None]
-            S = (eye - bt * _outer(k[:, t], k[:, t])) @ S + bt * _outer(k[:, t], v[:, t])
+            S = _householder(S, eye, k[:, t], v[:, t], b[:, t])
         ys.append(_readout(q[:, t], S))
     return torch.stack(ys, 1), {"S": S}
 
