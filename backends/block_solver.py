@@ -479,6 +479,19 @@ class BlockSolver:
             def run(q, include, **extras):
                 return self.K.chunk_linear_attention(q, k, v, g, S0, include, chunk=self.chunk,
                                                      **extras)
+        elif lay.delta.general:   # diag(alpha) S - w (r^T S) + p v^T, alpha per key channel
+            d = lay.delta
+            r = stream(plans["r"], d.r.out, first, Kd)
+            w = k if d.same else stream(plans["w"], labels, first, Kd)   # KDA: one object
+            la = stream(plans["g"], labels, first, Kd, log=True)   # [B, L, H, 1] per head
+            ops = [k, v, r, w, la]
+            fits = getattr(self.K, "dplr_fits", None)
+            if fits is None or any(x is None for x in ops) or fits(r, k) is not None:
+                return False   # the kernels' limits (K): the PyTorch form, materialised
+
+            def run(q, include):
+                return self.K.chunk_dplr(q, r, w, k, v, la, S0, chunk=self.chunk or DPLR_CHUNK,
+                                         include_current=include)
         else:
             d = lay.delta
             r = stream(plans["r"], d.r.out, first, Kd)

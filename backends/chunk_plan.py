@@ -169,7 +169,8 @@ class StreamPlan:
     linear-attention readout's o: ("u", readout) and ("x", readout), a bonus (`bonuses`:
     {(readout, term index): state}), and ("e", readout), an epilogue (`epilogues`:
     {readout: (sum node, other operand, state)}). None for a delta rule whose decay stays
-    inside w (no stream divides by it). `supplied`: the nodes the solver supplies already
+    inside w (no stream divides by it), unless it is the diagonal-plus-rank-1 form with one
+    term (a decay per key channel: KDA, RWKV-7), whose kernels read the decay as it is. `supplied`: the nodes the solver supplies already
     (a sum one of them is cannot be an epilogue)."""
 
     def __init__(self, rec, analysis, layout: dict, supplied: set, gates):
@@ -178,7 +179,11 @@ class StreamPlan:
         G, hoisted = gates, set(analysis.hoisted)
         for name, lay in layout.items():
             f = lay.facts
-            if (lay.delta is not None and lay.diag and not lay.delta.cancel) or len(lay.inputs) > 1:
+            d = lay.delta
+            # a decay inside the delta rule's terms streams where it is the diagonal-plus-
+            # rank-1 form (triton_dplr's kernels read it per key channel), not otherwise
+            if (d is not None and lay.diag and not d.cancel and not (d.general and d.rank == 1)) \
+                    or len(lay.inputs) > 1:
                 continue   # materialised operands (_solve_chunked)
             labels = lay.labels
             diag = [coef(d) for d in lay.diag]
@@ -282,10 +287,10 @@ class StreamPlan:
         if lay.delta is None:
             ops = ((qkey, qlabels, [lay.key]), ("k", labels, [lay.key]), ("v", labels, lay.val),
                    ("g", labels, [lay.key]))
-        else:   # q, r, w, p, v, log_alpha (per head)
+        else:   # q, r, w, p, v, log_alpha (per head; per key channel in the dplr form)
             ops = ((qkey, qlabels, [lay.key]), ("r", lay.delta.r.out, [lay.key]),
                    ("k" if lay.delta.same else "w", labels, [lay.key]), ("k", labels, [lay.key]),
-                   ("v", labels, lay.val), ("g", labels, []))
+                   ("v", labels, lay.val), ("g", labels, [lay.key] if lay.delta.general else []))
         sigs = tuple((plans[op].key(), kinds(plans[op], lab, axes)) for op, lab, axes in ops)
         if qs:   # what the kernels add to the first readout's o
             axes = {"e": lay.val, "u": [lay.key], "x": lay.val}

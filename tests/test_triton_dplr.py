@@ -30,7 +30,7 @@ NEG_INF = float("-inf")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make(L, kind="kda", seed=0, per_head=False):
+def make(L, kind="kda", seed=0, per_head=False, B=B):
     """float64 (q, r, w, p, v, log_alpha, S0). kind 'kda': decay before the erase (r = alpha k,
     w = p = beta k, one tensor); 'rwkv7': w = a kk, r = kk, p = k (three tensors); 'after':
     the decay after the erase (w = alpha beta k, r = k, p = beta k)."""
@@ -69,25 +69,27 @@ NAMES = ["o", "S_last", "dq", "dr", "dw", "dp", "dv", "dlog_alpha", "dS0"]
 
 
 def compare(L, kind="kda", inc=True, q=True, seed=0, per_head=False, edit=None, chunk=16,
-            block_v=16):
+            block_v=16, B=B):
     return kernel_against_torch(
         run, lambda *a: sk.chunk_dplr(*a, chunk=16, include_current=inc),
         lambda *a: td.chunk_dplr(*a, chunk=chunk, include_current=inc, block_v=block_v),
-        make(L, kind, seed, per_head), [(B, L, H, V), (B, H, K, V)], NAMES, seed, edit, q)
+        make(L, kind, seed, per_head, B), [(B, L, H, V), (B, H, K, V)], NAMES, seed, edit, q)
 
 
-@pytest.mark.parametrize("L,kind", [(1, "kda"), (17, "kda"), (40, "kda"), (1, "rwkv7"),
-                                    (33, "rwkv7")])
-def test_matches_reference(L, kind):
+@pytest.mark.parametrize("L,kind,batch", [(1, "kda", 1), (17, "kda", 2), (40, "kda", 1),
+                                          (1, "rwkv7", 1), (33, "rwkv7", 1)])
+def test_matches_reference(L, kind, batch):
     """Outputs, final state and every gradient at chunk 16: one chunk of one step, a chunk
-    and a step, and three chunks (the last cut short); KDA's one w = p tensor, RWKV-7's three. V = 24 takes
-    two V blocks of 16 (the K-side gradients are summed over them; compare's default)."""
-    compare(L, kind, seed=L)
+    and a step, and three chunks (the last cut short); KDA's one w = p tensor, RWKV-7's
+    three. V = 24 takes two V blocks of 16 (the K-side gradients are summed over them;
+    compare's default). One batch entry where a second only costs interpreter time; the
+    batch offsets are checked at L = 17 here and in the tests below."""
+    compare(L, kind, seed=L, B=batch)
 
 
 def test_old_state_readout_and_decay_after_the_erase():
     """o_t = S_{t-1}^T q_t (include_current=False), with the decay after the erase."""
-    compare(21, "after", inc=False, seed=3)
+    compare(21, "after", inc=False, seed=3, B=1)
 
 
 def test_one_decay_per_head():
@@ -105,17 +107,61 @@ def test_larger_chunk():
     compare(20, "kda", seed=6, chunk=32, block_v=None)   # one chunk of 32 steps
 
 
-def test_extreme_decays():
+@pytest.mark.parametrize("kind", ["after", "kda"], ids=["w_ne_p", "w_is_p"])
+def test_extreme_decays(kind):
     """Decays of exactly 0 (log alpha = -inf: the channel is wiped), e^-30 and 1 - 1e-6 in
-    one block: finite, and every gradient as the reference's (0 where alpha = 0)."""
+    one block: finite, and every gradient as the reference's (0 where alpha = 0), through
+    the general and the shared (w is p) path."""
     def extremes(xs):
         la = xs[5].clone()
         la[:, 2:5] = -30.0
         la[:, 9] = -1e-6
         la[0, 6, 0, :3] = la[1, 12, 1] = NEG_INF
         xs[5] = la
-    got = compare(14, "after", seed=7, edit=extremes)
+    got = compare(14, kind, seed=7, edit=extremes)
     assert not got[7][0, 6, 0, :3].any() and not got[7][1, 12, 1].any()
+
+
+def _launch_flags(monkeypatch):
+    """[(kernel, SHARED)] of every launch of the dplr kernels from now on."""
+    seen, real = [], td.kernels
+
+    class Module:
+        def __init__(self, mod):
+            self.mod = mod
+
+        def __getattr__(self, name):
+            fn = getattr(self.mod, name)
+
+            class Grid:
+                def __getitem__(self, grid):
+                    def launch(*args, **kw):
+                        seen.append((name, kw["SHARED"]))
+                        return fn[grid](*args, **kw)
+                    return launch
+            return Grid()
+    monkeypatch.setattr(td, "kernels", lambda *a, **k: Module(real(*a, **k)))
+    return seen
+
+
+def test_w_is_p_takes_the_shared_path(monkeypatch):
+    """One tensor passed as w and p (KDA) runs the kernels' SHARED path (half the pair scores,
+    U = V - Y); two equal tensors run the general one. Both give the same outputs and state,
+    and the shared w's gradient is the sum of the two tensors' (p's is not computed apart)."""
+    seen = _launch_flags(monkeypatch)
+    q, r, w, _, v, la, S0 = make(21, "kda", seed=11, B=1)
+    g = torch.Generator().manual_seed(12)
+    go, gs = torch.randn(1, 21, H, V, generator=g, dtype=F64), torch.randn(1, H, K, V, generator=g, dtype=F64)
+    fn = lambda *a: td.chunk_dplr(*a, chunk=16, block_v=16)  # noqa: E731
+    one = run(fn, [q, r, w, w, v, la, S0], go, gs, F32)
+    assert seen == [("dplr_fwd", True), ("dplr_bwd", True)] and one[5] is None
+    seen.clear()
+    two = run(fn, [q, r, w, w.clone(), v, la, S0], go, gs, F32)
+    assert seen == [("dplr_fwd", False), ("dplr_bwd", False)]
+    for name, a, b in zip(NAMES, one, two):
+        if name != "dp":
+            b = b + two[5] if name == "dw" else b
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_bf16_inputs():
@@ -166,12 +212,13 @@ def test_bad_arguments_are_clear_errors(bad, message):
 
 
 def test_compiles_for_sm90():
-    """The forward and backward kernels compile to sm_90 cubins (tf32 and bf16 inputs)."""
+    """The forward and backward kernels compile to sm_90 cubins (tf32 and bf16 inputs, w and p
+    apart and shared)."""
     compile_offline(
         "from rnnc.backends import triton_dplr as td\n"
         "a = td.compile_for(K=32, V=32, chunk=16, variants=[(True, True), (False, True)])\n"
         "b = td.compile_for(K=32, V=32, chunk=16, dtype='bf16', variants=[(True, False)],"
-        " per_channel=False)\n"
+        " per_channel=False, shared=True)\n"
         "assert all(v['cubin'] > 0 for v in {**a, **b}.values())\n"
         "print('compiled')\n")
 

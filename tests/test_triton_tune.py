@@ -206,7 +206,7 @@ def pairs(fwd, bwd_of):
 def test_every_linear_attention_config_matches_reference(launches, monkeypatch, per_channel,
                                                          include, has_q):
     K = V = 32
-    ins = la_inputs(1, 2, K, V, per_channel)
+    ins = la_inputs(1, 1, K, V, per_channel)
     if not has_q:
         ins[0] = None
     ref, ref32 = la_reference(ins, include)
@@ -226,7 +226,7 @@ def test_every_linear_attention_config_matches_reference(launches, monkeypatch, 
                          ids=["gated-w_is_p", "plain-w_ne_p"])
 def test_every_delta_config_matches_reference(launches, monkeypatch, gated, shared):
     K = V = 32
-    ins = delta_inputs(1, 2, K, V, gated, shared)
+    ins = delta_inputs(1, 1, K, V, gated, shared)
     ref, ref32 = delta_reference(ins)
     fwd = td.configs(L, K, V)
     assert {c.chunk for c in fwd} == {16, 32, 64} and {c.block_v for c in fwd} == {16, 32}
@@ -446,11 +446,11 @@ def test_a_training_forward_is_timed_with_its_backward(launches, monkeypatch, fa
     monkeypatch.setattr(tune, "TIMER", cost)
     monkeypatch.setenv("RNNC_TRITON_TUNE", "4")   # the default and three others, chunk 16 first
     if family == "la":
-        ins, fn = la_inputs(1, 2, K, V, True), la_fn(True)
+        ins, fn = la_inputs(1, 1, K, V, False), la_fn(True)
         ref, ref32 = la_reference(ins, True)
         bwd_default = lambda chunk: tc.default_config(K, V, chunk)  # noqa: E731
     else:
-        ins, fn = delta_inputs(1, 2, K, V, True, True), delta_fn()
+        ins, fn = delta_inputs(1, 1, K, V, True, True), delta_fn()
         ref, ref32 = delta_reference(ins)
         bwd_default = lambda chunk: td.default_config(L, K, V, chunk)  # noqa: E731
     fam = "chunk_la.fwd" if family == "la" else "chunk_delta.fwd"
