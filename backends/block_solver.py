@@ -34,6 +34,10 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)  # inputs the chunk kernels read
 # table's picks its own: triton_dplr's kernels, or scan_kernels' form where they do not apply)
 DPLR_CHUNK = 64
 DENSE_LIMIT = 2 ** 28  # elements of the per-chunk transition matrices A_t, [B, L, n, n]
+# On a CPU the scan of dense transitions costs about B n^3 multiply-adds a step, the step loop
+# B n^2 plus a fixed overhead; past B n^3 = 2^19 the loop was faster (2026-12-07, 2 cores,
+# T = 512: B = 32, n = 32 loop 36 ms, scan 63 ms; B = 4, n = 48 loop 33 ms, scan 24 ms)
+DENSE_CPU_WORK = 2 ** 19
 
 
 def _first_poisoned(kin: dict) -> tuple:
@@ -390,10 +394,10 @@ class BlockSolver:
             return
         if f.method == "dense":
             n = math.prod(shape)
-            if B * L * n * n > DENSE_LIMIT:
+            if B * L * n * n > DENSE_LIMIT or (b.device.type == "cpu" and B * n ** 3 > DENSE_CPU_WORK):
                 # the transitions would not fit (a delta rule decayed per key channel at
-                # K = V = 64 has n = H*K*V): step through the block instead, exactly, at the
-                # sequential backend's pace
+                # K = V = 64 has n = H*K*V), or on a CPU the loop is faster: step through the
+                # block instead, exactly, at the sequential backend's pace
                 self._store(name, env, self._steps(name, env, carry[name], shape, B, L, b=b),
                             carry, B, L, shape)
                 return

@@ -17,8 +17,8 @@ Gradients use the implicit function theorem at the solution, not the iterations:
 adjoint mu_t = d_t + J_{t+1}^T mu_{t+1} (d: what the rest of the graph sends back to h_t) is
 one reverse scan of the transposed Jacobians, then one vector-Jacobian product of the step.
 
-Cost: per iteration n evaluations of the step (the jvps) and log2(L) batched [n, n] matrix
-products over the block, so the backend suits small states (n up to a few hundred) and long
+Cost: per iteration n evaluations of the step (the jvps) and about one [n, n] matrix product
+per step of the block (dense_scan's two-level scan), so the backend suits small states (n up to a few hundred) and long
 sequences on wide parallel hardware; on a CPU the sequential loop is usually faster. The
 block length is chunk_size (default 64), shortened so that a block's Jacobians stay under
 JACOBIAN_LIMIT entries. Where every state has an axis the step never mixes (heads), the

@@ -123,9 +123,10 @@ def emit(rec, analysis) -> str:
                    for lay in runner.solver.layout.values())
         lib = triton_chunk if analysis.plan == "chunked" else triton_dplr if dplr else triton_delta
         sigs = runner.signatures()
-        how = ("the spec's gates computed by the generated loaders _ld_* and _tile_*, terms added "
-               "to the readout by _tile_e, _tile_u and _tile_x, the readouts' other terms in "
-               "PyTorch" if sigs is not None else
+        added = (", terms added to the readout by _tile_e, _tile_u and _tile_x"
+                 if analysis.plan == "chunked" else "")
+        how = (f"the spec's gates computed by the generated loaders _ld_* and _tile_*{added}, "
+               "the readouts' other terms in PyTorch" if sigs is not None else
                "operands computed in PyTorch and loaded as they are, such as an input of several "
                "terms, run once per term")
         what = "the chunked_delta plan with a decay per key channel" if dplr else \

@@ -33,7 +33,8 @@
 #   chunk5  hgrn2 and rwkv6 at chunk4's shapes vs fla chunk_gla (hgrn2's gates computed in
 #           rnnc's kernels, materialised for fla's) and fla chunk_rwkv6
 #   chunk6  kda and rwkv7 at chunk4's shapes vs fla chunk_kda and chunk_rwkv7 (rnnc: the
-#           triton_dplr chunk kernels, never yet run on a GPU)
+#           triton_dplr chunk kernels, the gates computed in them, KDA on the shared w = p
+#           path; never yet run on a GPU)
 #   chunk6fused the same with RNNC_TRITON_KERNEL=fused (rnnc's fused recurrent kernel): which of
 #           rnnc's two kernels should run a decay per key channel
 #   newton  the newton backend (DEER) on small states over long sequences vs cuDNN: GRU H=64 and a

@@ -728,14 +728,16 @@ def test_delta_rule_of_rank_two():
     compare_grads(scan, seq, _rank2_inputs(g), init)
 
 
-@pytest.mark.parametrize("limit", [None, 1], ids=["scanned", "stepped"])
+@pytest.mark.parametrize("limit", [None, "DENSE_LIMIT", "DENSE_CPU_WORK"],
+                         ids=["scanned", "stepped", "stepped_on_cpu"])
 def test_dense_state_too_large_is_stepped(limit, monkeypatch):
     """A dense-scan state whose per-step transitions would not fit (here forced with a limit
-    of 1 entry; a 1024-wide h = A @ h + x once raised) is stepped through each block; both
-    ways agree with the sequential backend, gradients included."""
+    of 1 entry; a 1024-wide h = A @ h + x once raised), or on a CPU would cost more to scan
+    than to step (B n^3 past DENSE_CPU_WORK, forced the same way), is stepped through each
+    block; every way agrees with the sequential backend, gradients included."""
     import rnnc.backends.block_solver as bs
     if limit is not None:
-        monkeypatch.setattr(bs, "DENSE_LIMIT", limit)
+        monkeypatch.setattr(bs, limit, 1)
     steps = []
     real = bs.BlockSolver._steps
     monkeypatch.setattr(bs.BlockSolver, "_steps", lambda *a, **k: steps.append(1) or real(*a, **k))

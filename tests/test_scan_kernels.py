@@ -637,6 +637,16 @@ def test_dense_scan_shared_and_singular_transitions():
     pair_close(sk.dense_scan(shared, b, h0), ref_dense(shared.expand_as(A), b, h0))
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+def test_dense_scan_any_sub_chunk(chunk):
+    """The two levels at any sub-chunk length: one step each (the chain alone), lengths that
+    leave the last sub-chunk short (identity steps after the block), and one sub-chunk
+    longer than the block (the first level alone); a transition shared by every batch row."""
+    A, b, h0 = dense_inputs(37, seed=33, B=3, n=5)
+    pair_close(sk.dense_scan(A, b, h0, chunk=chunk), ref_dense(A, b, h0))
+    pair_close(sk.dense_scan(A[:1], b, h0, chunk=chunk), ref_dense(A[:1].expand_as(A), b, h0))
+
+
 def test_dense_scan_gradcheck():
     args = [x.requires_grad_() for x in dense_inputs(5, seed=31, B=2, n=3)]
     assert torch.autograd.gradcheck(lambda *x: sk.dense_scan(*x), args)
