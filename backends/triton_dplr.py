@@ -242,17 +242,19 @@ class _ChunkDPLR(torch.autograd.Function):
 def compile_for(arch: int = 90, K: int = 64, V: int = 64, chunk: int = 16, dtype: str = "fp32",
                 dot_prec: str = "tf32", variants=((True, True), (True, False), (False, True)),
                 per_channel: bool = True, block_v: int | None = None, warps: int | None = None,
-                names=("dplr_fwd", "dplr_bwd"), shared: bool = False) -> dict:
+                names=("dplr_fwd", "dplr_bwd"), shared: bool = False,
+                sigs: tuple | None = None) -> dict:
     """Compile dplr_fwd and dplr_bwd for an NVIDIA target without a GPU (Triton's whole
     pipeline to a cubin, on the CPU; run it without TRITON_INTERPRET). variants: (has_q,
     include_current) pairs; dtype: the inputs' element type ("fp32", "bf16", "fp16");
-    block_v, warps: geometry's unless given; shared: the w-is-p kernels.
+    block_v, warps: geometry's unless given; shared: the w-is-p kernels; sigs: the operands'
+    stream signatures (default: materialised operands, per_channel saying which decay).
     Returns {(kernel, has_q, include_current): {"cubin": bytes, "shared": bytes of shared
     memory, "regs", "stack": per thread (None without Triton's cuobjdump)}}."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    sigs = plain_signatures(per_channel)
+    sigs = sigs or plain_signatures(per_channel)
     mod = kernels(sigs, interpreted=False)
     geo = geometry(4 * chunk, K, V, chunk, block_v)
     leaves = {f"{op}_{j}" for op, sig in zip(OPERANDS, sigs) for j in range(len(sig[1]))}

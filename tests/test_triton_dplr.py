@@ -213,13 +213,20 @@ def test_bad_arguments_are_clear_errors(bad, message):
 
 def test_compiles_for_sm90():
     """The forward and backward kernels compile to sm_90 cubins (tf32 and bf16 inputs, w and p
-    apart and shared)."""
+    apart and shared), and KDA's backward with its gates as streams (the loaders the block
+    solver's stream signatures generate: r = exp(g) k, w = p = beta k)."""
     compile_offline(
-        "from rnnc.backends import triton_dplr as td\n"
+        "import rnnc, rnnc.analysis\n"
+        "from rnnc.backends import triton_backend as tb, triton_dplr as td\n"
         "a = td.compile_for(K=32, V=32, chunk=16, variants=[(True, True), (False, True)])\n"
         "b = td.compile_for(K=32, V=32, chunk=16, dtype='bf16', variants=[(True, False)],"
         " per_channel=False, shared=True)\n"
-        "assert all(v['cubin'] > 0 for v in {**a, **b}.values())\n"
+        "kda = rnnc.load('examples/kda.rnn')\n"
+        "sigs = tb.chunk_signatures(kda, rnnc.analysis.analyse(kda))\n"
+        "assert len(sigs[1][1]) == 2   # r's two leaves, k and g\n"
+        "c = td.compile_for(K=32, V=32, chunk=16, dtype='bf16', variants=[(True, True)],"
+        " shared=True, sigs=sigs, names=('dplr_bwd',))\n"
+        "assert all(v['cubin'] > 0 for v in {**a, **b, **c}.values())\n"
         "print('compiled')\n")
 
 
