@@ -119,8 +119,7 @@ def emit(rec, analysis) -> str:
                  "scan_kernels.chunk_dplr).\n")
     else:
         from . import triton_chunk, triton_delta, triton_dplr
-        dplr = any(lay.delta is not None and lay.delta.general
-                   for lay in runner.solver.layout.values())
+        dplr = bool(runner.dplr)
         lib = triton_chunk if analysis.plan == "chunked" else triton_dplr if dplr else triton_delta
         sigs = runner.signatures()
         added = (", terms added to the readout by _tile_e, _tile_u and _tile_x"
@@ -525,9 +524,9 @@ class ChunkedRunner:
         # beside a decay per key channel runs the generated fused kernel: triton_dplr takes
         # one of each, and the form for more exists only in PyTorch (many small launches
         # per chunk on a GPU), run where RNNC_TRITON_KERNEL=chunked asks for it
-        self.fused_only = any(lay.delta is not None and lay.delta.general
-                              and (lay.delta.rank > 1 or len(lay.pairs) > 1)
-                              for lay in self.solver.layout.values())
+        self.dplr = [lay for lay in self.solver.layout.values()
+                     if lay.delta is not None and lay.delta.general]   # the dplr form's states
+        self.fused_only = any(lay.delta.rank > 1 or len(lay.pairs) > 1 for lay in self.dplr)
 
     def _dplr(self, q, r, w, p, v, log_alpha, S0, chunk=None, include_current=True):
         """The diagonal-plus-low-rank form: triton_dplr's kernels where they take it (one
